@@ -1,0 +1,253 @@
+//! `pgquorum local`: a cluster of real sidecar processes on loopback ports under one directory.
+//!
+//! Layout of `--dir`: `cluster.json` (endpoints and node directories), and per node `nN/`
+//! holding `node.toml`, `data/`, `sidecar.log` and `sidecar.pid`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use raft_node::client::ApiClient;
+use raft_node::proto;
+use serde::{Deserialize, Serialize};
+
+use crate::{output, Output};
+
+#[derive(Subcommand)]
+pub enum LocalCmd {
+    /// Create (first time) or restart a local cluster and wait until it has a leader.
+    Up {
+        /// Number of members (3, 5 or 7 make sense).
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Directory that holds the cluster; created if missing.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Show the members of the local cluster.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stop every process of the local cluster (SIGTERM, then SIGKILL after 10 s).
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Layout {
+    cluster_name: String,
+    nodes: Vec<LocalNode>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct LocalNode {
+    id: u64,
+    name: String,
+    api_addr: String,
+    dir: PathBuf,
+}
+
+impl Layout {
+    fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.api_addr.clone()).collect()
+    }
+
+    fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no local cluster in {} (missing cluster.json); create one with \
+                 `pgquorum local up --dir {}`",
+                dir.display(),
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
+    }
+}
+
+pub async fn run(cmd: LocalCmd) -> Result<()> {
+    match cmd {
+        LocalCmd::Up { nodes, dir } => up(nodes, &dir).await,
+        LocalCmd::Status { dir, output } => {
+            let layout = Layout::load(&dir)?;
+            let topo = ApiClient::new(layout.endpoints())?
+                .with_patience(Duration::from_secs(3))
+                .call(|mut c| async move { c.get_topology(proto::GetTopologyRequest {}).await })
+                .await?;
+            print!("{}", output::topology(&topo, output));
+            Ok(())
+        }
+        LocalCmd::Down { dir } => down(&dir),
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn node_config(cluster: &str, node: &LocalNode, all: &[LocalNode]) -> String {
+    let mut s = format!(
+        "# Written by `pgquorum local up`.\n\
+         cluster_name = \"{cluster}\"\n\
+         node_id = {}\n\
+         name = \"{}\"\n\
+         data_dir = \"data\"\n\
+         listen_addr = \"{}\"\n",
+        node.id, node.name, node.api_addr
+    );
+    for m in all {
+        s.push_str(&format!(
+            "\n[[initial_members]]\nid = {}\naddr = \"{}\"\n",
+            m.id, m.api_addr
+        ));
+    }
+    s
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+fn read_pid(node_dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(node_dir.join("sidecar.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn start_node(node: &LocalNode) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot locate the pgquorum binary")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node.dir.join("sidecar.log"))
+        .with_context(|| format!("cannot open the log in {}", node.dir.display()))?;
+    let child = Command::new(exe)
+        .arg("node")
+        .arg("--config")
+        .arg(node.dir.join("node.toml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Own process group: a Ctrl-C in the launching shell must not stop the cluster.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start the sidecar of {}", node.name))?;
+    let pid = i32::try_from(child.id()).context("pid out of range")?;
+    std::fs::write(node.dir.join("sidecar.pid"), pid.to_string())?;
+    Ok(pid)
+}
+
+async fn up(count: u32, dir: &Path) -> Result<()> {
+    let layout = if dir.join("cluster.json").exists() {
+        Layout::load(dir)?
+    } else {
+        if !(1..=9).contains(&count) {
+            bail!("--nodes must be between 1 and 9 (3, 5 or 7 tolerate failures)");
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        let mut nodes = Vec::new();
+        for id in 1..=u64::from(count) {
+            nodes.push(LocalNode {
+                id,
+                name: format!("n{id}"),
+                api_addr: format!("127.0.0.1:{}", free_port()?),
+                dir: dir.join(format!("n{id}")),
+            });
+        }
+        let layout = Layout {
+            cluster_name: "local".into(),
+            nodes,
+        };
+        for n in &layout.nodes {
+            std::fs::create_dir_all(&n.dir)?;
+            std::fs::write(
+                n.dir.join("node.toml"),
+                node_config(&layout.cluster_name, n, &layout.nodes),
+            )?;
+        }
+        std::fs::write(
+            dir.join("cluster.json"),
+            serde_json::to_string_pretty(&layout)?,
+        )?;
+        layout
+    };
+    for n in &layout.nodes {
+        match read_pid(&n.dir) {
+            Some(pid) if pid_alive(pid) => println!("{} already running (pid {pid})", n.name),
+            _ => {
+                let pid = start_node(n)?;
+                println!("started {} (pid {pid}), API {}", n.name, n.api_addr);
+            }
+        }
+    }
+    let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let topo = client
+            .call(|mut c| async move { c.get_topology(proto::GetTopologyRequest {}).await })
+            .await;
+        match topo {
+            Ok(t) if t.leader_id != 0 && t.members.iter().all(|m| m.registered) => {
+                print!("{}", output::topology(&t, Output::Table));
+                println!(
+                    "\nexport PGQUORUM_ENDPOINTS={}\nlogs: {}/n*/sidecar.log",
+                    layout.endpoints().join(","),
+                    dir.display()
+                );
+                return Ok(());
+            }
+            _ if Instant::now() > deadline => bail!(
+                "the cluster did not elect a leader within 30 s; see {}/n*/sidecar.log",
+                dir.display()
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn down(dir: &Path) -> Result<()> {
+    let layout = Layout::load(dir)?;
+    let mut running = Vec::new();
+    for n in &layout.nodes {
+        if let Some(pid) = read_pid(&n.dir).filter(|p| pid_alive(*p)) {
+            // SAFETY: sending SIGTERM to a pid this launcher started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            running.push((n.name.clone(), pid));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running.iter().any(|(_, p)| pid_alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (name, pid) in &running {
+        if pid_alive(*pid) {
+            // SAFETY: as above; the process ignored SIGTERM for 10 s.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            println!("{name}: killed (did not stop within 10 s)");
+        } else {
+            println!("{name}: stopped");
+        }
+    }
+    for n in &layout.nodes {
+        let _ = std::fs::remove_file(n.dir.join("sidecar.pid"));
+    }
+    Ok(())
+}

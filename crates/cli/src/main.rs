@@ -1,0 +1,292 @@
+//! `pgquorum`: runs a sidecar (`pgquorum node`) and gives operators their verbs.
+
+mod local;
+mod output;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use raft_node::client::ApiClient;
+use raft_node::node_config::NodeConfig;
+use raft_node::proto;
+
+/// Automatic failover for PostgreSQL with no external coordination service.
+#[derive(Parser)]
+#[command(name = "pgquorum", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a sidecar beside one PostgreSQL instance.
+    Node {
+        /// The node's TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the members of the cluster.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Add or remove members.
+    #[command(subcommand)]
+    Member(MemberCmd),
+    /// Show or change the cluster's dynamic configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Run a cluster of sidecars on this machine, for trying pgquorum and for tests.
+    #[command(subcommand)]
+    Local(local::LocalCmd),
+}
+
+/// How to reach the cluster.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Sidecar gRPC endpoints, host:port, comma-separated; tried in order.
+    #[arg(long, env = "PGQUORUM_ENDPOINTS", value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+}
+
+impl Conn {
+    fn client(&self) -> Result<ApiClient> {
+        Ok(ApiClient::new(self.endpoints.clone())?)
+    }
+}
+
+/// Output format of read verbs.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// A table for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum MemberCmd {
+    /// Add a started sidecar (with empty initial_members) to the cluster.
+    Add {
+        #[command(flatten)]
+        conn: Conn,
+        /// The new member's node_id.
+        #[arg(long)]
+        id: u64,
+        /// The new member's gRPC address, host:port.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a member from the cluster.
+    Remove {
+        #[command(flatten)]
+        conn: Conn,
+        /// The member's node_id.
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print every setting.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Change settings: `pgquorum config set lease_ms=3000 tick_ms=250`.
+    Set {
+        #[command(flatten)]
+        conn: Conn,
+        /// key=value pairs.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGQUORUM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    // Die quietly when the reader of our output goes away (`pgquorum list | head`), as Unix
+    // tools do, instead of panicking on a broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Node { config } => {
+            init_logging("info,openraft=warn");
+            let cfg = NodeConfig::load(&config)?;
+            raft_node::node::run(cfg, shutdown_signal(), None).await?;
+            Ok(())
+        }
+        Command::List { conn, output } => {
+            init_logging("warn");
+            let topo = conn
+                .client()?
+                .call(|mut c| async move { c.get_topology(proto::GetTopologyRequest {}).await })
+                .await?;
+            print!("{}", output::topology(&topo, output));
+            Ok(())
+        }
+        Command::Member(cmd) => {
+            init_logging("warn");
+            member(cmd).await
+        }
+        Command::Config(cmd) => {
+            init_logging("warn");
+            config(cmd).await
+        }
+        Command::Local(cmd) => {
+            init_logging("warn");
+            local::run(cmd).await
+        }
+    }
+}
+
+async fn member(cmd: MemberCmd) -> Result<()> {
+    match cmd {
+        MemberCmd::Add { conn, id, addr } => {
+            let req = proto::AddMemberRequest {
+                id,
+                raft_addr: addr.clone(),
+            };
+            let r = conn
+                .client()?
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.add_member(req).await }
+                })
+                .await?;
+            println!(
+                "node {id} ({addr}) added; voters {:?}, learners {:?} (log index {})",
+                r.voters, r.learners, r.log_index
+            );
+        }
+        MemberCmd::Remove { conn, id } => {
+            let r = conn
+                .client()?
+                .call(|mut c| async move { c.remove_member(proto::RemoveMemberRequest { id }).await })
+                .await?;
+            println!(
+                "node {id} removed; voters {:?}, learners {:?} (log index {})",
+                r.voters, r.learners, r.log_index
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Parses `key=value` arguments; refuses empty keys and repeated keys.
+fn parse_settings(args: &[String]) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for arg in args {
+        let Some((k, v)) = arg.split_once('=') else {
+            bail!("'{arg}' is not key=value (e.g. lease_ms=3000)");
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            bail!("'{arg}' has an empty key");
+        }
+        if out.insert(k.to_string(), v.trim().to_string()).is_some() {
+            bail!("setting '{k}' is given twice");
+        }
+    }
+    Ok(out)
+}
+
+async fn config(cmd: ConfigCmd) -> Result<()> {
+    match cmd {
+        ConfigCmd::Show { conn, output } => {
+            let cfg = conn
+                .client()?
+                .call(|mut c| async move { c.get_config(proto::GetConfigRequest {}).await })
+                .await?;
+            print!("{}", output::config(&cfg, output));
+        }
+        ConfigCmd::Set { conn, settings } => {
+            let changes = parse_settings(&settings)?;
+            let cfg = conn
+                .client()?
+                .call(|mut c| {
+                    let changes = changes.clone();
+                    async move { c.set_config(proto::SetConfigRequest { changes }).await }
+                })
+                .await
+                .context("configuration not changed")?;
+            println!("committed at log index {}", cfg.log_index);
+            print!("{}", output::config(&cfg, Output::Table));
+        }
+    }
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the node can still be stopped by SIGKILL; never exit early.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_and_refuse_bad_input() {
+        let s = parse_settings(&["lease_ms=3000".into(), " tick_ms = 250".into()]).unwrap();
+        assert_eq!(s["lease_ms"], "3000");
+        assert_eq!(s["tick_ms"], "250");
+        assert!(parse_settings(&["lease_ms".into()]).is_err());
+        assert!(parse_settings(&["=1".into()]).is_err());
+        assert!(parse_settings(&["a=1".into(), "a=2".into()]).is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! Renders API replies as tables for people or JSON for programs.
+
+use raft_node::proto;
+use serde_json::json;
+
+use crate::Output;
+
+/// The topology as a table (one row per member, `*` marks the Raft leader) or JSON.
+pub fn topology(t: &proto::Topology, out: Output) -> String {
+    match out {
+        Output::Json => {
+            let members: Vec<_> = t
+                .members
+                .iter()
+                .map(|m| {
+                    let tags = m.tags.clone().unwrap_or_default();
+                    json!({
+                        "id": m.id,
+                        "name": m.name,
+                        "registered": m.registered,
+                        "membership": m.membership,
+                        "raft_role": m.raft_role,
+                        "leader": m.id == t.leader_id,
+                        "term": m.term,
+                        "last_applied": m.last_applied,
+                        "api_endpoint": m.raft_addr,
+                        "http_endpoint": m.http_addr,
+                        "pg_host": m.pg_host,
+                        "pg_port": m.pg_port,
+                        "tags": {
+                            "nofailover": tags.nofailover,
+                            "priority": tags.priority,
+                            "nosync": tags.nosync,
+                        },
+                    })
+                })
+                .collect();
+            let v = json!({
+                "cluster": t.cluster_name,
+                "leader_id": (t.leader_id != 0).then_some(t.leader_id),
+                "term": t.term,
+                "last_applied": t.last_applied,
+                "paused": t.paused,
+                "primary": t.primary.as_ref().map(|p| json!({"node_id": p.node_id, "epoch": p.epoch})),
+                "members": members,
+            });
+            format!("{v:#}\n")
+        }
+        Output::Table => {
+            let mut rows = vec![[
+                "MEMBER".to_string(),
+                "ID".into(),
+                "API".into(),
+                "POSTGRES".into(),
+                "MEMBERSHIP".into(),
+                "RAFT ROLE".into(),
+                "TERM".into(),
+                "APPLIED".into(),
+                "LEADER".into(),
+            ]];
+            for m in &t.members {
+                rows.push([
+                    if m.name.is_empty() {
+                        "(unregistered)".into()
+                    } else {
+                        m.name.clone()
+                    },
+                    m.id.to_string(),
+                    m.raft_addr.clone(),
+                    if m.pg_port == 0 {
+                        "-".into()
+                    } else {
+                        format!("{}:{}", m.pg_host, m.pg_port)
+                    },
+                    m.membership.clone(),
+                    m.raft_role.clone(),
+                    m.term.to_string(),
+                    m.last_applied.to_string(),
+                    if m.id == t.leader_id { "*" } else { "" }.into(),
+                ]);
+            }
+            let mut s = format!(
+                "cluster {} · term {} · last applied {}{}\n",
+                t.cluster_name,
+                t.term,
+                t.last_applied,
+                if t.paused { " · PAUSED" } else { "" }
+            );
+            s.push_str(&table(&rows));
+            s
+        }
+    }
+}
+
+/// The configuration as `key  value` lines or a JSON object.
+pub fn config(c: &proto::ClusterConfig, out: Output) -> String {
+    let mut keys: Vec<_> = c.values.iter().collect();
+    keys.sort();
+    match out {
+        Output::Json => {
+            let map: serde_json::Map<String, serde_json::Value> = keys
+                .into_iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            format!("{:#}\n", serde_json::Value::Object(map))
+        }
+        Output::Table => {
+            let mut rows = vec![["SETTING".to_string(), "VALUE".to_string()]];
+            rows.extend(keys.into_iter().map(|(k, v)| [k.clone(), v.clone()]));
+            table(&rows)
+        }
+    }
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut s = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        s.push_str(line.join("  ").trim_end());
+        s.push('\n');
+    }
+    s
+}

@@ -1,0 +1,220 @@
+//! Rendering of the configuration files pgquorum manages. Pure text; the
+//! data directory module writes them.
+
+use crate::config::{InstanceConfig, Upstream};
+use crate::conninfo::{primary_conninfo, slot_name_for};
+
+/// Node settings (port, HA parameters); rewritten on every start, clone and
+/// rewind because `pg_basebackup` and `pg_rewind` copy the source's files.
+pub const NODE_CONF: &str = "pgquorum.conf";
+/// Replication source; rewritten by `follow`, emptied by `promote`.
+pub const REPLICATION_CONF: &str = "pgquorum.replication.conf";
+
+const INCLUDE_MARKER: &str = "# pgquorum includes";
+
+/// Quotes a value for `postgresql.conf`.
+pub fn quote_setting(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('\'');
+    for c in v.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            _ => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// The include lines appended to `postgresql.conf`, or `None` if present.
+pub fn includes_to_append(postgresql_conf: &str) -> Option<String> {
+    if postgresql_conf.contains(INCLUDE_MARKER) {
+        return None;
+    }
+    Some(format!(
+        "\n{INCLUDE_MARKER} (managed by the sidecar; later lines win)\n\
+         include_if_exists = '{NODE_CONF}'\n\
+         include_if_exists = '{REPLICATION_CONF}'\n"
+    ))
+}
+
+/// Node settings: what makes a cluster fit for streaming, promotion and
+/// `pg_rewind`, then the operator's extras.
+pub fn render_node_conf(cfg: &InstanceConfig) -> String {
+    let mut settings: Vec<(String, String)> = vec![
+        ("listen_addresses".into(), cfg.listen_host.clone()),
+        ("port".into(), cfg.port.to_string()),
+        // Sockets are optional: everything here uses TCP, and the default
+        // socket directory may not exist or be shared between instances.
+        ("unix_socket_directories".into(), String::new()),
+        ("wal_level".into(), "replica".into()),
+        ("hot_standby".into(), "on".into()),
+        ("max_wal_senders".into(), "10".into()),
+        ("max_replication_slots".into(), "10".into()),
+        ("wal_log_hints".into(), "on".into()),
+        ("full_page_writes".into(), "on".into()),
+        ("recovery_target_timeline".into(), "latest".into()),
+        ("wal_retrieve_retry_interval".into(), "1s".into()),
+        ("wal_sender_timeout".into(), "10s".into()),
+        ("wal_receiver_timeout".into(), "10s".into()),
+        ("password_encryption".into(), "scram-sha-256".into()),
+        ("logging_collector".into(), "off".into()),
+    ];
+    settings.extend(cfg.extra_settings.iter().cloned());
+    let mut out = String::from("# Managed by pgquorum; rewritten by the sidecar.\n");
+    for (k, v) in settings {
+        out.push_str(&format!("{k} = {}\n", quote_setting(&v)));
+    }
+    out
+}
+
+/// Replication settings pointing at `upstream`.
+pub fn render_replication_conf(cfg: &InstanceConfig, upstream: &Upstream) -> String {
+    let ci = primary_conninfo(upstream, &cfg.replication, &cfg.member_name);
+    format!(
+        "# Managed by pgquorum; the upstream this member follows.\n\
+         primary_conninfo = {}\nprimary_slot_name = {}\n",
+        quote_setting(&ci),
+        quote_setting(&slot_name_for(&cfg.member_name))
+    )
+}
+
+/// Replication settings of a primary: none.
+pub fn render_no_replication_conf() -> String {
+    "# Managed by pgquorum; this member is a primary.\n".to_string()
+}
+
+/// `pg_hba.conf`: password (SCRAM) access for the superuser and the
+/// replication role, only from the cluster's addresses.
+pub fn render_hba(cfg: &InstanceConfig) -> String {
+    let mut out = String::from(
+        "# Managed by pgquorum.\n# TYPE  DATABASE  USER  ADDRESS  METHOD\nlocal all all peer\n",
+    );
+    for cidr in &cfg.cluster_cidrs {
+        out.push_str(&format!(
+            "host replication {} {cidr} scram-sha-256\n",
+            hba_ident(&cfg.replication.name)
+        ));
+        out.push_str(&format!(
+            "host all {} {cidr} scram-sha-256\n",
+            hba_ident(&cfg.superuser.name)
+        ));
+    }
+    for line in &cfg.extra_hba {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+fn hba_ident(name: &str) -> String {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+/// SQL run in single-user mode right after `initdb`, before any network
+/// access is possible.
+pub fn render_bootstrap_sql(cfg: &InstanceConfig) -> String {
+    format!(
+        "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {};\n",
+        sql_ident(&cfg.replication.name),
+        sql_literal(&cfg.replication.password)
+    )
+}
+
+/// Quotes an SQL identifier.
+pub fn sql_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (standard_conforming_strings is on).
+pub fn sql_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Credentials, GuardCommand, Timeouts};
+
+    fn cfg() -> InstanceConfig {
+        InstanceConfig {
+            member_name: "a".into(),
+            data_dir: "/d".into(),
+            log_file: None,
+            listen_host: "127.0.0.1".into(),
+            port: 5433,
+            postgres_user: None,
+            pg_bin_dir: None,
+            superuser: Credentials {
+                name: "admin".into(),
+                password: "s".into(),
+            },
+            replication: Credentials {
+                name: "Repl".into(),
+                password: "it's".into(),
+            },
+            cluster_cidrs: vec!["127.0.0.1/32".into()],
+            extra_settings: vec![("fsync".into(), "off".into())],
+            extra_hba: vec![],
+            expected_system_identifier: None,
+            guard: GuardCommand {
+                program: "/bin/false".into(),
+                args: vec![],
+            },
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    #[test]
+    fn node_conf_has_ha_settings_and_extras_last() {
+        let text = render_node_conf(&cfg());
+        assert!(text.contains("port = '5433'"));
+        assert!(text.contains("wal_level = 'replica'"));
+        assert!(text.trim_end().ends_with("fsync = 'off'"));
+    }
+
+    #[test]
+    fn includes_are_appended_once() {
+        let add = includes_to_append("port = 1\n").unwrap();
+        assert!(add.contains("include_if_exists = 'pgquorum.conf'"));
+        assert!(includes_to_append(&format!("x\n{add}")).is_none());
+    }
+
+    #[test]
+    fn hba_limits_replication_to_cluster_addresses() {
+        let text = render_hba(&cfg());
+        assert!(text.contains("host replication \"Repl\" 127.0.0.1/32 scram-sha-256"));
+        assert!(text.contains("host all admin 127.0.0.1/32 scram-sha-256"));
+        assert!(!text.contains("trust"));
+    }
+
+    #[test]
+    fn bootstrap_sql_quotes_password() {
+        assert_eq!(
+            render_bootstrap_sql(&cfg()),
+            "CREATE ROLE \"Repl\" WITH REPLICATION LOGIN PASSWORD 'it''s';\n"
+        );
+    }
+
+    #[test]
+    fn replication_conf_quotes_conninfo() {
+        let text = render_replication_conf(
+            &cfg(),
+            &Upstream {
+                host: "h".into(),
+                port: 1,
+            },
+        );
+        assert!(text.contains("primary_conninfo = 'host=''h'' port=''1''"));
+        assert!(text.contains("password=''it\\\\''s''"));
+        assert!(text.contains("primary_slot_name = 'pgq_a'"));
+    }
+}

@@ -1,0 +1,526 @@
+//! The public cluster API (v1). Writes and linearizable reads run on the Raft leader; a follower
+//! forwards them once, and a request that cannot be forwarded fails with the leader's address in
+//! the `pgquorum-leader` metadata so the client can go there itself.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::cluster_state::{Command, CommandOutcome, MemberInfo, Tags};
+use crate::network::lazy_channel;
+use crate::proto::cluster_client::ClusterClient;
+use crate::proto::cluster_server::Cluster;
+use crate::proto::{self, NodeStatus};
+use crate::store::state_machine::AppliedState;
+use crate::types::{NodeId, Raft};
+
+/// Metadata key carrying the leader's address when a request must be sent there.
+pub const LEADER_METADATA: &str = "pgquorum-leader";
+/// Metadata key marking a request a follower already forwarded, so it is never forwarded twice.
+const FORWARDED_METADATA: &str = "pgquorum-forwarded";
+
+/// How long the leader waits for each member's status when building a topology.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(400);
+/// How long a new member may take to catch up as a learner before it is made a voter.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The cluster API of one sidecar.
+#[derive(Clone)]
+pub struct ClusterService {
+    node_id: NodeId,
+    cluster_name: String,
+    raft: Raft,
+    state: watch::Receiver<Arc<AppliedState>>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+type TopologyStream = Pin<Box<dyn Stream<Item = Result<proto::Topology, Status>> + Send>>;
+
+impl ClusterService {
+    /// Serves the API of `raft`, reading committed state from `state`.
+    pub fn new(
+        node_id: NodeId,
+        cluster_name: String,
+        raft: Raft,
+        state: watch::Receiver<Arc<AppliedState>>,
+    ) -> Self {
+        Self {
+            node_id,
+            cluster_name,
+            raft,
+            state,
+            channels: Arc::default(),
+        }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut map = self
+            .channels
+            .lock()
+            .map_err(|_| Status::internal("channel cache poisoned"))?;
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = lazy_channel(addr)
+            .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?;
+        map.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// `None` when this node leads; otherwise a client for the leader, or the error to return.
+    fn leader_client<T>(&self, req: &Request<T>) -> Result<Option<ClusterClient<Channel>>, Status> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader == Some(self.node_id) && metrics.state == ServerState::Leader {
+            return Ok(None);
+        }
+        let leader = metrics.current_leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| (id, n.addr.clone()))
+        });
+        match leader {
+            Some((_, addr)) if req.metadata().get(FORWARDED_METADATA).is_none() => {
+                Ok(Some(ClusterClient::new(self.channel(&addr)?)))
+            }
+            Some((id, addr)) => Err(not_leader(self.node_id, Some((id, addr)))),
+            None => Err(not_leader(self.node_id, None)),
+        }
+    }
+
+    fn status_from_metrics(&self, m: &RaftMetrics<NodeId, BasicNode>) -> NodeStatus {
+        NodeStatus {
+            id: self.node_id,
+            raft_role: role_name(m.state).to_string(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            leader_id: m.current_leader.unwrap_or(0),
+            cluster_name: self.cluster_name.clone(),
+        }
+    }
+
+    /// Asks every other member for its status, concurrently and with a short deadline.
+    async fn collect_statuses(&self, state: &AppliedState) -> HashMap<NodeId, NodeStatus> {
+        let mut out = HashMap::new();
+        let metrics = self.raft.metrics().borrow().clone();
+        out.insert(self.node_id, self.status_from_metrics(&metrics));
+        let mut tasks = Vec::new();
+        for (id, node) in state.membership.membership().nodes() {
+            if *id == self.node_id {
+                continue;
+            }
+            let Ok(channel) = self.channel(&node.addr) else {
+                continue;
+            };
+            let id = *id;
+            tasks.push(tokio::spawn(async move {
+                let mut client = ClusterClient::new(channel);
+                let r = tokio::time::timeout(
+                    STATUS_TIMEOUT,
+                    client.get_node_status(proto::GetNodeStatusRequest {}),
+                )
+                .await;
+                match r {
+                    Ok(Ok(resp)) => Some((id, resp.into_inner())),
+                    _ => None,
+                }
+            }));
+        }
+        for t in tasks {
+            if let Ok(Some((id, s))) = t.await {
+                out.insert(id, s);
+            }
+        }
+        out
+    }
+
+    fn topology(
+        &self,
+        state: &AppliedState,
+        statuses: Option<&HashMap<NodeId, NodeStatus>>,
+    ) -> proto::Topology {
+        let metrics = self.raft.metrics().borrow().clone();
+        build_topology(&self.cluster_name, state, &metrics, statuses)
+    }
+
+    async fn write(&self, cmd: Command) -> Result<u64, Status> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                CommandOutcome::Applied => Ok(resp.log_id.index),
+                CommandOutcome::Rejected { reason } => Err(Status::invalid_argument(reason)),
+            },
+            Err(e) => Err(write_error(self.node_id, e)),
+        }
+    }
+
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, BasicNode>,
+    ) -> Result<proto::MembershipReply, Status> {
+        let resp = self
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| write_error(self.node_id, e))?;
+        let (voters, learners) = match &resp.membership {
+            Some(m) => (m.voter_ids().collect(), m.learner_ids().collect()),
+            None => (Vec::new(), Vec::new()),
+        };
+        Ok(proto::MembershipReply {
+            voters,
+            learners,
+            log_index: resp.log_id.index,
+        })
+    }
+}
+
+fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn not_leader(me: NodeId, leader: Option<(NodeId, String)>) -> Status {
+    match leader {
+        Some((id, addr)) => {
+            let mut s = Status::failed_precondition(format!(
+                "node {me} is not the Raft leader; send the request to the leader, node {id} at {addr}"
+            ));
+            if let Ok(v) = MetadataValue::try_from(addr.as_str()) {
+                s.metadata_mut().insert(LEADER_METADATA, v);
+            }
+            s
+        }
+        None => Status::unavailable(format!(
+            "node {me} knows no Raft leader (an election is under way or a quorum is missing); \
+             retry in a moment"
+        )),
+    }
+}
+
+fn write_error(me: NodeId, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            not_leader(me, f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Status::failed_precondition(format!("membership change refused: {c}"))
+        }
+        RaftError::Fatal(f) => Status::unavailable(format!("this node's Raft stopped: {f}")),
+    }
+}
+
+/// Builds the public topology from committed state and live Raft metrics; `statuses` holds the
+/// members' own Raft status when known (a member missing from it did not answer).
+pub fn build_topology(
+    cluster_name: &str,
+    state: &AppliedState,
+    metrics: &RaftMetrics<NodeId, BasicNode>,
+    statuses: Option<&HashMap<NodeId, NodeStatus>>,
+) -> proto::Topology {
+    let membership = state.membership.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, node)| {
+            let info = state.cluster.members.get(id);
+            let status = statuses.and_then(|s| s.get(id));
+            let raft_role = match (statuses, status) {
+                (_, Some(s)) => s.raft_role.clone(),
+                (Some(_), None) => "unreachable".to_string(),
+                (None, None) => String::new(),
+            };
+            proto::Member {
+                id: *id,
+                name: info.map(|i| i.name.clone()).unwrap_or_default(),
+                raft_addr: node.addr.clone(),
+                http_addr: info.map(|i| i.http_addr.clone()).unwrap_or_default(),
+                pg_host: info.map(|i| i.pg_host.clone()).unwrap_or_default(),
+                pg_port: info.map(|i| u32::from(i.pg_port)).unwrap_or(0),
+                tags: info.map(|i| tags_to_proto(&i.tags)),
+                membership: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .to_string(),
+                raft_role,
+                term: status.map(|s| s.term).unwrap_or(0),
+                last_applied: status.map(|s| s.last_applied).unwrap_or(0),
+                registered: info.is_some(),
+            }
+        })
+        .collect();
+    proto::Topology {
+        cluster_name: cluster_name.to_string(),
+        leader_id: metrics.current_leader.unwrap_or(0),
+        term: metrics.current_term,
+        last_applied: state.last_applied.map(|l| l.index).unwrap_or(0),
+        members,
+        primary: state.cluster.primary.map(|p| proto::PrimaryAssignment {
+            node_id: p.node,
+            epoch: p.epoch,
+        }),
+        paused: state.cluster.paused,
+        history: state
+            .cluster
+            .history
+            .iter()
+            .map(|h| proto::RoleChange {
+                epoch: h.epoch,
+                from_node: h.from.unwrap_or(0),
+                to_node: h.to,
+                reason: h.reason.clone(),
+                at_unix_ms: h.at_unix_ms,
+                lsn: h.lsn.unwrap_or(0),
+            })
+            .collect(),
+    }
+}
+
+fn tags_to_proto(t: &Tags) -> proto::Tags {
+    proto::Tags {
+        nofailover: t.nofailover,
+        priority: t.priority,
+        nosync: t.nosync,
+    }
+}
+
+fn forwarded<T>(inner: T) -> Request<T> {
+    let mut req = Request::new(inner);
+    req.metadata_mut()
+        .insert(FORWARDED_METADATA, MetadataValue::from_static("1"));
+    req
+}
+
+fn config_reply(state: &AppliedState, log_index: u64) -> proto::ClusterConfig {
+    proto::ClusterConfig {
+        values: state.cluster.config.to_map().into_iter().collect(),
+        log_index,
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn get_topology(
+        &self,
+        req: Request<proto::GetTopologyRequest>,
+    ) -> Result<Response<proto::Topology>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.get_topology(forwarded(req.into_inner())).await;
+        }
+        self.raft.ensure_linearizable().await.map_err(|e| match e {
+            RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                not_leader(
+                    self.node_id,
+                    f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                )
+            }
+            other => Status::unavailable(format!("cannot confirm leadership: {other}")),
+        })?;
+        let state = self.state.borrow().clone();
+        let statuses = self.collect_statuses(&state).await;
+        Ok(Response::new(self.topology(&state, Some(&statuses))))
+    }
+
+    type WatchTopologyStream = TopologyStream;
+
+    async fn watch_topology(
+        &self,
+        _req: Request<proto::WatchTopologyRequest>,
+    ) -> Result<Response<Self::WatchTopologyStream>, Status> {
+        // Applied state is committed state, so any member can serve the watch locally.
+        let this = self.clone();
+        let stream = WatchStream::new(self.state.clone())
+            .map(move |state| Ok(this.topology(&state, None)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<proto::AddMemberRequest>,
+    ) -> Result<Response<proto::MembershipReply>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.add_member(forwarded(req.into_inner())).await;
+        }
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument("member id must be a positive integer"));
+        }
+        match r.raft_addr.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "'{}' is not a host:port address of the new member's gRPC listener",
+                    r.raft_addr
+                )))
+            }
+        }
+        let state = self.state.borrow().clone();
+        let membership = state.membership.membership();
+        if let Some(node) = membership.get_node(&r.id) {
+            if membership.voter_ids().any(|v| v == r.id) {
+                return Err(Status::already_exists(format!(
+                    "node {} is already a voting member at {}; to move it, remove it first",
+                    r.id, node.addr
+                )));
+            }
+            if node.addr != r.raft_addr {
+                return Err(Status::already_exists(format!(
+                    "node {} is already a learner at {}; remove it before adding it at {}",
+                    r.id, node.addr, r.raft_addr
+                )));
+            }
+        }
+        if let Some((id, _)) = membership
+            .nodes()
+            .find(|(id, n)| **id != r.id && n.addr == r.raft_addr)
+        {
+            return Err(Status::already_exists(format!(
+                "address {} already belongs to node {id}",
+                r.raft_addr
+            )));
+        }
+        let learner = self
+            .raft
+            .add_learner(r.id, BasicNode::new(&r.raft_addr), true);
+        match tokio::time::timeout(CATCH_UP_TIMEOUT, learner).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "node {} at {} did not catch up within {} s; is its sidecar running with an \
+                     empty initial_members? It stays a learner: retry, or remove it",
+                    r.id,
+                    r.raft_addr,
+                    CATCH_UP_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Err(e)) => return Err(write_error(self.node_id, e)),
+            Ok(Ok(_)) => {}
+        }
+        let reply = self
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])))
+            .await?;
+        tracing::info!(node = r.id, addr = %r.raft_addr, "member added as voter");
+        Ok(Response::new(reply))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<proto::RemoveMemberRequest>,
+    ) -> Result<Response<proto::MembershipReply>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.remove_member(forwarded(req.into_inner())).await;
+        }
+        let id = req.into_inner().id;
+        let state = self.state.borrow().clone();
+        let membership = state.membership.membership();
+        if membership.get_node(&id).is_none() {
+            return Err(Status::not_found(format!(
+                "node {id} is not a member; `pgquorum list` shows the members"
+            )));
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let change = if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is the last voter; a cluster cannot remove its last voter"
+                )));
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        let reply = self.change_membership(change).await?;
+        tracing::info!(node = id, "member removed");
+        Ok(Response::new(reply))
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<proto::GetConfigRequest>,
+    ) -> Result<Response<proto::ClusterConfig>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.get_config(forwarded(req.into_inner())).await;
+        }
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot confirm leadership: {e}")))?;
+        let state = self.state.borrow().clone();
+        let index = state.last_applied.map(|l| l.index).unwrap_or(0);
+        Ok(Response::new(config_reply(&state, index)))
+    }
+
+    async fn set_config(
+        &self,
+        req: Request<proto::SetConfigRequest>,
+    ) -> Result<Response<proto::ClusterConfig>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.set_config(forwarded(req.into_inner())).await;
+        }
+        let changes: BTreeMap<String, String> = req.into_inner().changes.into_iter().collect();
+        // Refuse early with the same rule the state machine applies, so a bad value never
+        // reaches the log.
+        self.state
+            .borrow()
+            .cluster
+            .config
+            .with_changes(&changes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let index = self.write(Command::SetConfig { changes }).await?;
+        let state = self.state.borrow().clone();
+        Ok(Response::new(config_reply(&state, index)))
+    }
+
+    async fn register_member(
+        &self,
+        req: Request<proto::RegisterMemberRequest>,
+    ) -> Result<Response<proto::RegisterMemberReply>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.register_member(forwarded(req.into_inner())).await;
+        }
+        let r = req.into_inner();
+        let pg_port = u16::try_from(r.pg_port)
+            .map_err(|_| Status::invalid_argument(format!("pg_port {} is not a port", r.pg_port)))?;
+        let tags = r.tags.unwrap_or_default();
+        let info = MemberInfo {
+            id: r.id,
+            name: r.name,
+            http_addr: r.http_addr,
+            pg_host: r.pg_host,
+            pg_port,
+            tags: Tags {
+                nofailover: tags.nofailover,
+                priority: tags.priority,
+                nosync: tags.nosync,
+            },
+        };
+        let log_index = self.write(Command::RegisterMember(info)).await?;
+        Ok(Response::new(proto::RegisterMemberReply { log_index }))
+    }
+
+    async fn get_node_status(
+        &self,
+        _req: Request<proto::GetNodeStatusRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let metrics = self.raft.metrics().borrow().clone();
+        Ok(Response::new(self.status_from_metrics(&metrics)))
+    }
+}

@@ -1,0 +1,271 @@
+//! The cluster's dynamic configuration: timings and modes that every sidecar follows and that an
+//! operator changes at run time through a committed `SetConfig` entry.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Settings replicated through the Raft log. Every field has a default, so a cluster runs
+/// without any `SetConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DynamicConfig {
+    /// How often each sidecar probes its Postgres and reports to the leader.
+    pub tick_ms: u64,
+    /// Length of the primary's lease; the primary fences itself when it runs out.
+    pub lease_ms: u64,
+    /// Allowance for clock rate differences between holder and grantor of a lease.
+    pub drift_margin_ms: u64,
+    /// Consecutive failed probes of the primary before the leader fails over.
+    pub failure_threshold: u32,
+    /// A replica further behind than this many bytes of WAL is not a failover candidate.
+    pub maximum_lag_on_failover: u64,
+    /// Synchronous replication: only members of the committed sync set may be promoted.
+    pub synchronous_mode: bool,
+    /// Restart a crashed primary in place once before failing over.
+    pub restart_before_failover: bool,
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        Self {
+            tick_ms: 250,
+            lease_ms: 2_000,
+            drift_margin_ms: 200,
+            failure_threshold: 3,
+            maximum_lag_on_failover: 1024 * 1024,
+            synchronous_mode: false,
+            restart_before_failover: false,
+        }
+    }
+}
+
+/// Why a configuration change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The key names no setting.
+    #[error("unknown setting '{key}'; known settings: {known}")]
+    UnknownKey {
+        /// The key as given.
+        key: String,
+        /// Comma-separated list of valid keys.
+        known: String,
+    },
+    /// The value does not parse as the setting's type.
+    #[error("setting '{key}': '{value}' is not {expected}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value as given.
+        value: String,
+        /// What was expected, e.g. "a whole number of milliseconds".
+        expected: &'static str,
+    },
+    /// The value parses but is outside what the cluster can run with.
+    #[error("setting '{key}' = {value}: {why}")]
+    OutOfRange {
+        /// The key.
+        key: String,
+        /// The value as given.
+        value: String,
+        /// The rule it breaks.
+        why: String,
+    },
+    /// An empty change set.
+    #[error("no settings given; pass at least one key=value")]
+    Empty,
+}
+
+/// Names of all settings, in display order.
+pub const KEYS: &[&str] = &[
+    "tick_ms",
+    "lease_ms",
+    "drift_margin_ms",
+    "failure_threshold",
+    "maximum_lag_on_failover",
+    "synchronous_mode",
+    "restart_before_failover",
+];
+
+impl DynamicConfig {
+    /// Every setting rendered as text, keyed by name.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        KEYS.iter()
+            .map(|k| (k.to_string(), self.get(k).unwrap_or_default()))
+            .collect()
+    }
+
+    /// One setting rendered as text.
+    pub fn get(&self, key: &str) -> Option<String> {
+        Some(match key {
+            "tick_ms" => self.tick_ms.to_string(),
+            "lease_ms" => self.lease_ms.to_string(),
+            "drift_margin_ms" => self.drift_margin_ms.to_string(),
+            "failure_threshold" => self.failure_threshold.to_string(),
+            "maximum_lag_on_failover" => self.maximum_lag_on_failover.to_string(),
+            "synchronous_mode" => self.synchronous_mode.to_string(),
+            "restart_before_failover" => self.restart_before_failover.to_string(),
+            _ => return None,
+        })
+    }
+
+    /// Returns a copy with `changes` applied, or the first problem found. `self` is never
+    /// modified, so a refused change set leaves no trace.
+    pub fn with_changes(&self, changes: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        if changes.is_empty() {
+            return Err(ConfigError::Empty);
+        }
+        let mut next = self.clone();
+        for (key, value) in changes {
+            let value = value.trim();
+            match key.as_str() {
+                "tick_ms" => next.tick_ms = parse_u64(key, value)?,
+                "lease_ms" => next.lease_ms = parse_u64(key, value)?,
+                "drift_margin_ms" => next.drift_margin_ms = parse_u64(key, value)?,
+                "failure_threshold" => {
+                    next.failure_threshold =
+                        u32::try_from(parse_u64(key, value)?).map_err(|_| bad(key, value))?
+                }
+                "maximum_lag_on_failover" => {
+                    next.maximum_lag_on_failover = parse_u64(key, value)?
+                }
+                "synchronous_mode" => next.synchronous_mode = parse_bool(key, value)?,
+                "restart_before_failover" => {
+                    next.restart_before_failover = parse_bool(key, value)?
+                }
+                _ => {
+                    return Err(ConfigError::UnknownKey {
+                        key: key.clone(),
+                        known: KEYS.join(", "),
+                    })
+                }
+            }
+        }
+        next.validate()?;
+        Ok(next)
+    }
+
+    /// Checks the rules that keep the lease arithmetic sound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |key: &str, value: u64, why: String| ConfigError::OutOfRange {
+            key: key.to_string(),
+            value: value.to_string(),
+            why,
+        };
+        if !(50..=10_000).contains(&self.tick_ms) {
+            return Err(range(
+                "tick_ms",
+                self.tick_ms,
+                "must be between 50 and 10000".into(),
+            ));
+        }
+        // A lease must survive a few lost reports, or one late packet fences a healthy primary.
+        if self.lease_ms < 4 * self.tick_ms || self.lease_ms > 600_000 {
+            return Err(range(
+                "lease_ms",
+                self.lease_ms,
+                format!(
+                    "must be at least 4 x tick_ms ({}) and at most 600000",
+                    4 * self.tick_ms
+                ),
+            ));
+        }
+        if self.drift_margin_ms >= self.lease_ms {
+            return Err(range(
+                "drift_margin_ms",
+                self.drift_margin_ms,
+                format!("must be below lease_ms ({})", self.lease_ms),
+            ));
+        }
+        if !(1..=100).contains(&self.failure_threshold) {
+            return Err(range(
+                "failure_threshold",
+                u64::from(self.failure_threshold),
+                "must be between 1 and 100".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn bad(key: &str, value: &str) -> ConfigError {
+    ConfigError::BadValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        expected: "a whole number",
+    }
+}
+
+fn parse_u64(key: &str, value: &str) -> Result<u64, ConfigError> {
+    value.parse().map_err(|_| bad(key, value))
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "on" | "yes" | "1" => Ok(true),
+        "false" | "off" | "no" | "0" => Ok(false),
+        _ => Err(ConfigError::BadValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: "true or false",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        DynamicConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn applies_known_settings() {
+        let c = DynamicConfig::default()
+            .with_changes(&changes(&[("lease_ms", "3000"), ("synchronous_mode", "on")]))
+            .unwrap();
+        assert_eq!(c.lease_ms, 3000);
+        assert!(c.synchronous_mode);
+        assert_eq!(c.to_map()["lease_ms"], "3000");
+    }
+
+    #[test]
+    fn refuses_unknown_key_bad_value_and_range() {
+        let base = DynamicConfig::default();
+        assert!(matches!(
+            base.with_changes(&changes(&[("lease", "1")])),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            base.with_changes(&changes(&[("lease_ms", "soon")])),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            base.with_changes(&changes(&[("lease_ms", "100")])),
+            Err(ConfigError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            base.with_changes(&changes(&[("synchronous_mode", "maybe")])),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert_eq!(base.with_changes(&BTreeMap::new()), Err(ConfigError::Empty));
+    }
+
+    #[test]
+    fn refused_change_set_changes_nothing() {
+        // The second key is bad: the first must not take effect either.
+        let base = DynamicConfig::default();
+        let r = base.with_changes(&changes(&[("lease_ms", "5000"), ("tick_ms", "1")]));
+        assert!(r.is_err());
+        assert_eq!(base, DynamicConfig::default());
+    }
+}

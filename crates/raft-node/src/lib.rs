@@ -1,0 +1,19 @@
+//! pgquorum's Raft group: the openraft type configuration, sled storage, the gRPC transport and
+//! cluster API, the replicated cluster state machine and the sidecar's Raft runtime.
+
+pub mod api_service;
+pub mod client;
+pub mod cluster_state;
+pub mod dynamic_config;
+pub mod network;
+pub mod node;
+pub mod node_config;
+pub mod store;
+pub mod transport_service;
+pub mod types;
+
+/// Generated gRPC code for `proto/pgquorum.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("pgquorum.v1");
+}

@@ -1,0 +1,332 @@
+//! The sidecar's Raft side: binds the gRPC listener, opens the data dir, starts openraft,
+//! bootstraps a new cluster once, publishes this member's details, and shuts down cleanly.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api_service::ClusterService;
+use crate::client::ApiClient;
+use crate::cluster_state::MemberInfo;
+use crate::network::GrpcNetwork;
+use crate::node_config::NodeConfig;
+use crate::proto::cluster_server::ClusterServer;
+use crate::proto::raft_transport_server::RaftTransportServer;
+use crate::proto::{self};
+use crate::store::identity::{self, DataDirIdentity, IdentityError};
+use crate::store::log_store::LogStore;
+use crate::store::state_machine::{AppliedState, StateMachineStore};
+use crate::store::open_db;
+use crate::transport_service::RaftTransportService;
+use crate::types::{NodeId, Raft};
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The gRPC address cannot be bound.
+    #[error(
+        "cannot listen on {addr}: {source}; choose a free port on an address of this host \
+         (listen_addr)"
+    )]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The data dir cannot be created.
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// sled refused to open the database.
+    #[error(
+        "cannot open the Raft store in {path}: {source}; if another pgquorum node uses this \
+         data_dir, stop it or give this node its own data_dir"
+    )]
+    Store {
+        /// The directory.
+        path: String,
+        /// The sled error.
+        source: sled::Error,
+    },
+    /// The data dir belongs to another cluster or node.
+    #[error("data dir {path}: {source}")]
+    Identity {
+        /// The directory.
+        path: String,
+        /// What does not match.
+        source: IdentityError,
+    },
+    /// openraft refused the configuration or failed to start.
+    #[error("Raft failed: {0}")]
+    Raft(String),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A started node: its Raft handle and a view of the applied state.
+pub struct NodeHandle {
+    /// This node's id.
+    pub id: NodeId,
+    /// The Raft handle.
+    pub raft: Raft,
+    /// Applied state, updated after every apply.
+    pub state: watch::Receiver<Arc<AppliedState>>,
+}
+
+fn raft_config(cfg: &NodeConfig) -> Result<Arc<Config>, NodeError> {
+    let r = &cfg.raft;
+    let config = Config {
+        cluster_name: cfg.cluster_name.clone(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        // Snapshot chunks are installed and flushed by the follower within this bound.
+        install_snapshot_timeout: 2_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+        max_in_snapshot_log_to_keep: r.logs_to_keep,
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        config
+            .validate()
+            .map_err(|e| NodeError::Raft(e.to_string()))?,
+    ))
+}
+
+/// Runs the node until `shutdown` completes, then stops Raft and the server and flushes the
+/// store. `started` receives the handle once Raft runs (tests and the CLI use it).
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started: Option<tokio::sync::oneshot::Sender<NodeHandle>>,
+) -> Result<(), NodeError> {
+    // Bind first: a wrong address must fail before the data dir is touched.
+    let listener = TcpListener::bind(&cfg.listen_addr)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: cfg.listen_addr.clone(),
+            source,
+        })?;
+    let data_path = cfg.data_dir.display().to_string();
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+        path: data_path.clone(),
+        source,
+    })?;
+    let db = open_db(&cfg.data_dir.join("raft")).map_err(|source| NodeError::Store {
+        path: data_path.clone(),
+        source,
+    })?;
+    identity::check_or_record(
+        &db,
+        &DataDirIdentity {
+            cluster_name: cfg.cluster_name.clone(),
+            node_id: cfg.node_id,
+        },
+    )
+    .map_err(|source| NodeError::Identity {
+        path: data_path.clone(),
+        source,
+    })?;
+
+    let log_store = LogStore::new(db.clone()).map_err(|source| NodeError::Store {
+        path: data_path.clone(),
+        source,
+    })?;
+    let sm = StateMachineStore::new(db.clone()).map_err(|e| NodeError::Raft(e.to_string()))?;
+    let state = sm.subscribe();
+    let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, GrpcNetwork, log_store, sm)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+    let api = ClusterService::new(
+        cfg.node_id,
+        cfg.cluster_name.clone(),
+        raft.clone(),
+        state.clone(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(RaftTransportServer::new(RaftTransportService::new(
+            raft.clone(),
+        )))
+        .add_service(ClusterServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        });
+    let server = tokio::spawn(server);
+    tracing::info!(
+        node = cfg.node_id,
+        name = %cfg.name,
+        addr = %cfg.advertised(),
+        cluster = %cfg.cluster_name,
+        "sidecar started"
+    );
+
+    bootstrap_if_new(&cfg, &raft).await?;
+    tokio::spawn(log_role_changes(raft.clone(), stop_rx.clone()));
+    tokio::spawn(publish_own_details(
+        cfg.clone(),
+        state.clone(),
+        stop_rx.clone(),
+    ));
+    if let Some(tx) = started {
+        let _ = tx.send(NodeHandle {
+            id: cfg.node_id,
+            raft: raft.clone(),
+            state: state.clone(),
+        });
+    }
+
+    shutdown.await;
+    tracing::info!(node = cfg.node_id, "shutting down");
+    let _ = stop_tx.send(true);
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "Raft did not shut down cleanly");
+    }
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(NodeError::Serve(e)),
+        Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+    }
+    db.flush_async()
+        .await
+        .map_err(|source| NodeError::Store {
+            path: data_path,
+            source,
+        })?;
+    tracing::info!(node = cfg.node_id, "stopped");
+    Ok(())
+}
+
+/// A brand-new cluster is initialised by exactly one node, the lowest id of `initial_members`,
+/// and only when its store is empty, so a restart never re-initialises.
+async fn bootstrap_if_new(cfg: &NodeConfig, raft: &Raft) -> Result<(), NodeError> {
+    let Some(first) = cfg.initial_members.iter().map(|m| m.id).min() else {
+        tracing::info!("no initial_members: waiting to be added to a running cluster");
+        return Ok(());
+    };
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    if initialized {
+        tracing::info!("Raft state found in the data dir; resuming");
+        return Ok(());
+    }
+    if first != cfg.node_id {
+        tracing::info!(bootstrapper = first, "new cluster: waiting for node {first} to bootstrap it");
+        return Ok(());
+    }
+    let members: BTreeMap<NodeId, BasicNode> = cfg
+        .initial_members
+        .iter()
+        .map(|m| (m.id, BasicNode::new(&m.addr)))
+        .collect();
+    tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "bootstrapping a new cluster");
+    match raft.initialize(members).await {
+        Ok(()) => Ok(()),
+        // Another start already initialised it between the check and now.
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::InitializeError::NotAllowed(_),
+        )) => Ok(()),
+        Err(e) => Err(NodeError::Raft(e.to_string())),
+    }
+}
+
+fn own_details(cfg: &NodeConfig) -> MemberInfo {
+    MemberInfo {
+        id: cfg.node_id,
+        name: cfg.name.clone(),
+        http_addr: cfg.http_addr.clone(),
+        pg_host: cfg.postgres.host.clone(),
+        pg_port: cfg.postgres.port,
+        tags: cfg.tags.clone(),
+    }
+}
+
+/// Keeps this member's committed details equal to its config: registers them once the node is
+/// a member, and again if they differ (a config change, or a re-added member).
+async fn publish_own_details(
+    cfg: NodeConfig,
+    mut state: watch::Receiver<Arc<AppliedState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mine = own_details(&cfg);
+    let Ok(client) = ApiClient::new(vec![cfg.advertised().to_string()]) else {
+        return;
+    };
+    let client = client.with_patience(Duration::from_secs(2));
+    loop {
+        let needed = {
+            let s = state.borrow_and_update();
+            s.member_ids().contains(&cfg.node_id) && s.cluster.members.get(&cfg.node_id) != Some(&mine)
+        };
+        if needed {
+            let req = proto::RegisterMemberRequest {
+                id: mine.id,
+                name: mine.name.clone(),
+                http_addr: mine.http_addr.clone(),
+                pg_host: mine.pg_host.clone(),
+                pg_port: u32::from(mine.pg_port),
+                tags: Some(proto::Tags {
+                    nofailover: mine.tags.nofailover,
+                    priority: mine.tags.priority,
+                    nosync: mine.tags.nosync,
+                }),
+            };
+            match client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.register_member(req).await }
+                })
+                .await
+            {
+                Ok(r) => tracing::info!(log_index = r.log_index, name = %mine.name, "registered member details"),
+                Err(e) => tracing::warn!(error = %e, "cannot register member details yet; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = state.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Logs every change of Raft role or leader at INFO.
+async fn log_role_changes(raft: Raft, mut stop: watch::Receiver<bool>) {
+    let mut metrics = raft.metrics();
+    let mut last = (None, None, 0);
+    loop {
+        let now = {
+            let m = metrics.borrow_and_update();
+            (Some(m.state), m.current_leader, m.current_term)
+        };
+        if now != last {
+            tracing::info!(
+                role = ?now.0.unwrap_or(openraft::ServerState::Learner),
+                leader = ?now.1,
+                term = now.2,
+                "raft role"
+            );
+            last = now;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = metrics.changed() => if r.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The sidecar's TOML configuration (`node.toml`), parsed and validated before anything touches
+//! the data dir or the network.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::cluster_state::Tags;
+use crate::types::NodeId;
+
+/// A sidecar's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of the cluster; recorded in the data dir at first start and checked at every start.
+    pub cluster_name: String,
+    /// This node's Raft id (positive, unique in the cluster, never reused).
+    pub node_id: NodeId,
+    /// Human name, unique in the cluster.
+    pub name: String,
+    /// Directory of this node's Raft state; relative paths are relative to the config file.
+    pub data_dir: PathBuf,
+    /// Address the gRPC server (Raft transport and cluster API) binds, `ip:port`.
+    pub listen_addr: String,
+    /// Address peers and clients use to reach this node; defaults to `listen_addr`.
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
+    /// HTTP address for health checks and metrics, published in the topology.
+    #[serde(default)]
+    pub http_addr: String,
+    /// The local Postgres as clients reach it.
+    #[serde(default)]
+    pub postgres: PostgresEndpoint,
+    /// Failover tags.
+    #[serde(default)]
+    pub tags: Tags,
+    /// Raft timings and log compaction.
+    #[serde(default)]
+    pub raft: RaftTimings,
+    /// The members a brand-new cluster starts with. Empty for a node that will join a running
+    /// cluster through `pgquorum member add`.
+    #[serde(default)]
+    pub initial_members: Vec<InitialMember>,
+}
+
+/// Where this member's Postgres listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresEndpoint {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl Default for PostgresEndpoint {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 5432,
+        }
+    }
+}
+
+/// One member of a new cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitialMember {
+    /// Raft id.
+    pub id: NodeId,
+    /// gRPC address (`host:port`).
+    pub addr: String,
+}
+
+/// Raft timings. openraft 0.9 bounds every AppendEntries call, follower fsync included, by the
+/// heartbeat interval, so it must stay well above a disk flush.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTimings {
+    /// Leader heartbeat period.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for followers that lag a little.
+    pub logs_to_keep: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 200,
+            election_timeout_min_ms: 750,
+            election_timeout_max_ms: 1250,
+            snapshot_every: 1000,
+            logs_to_keep: 200,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, a missing field, an unknown field or a wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// A value breaks a rule.
+    #[error("config file {path}: {field}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The offending field.
+        field: String,
+        /// The rule and the fix.
+        problem: String,
+    },
+}
+
+impl NodeConfig {
+    /// Reads, parses and validates the file at `path`; relative `data_dir` becomes relative to
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Self, NodeConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NodeConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        if cfg.data_dir.is_relative() {
+            let base = path.parent().unwrap_or_else(|| Path::new("."));
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, NodeConfigError> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|e| NodeConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The address peers and clients use for this node.
+    pub fn advertised(&self) -> &str {
+        self.advertise_addr.as_deref().unwrap_or(&self.listen_addr)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), NodeConfigError> {
+        let invalid = |field: &str, problem: String| NodeConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            problem,
+        };
+        if self.cluster_name.is_empty()
+            || !self
+                .cluster_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "cluster_name",
+                format!(
+                    "'{}' must be non-empty and use only letters, digits, '-' and '_'",
+                    self.cluster_name
+                ),
+            ));
+        }
+        if self.node_id == 0 {
+            return Err(invalid("node_id", "must be a positive integer".into()));
+        }
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty".into()));
+        }
+        self.listen_addr.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "listen_addr",
+                format!(
+                    "'{}' is not an ip:port address (e.g. 127.0.0.1:7001)",
+                    self.listen_addr
+                ),
+            )
+        })?;
+        check_host_port(self.advertised()).map_err(|p| invalid("advertise_addr", p))?;
+        if !self.http_addr.is_empty() {
+            check_host_port(&self.http_addr).map_err(|p| invalid("http_addr", p))?;
+        }
+        if self.postgres.port == 0 {
+            return Err(invalid("postgres.port", "must not be 0".into()));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms < 20 {
+            return Err(invalid("raft.heartbeat_ms", "must be at least 20".into()));
+        }
+        if r.election_timeout_min_ms <= 2 * r.heartbeat_ms {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                format!(
+                    "must exceed twice raft.heartbeat_ms ({}), or followers start elections \
+                     while the leader is healthy",
+                    2 * r.heartbeat_ms
+                ),
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must exceed raft.election_timeout_min_ms".into(),
+            ));
+        }
+        if r.snapshot_every == 0 {
+            return Err(invalid("raft.snapshot_every", "must be positive".into()));
+        }
+        let mut ids = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for m in &self.initial_members {
+            if m.id == 0 {
+                return Err(invalid("initial_members", "ids must be positive".into()));
+            }
+            if !ids.insert(m.id) {
+                return Err(invalid(
+                    "initial_members",
+                    format!("id {} appears twice; every member needs its own id", m.id),
+                ));
+            }
+            check_host_port(&m.addr).map_err(|p| invalid("initial_members", p))?;
+            if !addrs.insert(m.addr.as_str()) {
+                return Err(invalid(
+                    "initial_members",
+                    format!("address {} appears twice", m.addr),
+                ));
+            }
+        }
+        if !self.initial_members.is_empty() {
+            match self.initial_members.iter().find(|m| m.id == self.node_id) {
+                None => {
+                    return Err(invalid(
+                        "initial_members",
+                        format!(
+                            "does not list this node (node_id = {}); list it, or leave \
+                             initial_members empty to join a running cluster",
+                            self.node_id
+                        ),
+                    ))
+                }
+                Some(me) if me.addr != self.advertised() => {
+                    return Err(invalid(
+                        "initial_members",
+                        format!(
+                            "lists node {} at {}, but this node advertises {}",
+                            self.node_id,
+                            me.addr,
+                            self.advertised()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_host_port(addr: &str) -> Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(format!("'{addr}' is not a host:port address")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster_name = "demo"
+node_id = 1
+name = "n1"
+data_dir = "d1"
+listen_addr = "127.0.0.1:7001"
+
+[[initial_members]]
+id = 1
+addr = "127.0.0.1:7001"
+
+[[initial_members]]
+id = 2
+addr = "127.0.0.1:7002"
+"#;
+
+    fn parse(text: &str) -> Result<NodeConfig, NodeConfigError> {
+        NodeConfig::parse(text, Path::new("node.toml"))
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.raft.heartbeat_ms, 200);
+        assert_eq!(c.postgres.port, 5432);
+        assert_eq!(c.advertised(), "127.0.0.1:7001");
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let e = err(&GOOD.replace("name = \"n1\"\n", ""));
+        assert!(e.contains("missing field `name`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = err(&GOOD.replace("name = \"n1\"", "name = \"n1\"\nnmae = 2"));
+        assert!(e.contains("nmae"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_ids_and_addresses() {
+        let e = err(&GOOD.replace("id = 2", "id = 1"));
+        assert!(e.contains("id 1 appears twice"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:7002", "127.0.0.1:7001"));
+        assert!(e.contains("appears twice"), "{e}");
+    }
+
+    #[test]
+    fn self_must_be_listed_with_its_address() {
+        let e = err(&GOOD.replace("node_id = 1", "node_id = 3"));
+        assert!(e.contains("does not list this node"), "{e}");
+        let e = err(&GOOD.replace(
+            "listen_addr = \"127.0.0.1:7001\"",
+            "listen_addr = \"127.0.0.1:7009\"",
+        ));
+        assert!(e.contains("advertises"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_and_timings() {
+        let e = err(&GOOD.replace(
+            "listen_addr = \"127.0.0.1:7001\"",
+            "listen_addr = \"nowhere\"",
+        ));
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = err(&format!("{GOOD}\n[raft]\nheartbeat_ms = 500\n"));
+        assert!(e.contains("election_timeout_min_ms"), "{e}");
+        let e = err(&GOOD.replace("cluster_name = \"demo\"", "cluster_name = \"a b\""));
+        assert!(e.contains("cluster_name"), "{e}");
+        let e = err(&GOOD.replace("node_id = 1", "node_id = 0"));
+        assert!(e.contains("node_id"), "{e}");
+    }
+}
