@@ -81,7 +81,10 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             let layout = Layout::load(&dir)?;
             let topo = ApiClient::new(layout.endpoints())?
                 .with_patience(Duration::from_secs(3))
-                .call(|mut c| async move { c.get_topology(proto::GetTopologyRequest {}).await })
+                .call(|mut c| async move {
+                    c.get_topology(proto::GetTopologyRequest { local: false })
+                        .await
+                })
                 .await?;
             print!("{}", output::topology(&topo, output));
             Ok(())
@@ -158,8 +161,7 @@ async fn up(count: u32, dir: &Path) -> Result<()> {
         if !(1..=9).contains(&count) {
             bail!("--nodes must be between 1 and 9 (3, 5 or 7 tolerate failures)");
         }
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = dir
             .canonicalize()
             .with_context(|| format!("cannot resolve {}", dir.display()))?;
@@ -202,7 +204,10 @@ async fn up(count: u32, dir: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let topo = client
-            .call(|mut c| async move { c.get_topology(proto::GetTopologyRequest {}).await })
+            .call(|mut c| async move {
+                c.get_topology(proto::GetTopologyRequest { local: false })
+                    .await
+            })
             .await;
         match topo {
             Ok(t) if t.leader_id != 0 && t.members.iter().all(|m| m.registered) => {

@@ -51,7 +51,12 @@ enum Command {
 #[derive(Args, Clone)]
 pub struct Conn {
     /// Sidecar gRPC endpoints, host:port, comma-separated; tried in order.
-    #[arg(long, env = "PGQUORUM_ENDPOINTS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "PGQUORUM_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
     endpoints: Vec<String>,
 }
 
@@ -160,7 +165,10 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             let topo = conn
                 .client()?
-                .call(|mut c| async move { c.get_topology(proto::GetTopologyRequest {}).await })
+                .call(|mut c| async move {
+                    c.get_topology(proto::GetTopologyRequest { local: false })
+                        .await
+                })
                 .await?;
             print!("{}", output::topology(&topo, output));
             Ok(())
@@ -202,7 +210,9 @@ async fn member(cmd: MemberCmd) -> Result<()> {
         MemberCmd::Remove { conn, id } => {
             let r = conn
                 .client()?
-                .call(|mut c| async move { c.remove_member(proto::RemoveMemberRequest { id }).await })
+                .call(
+                    |mut c| async move { c.remove_member(proto::RemoveMemberRequest { id }).await },
+                )
                 .await?;
             println!(
                 "node {id} removed; voters {:?}, learners {:?} (log index {})",
@@ -236,7 +246,9 @@ async fn config(cmd: ConfigCmd) -> Result<()> {
         ConfigCmd::Show { conn, output } => {
             let cfg = conn
                 .client()?
-                .call(|mut c| async move { c.get_config(proto::GetConfigRequest {}).await })
+                .call(|mut c| async move {
+                    c.get_config(proto::GetConfigRequest { local: false }).await
+                })
                 .await?;
             print!("{}", output::config(&cfg, output));
         }

@@ -86,27 +86,28 @@ impl OsUser {
 
 fn lookup_by_name(name: &str) -> Result<Option<OsUser>> {
     let cname = CString::new(name).map_err(|_| SupervisorError::UnknownUser(name.to_string()))?;
-    lookup(|pwd, buf, len, result| {
+    lookup(&|pwd, buf, len, result| {
         // SAFETY: all pointers are valid for the duration of the call.
         unsafe { libc::getpwnam_r(cname.as_ptr(), pwd, buf, len, result) }
     })
 }
 
 fn lookup_by_uid(uid: u32) -> Result<Option<OsUser>> {
-    lookup(|pwd, buf, len, result| {
+    lookup(&|pwd, buf, len, result| {
         // SAFETY: all pointers are valid for the duration of the call.
         unsafe { libc::getpwuid_r(uid, pwd, buf, len, result) }
     })
 }
 
-type PwLookup = dyn Fn(
+type PwLookup<'a> = dyn Fn(
     *mut libc::passwd,
     *mut libc::c_char,
     libc::size_t,
     *mut *mut libc::passwd,
-) -> libc::c_int;
+) -> libc::c_int
+    + 'a;
 
-fn lookup(call: &PwLookup) -> Result<Option<OsUser>> {
+fn lookup(call: &PwLookup<'_>) -> Result<Option<OsUser>> {
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: passwd is plain old data; zeroed is a valid initial state.
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };

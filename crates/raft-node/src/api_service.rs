@@ -109,6 +109,8 @@ impl ClusterService {
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             leader_id: m.current_leader.unwrap_or(0),
             cluster_name: self.cluster_name.clone(),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }
     }
 
@@ -323,15 +325,25 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetTopologyRequest>,
     ) -> Result<Response<proto::Topology>, Status> {
+        if req.get_ref().local {
+            let state = self.state.borrow().clone();
+            let metrics = self.raft.metrics().borrow().clone();
+            let own = self.status_from_metrics(&metrics);
+            let mut topo = self.topology(&state, None);
+            // Only this member's own Raft status is known without asking the others.
+            for m in topo.members.iter_mut().filter(|m| m.id == self.node_id) {
+                m.raft_role = own.raft_role.clone();
+                m.term = own.term;
+                m.last_applied = own.last_applied;
+            }
+            return Ok(Response::new(topo));
+        }
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.get_topology(forwarded(req.into_inner())).await;
         }
         self.raft.ensure_linearizable().await.map_err(|e| match e {
             RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
-                not_leader(
-                    self.node_id,
-                    f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-                )
+                not_leader(self.node_id, f.leader_id.zip(f.leader_node.map(|n| n.addr)))
             }
             other => Status::unavailable(format!("cannot confirm leadership: {other}")),
         })?;
@@ -348,8 +360,8 @@ impl Cluster for ClusterService {
     ) -> Result<Response<Self::WatchTopologyStream>, Status> {
         // Applied state is committed state, so any member can serve the watch locally.
         let this = self.clone();
-        let stream = WatchStream::new(self.state.clone())
-            .map(move |state| Ok(this.topology(&state, None)));
+        let stream =
+            WatchStream::new(self.state.clone()).map(move |state| Ok(this.topology(&state, None)));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -362,7 +374,9 @@ impl Cluster for ClusterService {
         }
         let r = req.into_inner();
         if r.id == 0 {
-            return Err(Status::invalid_argument("member id must be a positive integer"));
+            return Err(Status::invalid_argument(
+                "member id must be a positive integer",
+            ));
         }
         match r.raft_addr.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
@@ -456,6 +470,11 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetConfigRequest>,
     ) -> Result<Response<proto::ClusterConfig>, Status> {
+        if req.get_ref().local {
+            let state = self.state.borrow().clone();
+            let index = state.last_applied.map(|l| l.index).unwrap_or(0);
+            return Ok(Response::new(config_reply(&state, index)));
+        }
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.get_config(forwarded(req.into_inner())).await;
         }
@@ -497,8 +516,9 @@ impl Cluster for ClusterService {
             return leader.register_member(forwarded(req.into_inner())).await;
         }
         let r = req.into_inner();
-        let pg_port = u16::try_from(r.pg_port)
-            .map_err(|_| Status::invalid_argument(format!("pg_port {} is not a port", r.pg_port)))?;
+        let pg_port = u16::try_from(r.pg_port).map_err(|_| {
+            Status::invalid_argument(format!("pg_port {} is not a port", r.pg_port))
+        })?;
         let tags = r.tags.unwrap_or_default();
         let info = MemberInfo {
             id: r.id,

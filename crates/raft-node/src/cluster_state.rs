@@ -170,7 +170,10 @@ impl ClusterState {
                 Ok(())
             }
             Command::SetConfig { changes } => {
-                self.config = self.config.with_changes(changes).map_err(|e| e.to_string())?;
+                self.config = self
+                    .config
+                    .with_changes(changes)
+                    .map_err(|e| e.to_string())?;
                 Ok(())
             }
             Command::Promote {

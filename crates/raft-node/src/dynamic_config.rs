@@ -126,13 +126,9 @@ impl DynamicConfig {
                     next.failure_threshold =
                         u32::try_from(parse_u64(key, value)?).map_err(|_| bad(key, value))?
                 }
-                "maximum_lag_on_failover" => {
-                    next.maximum_lag_on_failover = parse_u64(key, value)?
-                }
+                "maximum_lag_on_failover" => next.maximum_lag_on_failover = parse_u64(key, value)?,
                 "synchronous_mode" => next.synchronous_mode = parse_bool(key, value)?,
-                "restart_before_failover" => {
-                    next.restart_before_failover = parse_bool(key, value)?
-                }
+                "restart_before_failover" => next.restart_before_failover = parse_bool(key, value)?,
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key: key.clone(),
@@ -231,7 +227,10 @@ mod tests {
     #[test]
     fn applies_known_settings() {
         let c = DynamicConfig::default()
-            .with_changes(&changes(&[("lease_ms", "3000"), ("synchronous_mode", "on")]))
+            .with_changes(&changes(&[
+                ("lease_ms", "3000"),
+                ("synchronous_mode", "on"),
+            ]))
             .unwrap();
         assert_eq!(c.lease_ms, 3000);
         assert!(c.synchronous_mode);

@@ -92,8 +92,8 @@ impl PeerClient {
                 "address is not a valid host:port".into(),
             ))));
         };
-        let payload = serde_json::to_vec(req)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let msg = RaftMessage { payload };
         let fut = async {
             match rpc {

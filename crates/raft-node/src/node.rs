@@ -21,8 +21,8 @@ use crate::proto::raft_transport_server::RaftTransportServer;
 use crate::proto::{self};
 use crate::store::identity::{self, DataDirIdentity, IdentityError};
 use crate::store::log_store::LogStore;
-use crate::store::state_machine::{AppliedState, StateMachineStore};
 use crate::store::open_db;
+use crate::store::state_machine::{AppliedState, StateMachineStore};
 use crate::transport_service::RaftTransportService;
 use crate::types::{NodeId, Raft};
 
@@ -124,18 +124,18 @@ pub async fn run(
         path: data_path.clone(),
         source,
     })?;
-    let db = open_db(&cfg.data_dir.join("raft")).map_err(|source| NodeError::Store {
-        path: data_path.clone(),
-        source,
-    })?;
     identity::check_or_record(
-        &db,
+        &cfg.data_dir,
         &DataDirIdentity {
             cluster_name: cfg.cluster_name.clone(),
             node_id: cfg.node_id,
         },
     )
     .map_err(|source| NodeError::Identity {
+        path: data_path.clone(),
+        source,
+    })?;
+    let db = open_db(&cfg.data_dir.join("raft")).map_err(|source| NodeError::Store {
         path: data_path.clone(),
         source,
     })?;
@@ -201,12 +201,10 @@ pub async fn run(
         Ok(Err(e)) => return Err(NodeError::Serve(e)),
         Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
     }
-    db.flush_async()
-        .await
-        .map_err(|source| NodeError::Store {
-            path: data_path,
-            source,
-        })?;
+    db.flush_async().await.map_err(|source| NodeError::Store {
+        path: data_path,
+        source,
+    })?;
     tracing::info!(node = cfg.node_id, "stopped");
     Ok(())
 }
@@ -227,7 +225,10 @@ async fn bootstrap_if_new(cfg: &NodeConfig, raft: &Raft) -> Result<(), NodeError
         return Ok(());
     }
     if first != cfg.node_id {
-        tracing::info!(bootstrapper = first, "new cluster: waiting for node {first} to bootstrap it");
+        tracing::info!(
+            bootstrapper = first,
+            "new cluster: waiting for node {first} to bootstrap it"
+        );
         return Ok(());
     }
     let members: BTreeMap<NodeId, BasicNode> = cfg
@@ -272,7 +273,8 @@ async fn publish_own_details(
     loop {
         let needed = {
             let s = state.borrow_and_update();
-            s.member_ids().contains(&cfg.node_id) && s.cluster.members.get(&cfg.node_id) != Some(&mine)
+            s.member_ids().contains(&cfg.node_id)
+                && s.cluster.members.get(&cfg.node_id) != Some(&mine)
         };
         if needed {
             let req = proto::RegisterMemberRequest {
@@ -294,8 +296,12 @@ async fn publish_own_details(
                 })
                 .await
             {
-                Ok(r) => tracing::info!(log_index = r.log_index, name = %mine.name, "registered member details"),
-                Err(e) => tracing::warn!(error = %e, "cannot register member details yet; retrying"),
+                Ok(r) => {
+                    tracing::info!(log_index = r.log_index, name = %mine.name, "registered member details")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register member details yet; retrying")
+                }
             }
         }
         tokio::select! {

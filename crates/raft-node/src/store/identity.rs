@@ -1,11 +1,15 @@
 //! Binds a data dir to one cluster and one node, so that a sidecar pointed at another cluster's
-//! data refuses to start instead of mixing two logs.
+//! data refuses to start instead of mixing two logs. The identity is a small file beside the
+//! Raft store, checked before the store is opened, so a refused start writes nothing.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::types::NodeId;
 
-const KEY: &[u8] = b"identity";
+const FILE: &str = "identity.json";
 
 /// Which cluster and node a data dir belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,8 +25,8 @@ pub struct DataDirIdentity {
 pub enum IdentityError {
     /// The data dir holds another cluster's state.
     #[error(
-        "data dir belongs to cluster '{found}', but the config says cluster '{expected}'; \
-         point data_dir at an empty directory, or fix `cluster_name`"
+        "it belongs to cluster '{found}', but the config says cluster_name = '{expected}'; \
+         point data_dir at an empty directory, or fix cluster_name"
     )]
     OtherCluster {
         /// Name stored in the data dir.
@@ -32,7 +36,7 @@ pub enum IdentityError {
     },
     /// The data dir holds another node's state.
     #[error(
-        "data dir belongs to node {found} of this cluster, but the config says node_id = {expected}; \
+        "it belongs to node {found} of this cluster, but the config says node_id = {expected}; \
          each node needs its own data_dir"
     )]
     OtherNode {
@@ -41,19 +45,31 @@ pub enum IdentityError {
         /// Id in the config.
         expected: NodeId,
     },
-    /// sled failed.
-    #[error("data dir storage error: {0}")]
-    Storage(#[from] sled::Error),
+    /// Holds Raft state but no identity: not made by this version of pgquorum.
+    #[error("it holds a Raft store but no {FILE}; it was not created by a pgquorum node, use an empty directory")]
+    Unknown,
+    /// The identity file cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The stored identity is not readable.
-    #[error("data dir identity record is corrupt: {0}")]
+    #[error("{FILE} is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
 }
 
-/// Checks the identity stored in `db` against `expected`; records it if the dir is new.
-pub fn check_or_record(db: &sled::Db, expected: &DataDirIdentity) -> Result<(), IdentityError> {
-    let meta = db.open_tree("meta")?;
-    match meta.get(KEY)? {
-        Some(raw) => {
+/// Checks the identity recorded in `dir` against `expected`; records it if the dir is new.
+pub fn check_or_record(dir: &Path, expected: &DataDirIdentity) -> Result<(), IdentityError> {
+    let path = dir.join(FILE);
+    let io = |source| IdentityError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(raw) => {
             let found: DataDirIdentity = serde_json::from_slice(&raw)?;
             if found.cluster_name != expected.cluster_name {
                 return Err(IdentityError::OtherCluster {
@@ -69,11 +85,23 @@ pub fn check_or_record(db: &sled::Db, expected: &DataDirIdentity) -> Result<(), 
             }
             Ok(())
         }
-        None => {
-            meta.insert(KEY, serde_json::to_vec(expected)?)?;
-            db.flush()?;
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join("raft").exists() {
+                return Err(IdentityError::Unknown);
+            }
+            // Write beside, fsync, rename: a crash leaves either no identity or a whole one.
+            let tmp = dir.join(format!("{FILE}.tmp"));
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&serde_json::to_vec_pretty(expected)?)
+                .map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
             Ok(())
         }
+        Err(e) => Err(io(e)),
     }
 }
 
@@ -84,19 +112,18 @@ mod tests {
     #[test]
     fn records_then_refuses_other_cluster_and_node() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open_db(dir.path()).unwrap();
         let me = DataDirIdentity {
             cluster_name: "a".into(),
             node_id: 1,
         };
-        check_or_record(&db, &me).unwrap();
-        check_or_record(&db, &me).unwrap();
+        check_or_record(dir.path(), &me).unwrap();
+        check_or_record(dir.path(), &me).unwrap();
         let other = DataDirIdentity {
             cluster_name: "b".into(),
             node_id: 1,
         };
         assert!(matches!(
-            check_or_record(&db, &other),
+            check_or_record(dir.path(), &other),
             Err(IdentityError::OtherCluster { .. })
         ));
         let other_node = DataDirIdentity {
@@ -104,8 +131,23 @@ mod tests {
             node_id: 2,
         };
         assert!(matches!(
-            check_or_record(&db, &other_node),
+            check_or_record(dir.path(), &other_node),
             Err(IdentityError::OtherNode { .. })
         ));
+    }
+
+    #[test]
+    fn refuses_a_store_without_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("raft")).unwrap();
+        let me = DataDirIdentity {
+            cluster_name: "a".into(),
+            node_id: 1,
+        };
+        assert!(matches!(
+            check_or_record(dir.path(), &me),
+            Err(IdentityError::Unknown)
+        ));
+        assert!(!dir.path().join(FILE).exists());
     }
 }

@@ -155,8 +155,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let raw = serde_json::to_vec(&entry)
-                .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+            let raw =
+                serde_json::to_vec(&entry).map_err(|e| io_err(StorageIOError::write_logs, e))?;
             batch.insert(&key(entry.log_id.index), raw);
         }
         self.log

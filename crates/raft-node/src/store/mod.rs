@@ -2,6 +2,9 @@
 //! ([`log_store`]), the state machine and its snapshot ([`state_machine`]), and the identity that
 //! ties a data dir to one cluster and one node ([`identity`]).
 
+// openraft fixes the error type of its storage traits; helpers return the same type.
+#![allow(clippy::result_large_err)]
+
 pub mod identity;
 pub mod log_store;
 pub mod state_machine;

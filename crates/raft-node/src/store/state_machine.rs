@@ -6,9 +6,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
-};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -33,7 +31,11 @@ pub struct AppliedState {
 impl AppliedState {
     /// Ids of all Raft members (voters and learners) of the applied membership.
     pub fn member_ids(&self) -> BTreeSet<NodeId> {
-        self.membership.membership().nodes().map(|(id, _)| *id).collect()
+        self.membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 
@@ -83,8 +85,8 @@ impl StateMachineStore {
     }
 
     async fn persist(&self, state: &AppliedState) -> Result<(), StorageError> {
-        let raw =
-            serde_json::to_vec(state).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
+        let raw = serde_json::to_vec(state)
+            .map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
         self.sm
             .insert(STATE, raw)
             .map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
@@ -156,9 +158,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         let s = self.state.read().await;
         Ok((s.last_applied, s.membership.clone()))
     }

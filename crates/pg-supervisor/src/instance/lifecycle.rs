@@ -1,0 +1,253 @@
+//! Start, stop, restart, reload and fence.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::time::{Duration, Instant};
+
+use super::Instance;
+use crate::conf_files::{render_hba, render_node_conf, REPLICATION_CONF};
+use crate::data_dir::DataDirContents;
+use crate::error::{Result, SupervisorError};
+use crate::fence::{fence_postmaster, FenceReport};
+use crate::guard::{Guard, GuardArgs};
+use crate::lease::Lease;
+use crate::observation::PostmasterState;
+use crate::os_process::{is_alive, signal};
+use crate::pg_command::tail;
+use crate::pid_file::PmStatus;
+
+const POLL: Duration = Duration::from_millis(20);
+/// The guard exits right after its postmaster; this is generous.
+const GUARD_EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// PostgreSQL's shutdown modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Wait for clients to disconnect (SIGTERM).
+    Smart,
+    /// Roll back and disconnect clients, checkpoint (SIGINT).
+    Fast,
+    /// Quit without checkpoint; crash recovery at next start (SIGQUIT).
+    Immediate,
+}
+
+impl StopMode {
+    fn signal(self) -> libc::c_int {
+        match self {
+            StopMode::Smart => libc::SIGTERM,
+            StopMode::Fast => libc::SIGINT,
+            StopMode::Immediate => libc::SIGQUIT,
+        }
+    }
+}
+
+impl Instance {
+    /// Starts PostgreSQL under a new guard holding `lease`, and waits until
+    /// it accepts connections (`ready` or `standby` in `postmaster.pid`).
+    /// Refuses a foreign cluster, a running postmaster, or a busy port.
+    pub async fn start(&mut self, lease: Lease) -> Result<()> {
+        if self.data.contents()? != DataDirContents::Cluster {
+            return Err(SupervisorError::NotInitialized(self.cfg.data_dir.clone()));
+        }
+        if let PostmasterState::Running { pid, .. } = self.data.postmaster_state() {
+            return Err(SupervisorError::AlreadyRunning {
+                path: self.cfg.data_dir.clone(),
+                pid,
+            });
+        }
+        if let Some(expected) = self.cfg.expected_system_identifier {
+            let found = self.system_identifier().await?;
+            if found != expected {
+                return Err(SupervisorError::SystemIdentifierMismatch {
+                    path: self.cfg.data_dir.clone(),
+                    expected,
+                    found,
+                });
+            }
+        }
+        self.check_port_free()?;
+        self.write_node_files()?;
+        self.guard = None;
+        let log_file = self.cfg.log_file();
+        let log_offset = std::fs::metadata(&log_file).map(|m| m.len()).unwrap_or(0);
+        let args = GuardArgs {
+            postgres: self.bins.path("postgres"),
+            data_dir: self.cfg.data_dir.clone(),
+            user: self.user.switch.then(|| self.user.name.clone()),
+            log_file: log_file.clone(),
+            fence_grace: self.cfg.timeouts.fence_grace,
+            lease,
+        };
+        let guard = Guard::launch(&self.cfg.guard, &args).await?;
+        let pid = guard.postmaster_pid();
+        self.guard = Some(guard);
+        self.last_lease = Some(lease);
+        let deadline = Instant::now() + self.cfg.timeouts.start;
+        loop {
+            if !is_alive(pid) {
+                self.guard = None;
+                return Err(SupervisorError::StartFailed(format!(
+                    "postmaster exited during startup; log {}:\n{}",
+                    log_file.display(),
+                    log_tail(&log_file, log_offset)
+                )));
+            }
+            if let Some(pf) = self.data.pid_file() {
+                if pf.pid == pid && matches!(pf.status, Some(PmStatus::Ready | PmStatus::Standby))
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(SupervisorError::Timeout {
+                    what: format!("startup of PostgreSQL (log {})", log_file.display()),
+                    after: self.cfg.timeouts.start,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Stops PostgreSQL with `mode`, waiting up to `timeout` for the
+    /// postmaster to exit. On timeout it is left running: escalate with
+    /// another mode or `fence()`.
+    pub async fn stop(&mut self, mode: StopMode, timeout: Duration) -> Result<()> {
+        let Some(pid) = self.live_postmaster() else {
+            self.guard = None;
+            return Ok(());
+        };
+        signal(pid, mode.signal());
+        let deadline = Instant::now() + timeout;
+        while is_alive(pid) {
+            if Instant::now() >= deadline {
+                return Err(SupervisorError::Timeout {
+                    what: format!("{mode:?} shutdown of postmaster {pid}"),
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        self.release_guard().await;
+        Ok(())
+    }
+
+    /// Fast stop, then start with the last lease; a replica without a
+    /// known lease restarts with [`Lease::NotRequired`].
+    pub async fn restart(&mut self) -> Result<()> {
+        let lease = match self.last_lease {
+            Some(l) => l,
+            None if self.data.has_standby_signal() => Lease::NotRequired,
+            None => {
+                return Err(SupervisorError::WrongRole(
+                    "restarting a primary needs a lease; use start(lease)".into(),
+                ))
+            }
+        };
+        self.stop(StopMode::Fast, self.cfg.timeouts.start).await?;
+        self.start(lease).await
+    }
+
+    /// Re-reads configuration files (SIGHUP).
+    pub fn reload(&self) -> Result<()> {
+        let pid = self
+            .live_postmaster()
+            .ok_or_else(|| SupervisorError::NotRunning(self.cfg.data_dir.clone()))?;
+        if signal(pid, libc::SIGHUP) {
+            Ok(())
+        } else {
+            Err(SupervisorError::NotRunning(self.cfg.data_dir.clone()))
+        }
+    }
+
+    /// Stops PostgreSQL now: immediate shutdown, verified by `/proc`,
+    /// escalating to SIGKILL of the postmaster and its backends after
+    /// `timeouts.fence_grace`. Reports how long it took.
+    pub async fn fence(&mut self) -> Result<FenceReport> {
+        let started = Instant::now();
+        let mut pids: Vec<i32> = self.guard.as_ref().map(|g| g.postmaster_pid()).into_iter().collect();
+        if let PostmasterState::Running { pid, .. } = self.data.postmaster_state() {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        let grace = self.cfg.timeouts.fence_grace;
+        let mut report = FenceReport {
+            postmaster_pid: None,
+            was_running: false,
+            escalated_to_sigkill: false,
+            verified_gone: true,
+            elapsed_ms: 0,
+        };
+        for pid in pids {
+            let r = tokio::task::spawn_blocking(move || fence_postmaster(pid, grace))
+                .await
+                .map_err(|e| SupervisorError::Guard(format!("fence task failed: {e}")))?;
+            if r.was_running {
+                report.postmaster_pid = r.postmaster_pid;
+                report.was_running = true;
+            }
+            report.escalated_to_sigkill |= r.escalated_to_sigkill;
+            report.verified_gone &= r.verified_gone;
+        }
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        self.release_guard().await;
+        Ok(report)
+    }
+
+    /// The live postmaster pid, from the guard or the lock file.
+    pub(crate) fn live_postmaster(&self) -> Option<i32> {
+        if let Some(pid) = self.guard.as_ref().map(|g| g.postmaster_pid()) {
+            if is_alive(pid) {
+                return Some(pid);
+            }
+        }
+        self.data.postmaster_state().pid()
+    }
+
+    /// Node settings and `pg_hba.conf`; clones and rewinds copy the
+    /// source's, so these are rewritten before every start.
+    pub(crate) fn write_node_files_in(&self, dir: &crate::data_dir::DataDir) -> Result<()> {
+        dir.write_file(crate::conf_files::NODE_CONF, &render_node_conf(&self.cfg), &self.user)?;
+        dir.write_file("pg_hba.conf", &render_hba(&self.cfg), &self.user)?;
+        if !dir.path().join(REPLICATION_CONF).exists() {
+            dir.write_file(
+                REPLICATION_CONF,
+                &crate::conf_files::render_no_replication_conf(),
+                &self.user,
+            )?;
+        }
+        dir.ensure_includes(&self.user)
+    }
+
+    fn write_node_files(&self) -> Result<()> {
+        self.write_node_files_in(&self.data)
+    }
+
+    fn check_port_free(&self) -> Result<()> {
+        let target = self.local_target();
+        match std::net::TcpListener::bind((target.host.as_str(), target.port)) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(SupervisorError::PortInUse {
+                host: target.host,
+                port: target.port,
+            }),
+            // Other bind problems are PostgreSQL's to report, with detail.
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits briefly for the guard to notice its postmaster is gone.
+    async fn release_guard(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            g.wait_exit(GUARD_EXIT_WAIT).await;
+        }
+    }
+}
+
+/// Log text written since `offset`, last lines only.
+fn log_tail(path: &std::path::Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.seek(SeekFrom::Start(offset));
+        let _ = f.read_to_string(&mut text);
+    }
+    tail(&text, 12)
+}

@@ -1,0 +1,340 @@
+//! Role changes: promote, follow a new primary, rejoin as a replica.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::slots::ensure_slot_at;
+use super::{Instance, StopMode};
+use crate::conf_files::{render_no_replication_conf, render_replication_conf, REPLICATION_CONF};
+use crate::config::Upstream;
+use crate::conninfo::{slot_name_for, superuser_conninfo};
+use crate::data_dir::DataDirContents;
+use crate::error::{Result, SupervisorError};
+use crate::lease::Lease;
+use crate::observation::Role;
+use crate::pg_command::PgTool;
+use crate::probe::probe_sql;
+use crate::session::connect;
+
+const POLL: Duration = Duration::from_millis(20);
+const REJOIN_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Result of a promotion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteReport {
+    /// Timeline before promotion.
+    pub previous_timeline: Option<u32>,
+    /// The new timeline.
+    pub timeline: u32,
+    /// From the call until `pg_is_in_recovery()` returned false.
+    pub elapsed_ms: u64,
+}
+
+/// Result of following a new upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowReport {
+    /// Timeline received from the new upstream.
+    pub timeline: Option<u32>,
+    /// From the call until the WAL receiver streamed from the upstream.
+    pub elapsed_ms: u64,
+}
+
+/// How a former primary became a replica again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejoinMethod {
+    /// `pg_rewind` succeeded.
+    Rewound,
+    /// Rewind failed; the data directory was replaced by a fresh clone.
+    Recloned,
+}
+
+/// Result of `rejoin_as_replica`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinReport {
+    /// Rewound or re-cloned.
+    pub method: RejoinMethod,
+    /// Why rewinding did not work, when re-cloned.
+    pub rewind_error: Option<String>,
+    /// Time spent in `pg_rewind` (successful or not).
+    pub rewind_ms: u64,
+    /// Whole operation, until streaming from the upstream.
+    pub elapsed_ms: u64,
+}
+
+impl Instance {
+    /// Promotes this replica: `pg_promote(wait => true)`, then confirms
+    /// `pg_is_in_recovery() = false` and reports the new timeline. Refuses
+    /// unless the guard holds a bounded lease (S4: no writable server
+    /// without a lease).
+    pub async fn promote(&mut self) -> Result<PromoteReport> {
+        let started = Instant::now();
+        match self.guard.as_ref().map(|g| g.lease()) {
+            Some(Lease::Until(_)) if !self.guard_lease_expired() => {}
+            _ => {
+                return Err(SupervisorError::WrongRole(
+                    "promote needs PostgreSQL running under a guard with an unexpired lease; \
+                     feed_lease(Lease::Until(..)) first"
+                        .into(),
+                ))
+            }
+        }
+        let t = self.cfg.timeouts.clone();
+        let before = probe_sql(&self.local_target(), &self.cfg.superuser, t.connect, t.statement)
+            .await?;
+        if before.role != Role::Replica {
+            return Err(SupervisorError::WrongRole("already a primary".into()));
+        }
+        // pg_promote needs statement_timeout = 0 on its session.
+        let s = connect(&self.local_target(), &self.cfg.superuser, t.connect, None).await?;
+        let wait_secs = t.promote.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let rows = s
+            .query(
+                "pg_promote",
+                "SELECT pg_promote(true, $1)",
+                &[&wait_secs],
+                t.promote + Duration::from_secs(5),
+            )
+            .await?;
+        let promoted: bool = rows.first().and_then(|r| r.try_get(0).ok()).unwrap_or(false);
+        if !promoted {
+            return Err(SupervisorError::PromoteFailed(format!(
+                "pg_promote did not finish within {wait_secs}s"
+            )));
+        }
+        let deadline = Instant::now() + t.promote;
+        let after = loop {
+            let f = probe_sql(&self.local_target(), &self.cfg.superuser, t.connect, t.statement)
+                .await?;
+            if f.role == Role::Primary {
+                break f;
+            }
+            if Instant::now() >= deadline {
+                return Err(SupervisorError::PromoteFailed(
+                    "still in recovery after pg_promote".into(),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        // A later restart must not try to stream from the old primary.
+        self.data
+            .write_file(REPLICATION_CONF, &render_no_replication_conf(), &self.user)?;
+        Ok(PromoteReport {
+            previous_timeline: before.timeline,
+            timeline: after.timeline.unwrap_or(0),
+            elapsed_ms,
+        })
+    }
+
+    /// Re-points this replica at `upstream` (PostgreSQL 13+ applies a new
+    /// `primary_conninfo` on reload) and waits until the WAL receiver
+    /// streams from it. Starts the server as a replica if it is stopped.
+    pub async fn follow(&mut self, upstream: &Upstream) -> Result<FollowReport> {
+        let started = Instant::now();
+        if !self.data.has_standby_signal() {
+            return Err(SupervisorError::WrongRole(
+                "follow() needs a replica (standby.signal); use rejoin_as_replica for a former \
+                 primary"
+                    .into(),
+            ));
+        }
+        let slot = slot_name_for(&self.cfg.member_name);
+        ensure_slot_at(upstream, &self.cfg.superuser, self.cfg.timeouts.connect, &slot).await?;
+        self.data.write_file(
+            REPLICATION_CONF,
+            &render_replication_conf(&self.cfg, upstream),
+            &self.user,
+        )?;
+        if self.live_postmaster().is_some() {
+            self.reload()?;
+        } else {
+            self.start(Lease::NotRequired).await?;
+        }
+        let timeline = self.wait_streaming_from(upstream).await?;
+        Ok(FollowReport {
+            timeline,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Turns a former primary into a replica of `upstream`: stop it,
+    /// `pg_rewind` against the upstream, then follow. If rewinding fails,
+    /// re-clone into a sibling directory and swap it in atomically once
+    /// complete, so the node always has a data directory. Refuses (touching
+    /// nothing) if the data directory belongs to another cluster.
+    pub async fn rejoin_as_replica(&mut self, upstream: &Upstream) -> Result<RejoinReport> {
+        let started = Instant::now();
+        let upstream_sysid = self.upstream_system_identifier(upstream).await?;
+        if let Some(expected) = self.cfg.expected_system_identifier {
+            if expected != upstream_sysid {
+                return Err(SupervisorError::SystemIdentifierMismatch {
+                    path: self.cfg.data_dir.clone(),
+                    expected,
+                    found: upstream_sysid,
+                });
+            }
+        }
+        let has_cluster = self.data.contents()? == DataDirContents::Cluster;
+        if has_cluster {
+            // A damaged control file is a case for re-cloning; a readable one
+            // of another cluster is an operator mistake we must not erase.
+            if let Ok(local) = self.system_identifier().await {
+                if local != upstream_sysid {
+                    return Err(SupervisorError::SystemIdentifierMismatch {
+                        path: self.cfg.data_dir.clone(),
+                        expected: upstream_sysid,
+                        found: local,
+                    });
+                }
+            }
+        }
+        self.stop_or_fence().await?;
+        let mut rewind_error = None;
+        let mut rewind_ms = 0;
+        if has_cluster {
+            let t = Instant::now();
+            let outcome = self.rewind_and_follow(upstream).await;
+            rewind_ms = t.elapsed().as_millis() as u64;
+            match outcome {
+                Ok(()) => {
+                    return Ok(RejoinReport {
+                        method: RejoinMethod::Rewound,
+                        rewind_error: None,
+                        rewind_ms,
+                        elapsed_ms: started.elapsed().as_millis() as u64,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rewind failed; re-cloning from {}:{}", upstream.host, upstream.port);
+                    rewind_error = Some(e.to_string());
+                    self.stop_or_fence().await?;
+                }
+            }
+        }
+        self.reclone(upstream).await?;
+        self.start(Lease::NotRequired).await?;
+        self.wait_streaming_from(upstream).await?;
+        Ok(RejoinReport {
+            method: RejoinMethod::Recloned,
+            rewind_error,
+            rewind_ms,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    async fn rewind_and_follow(&mut self, upstream: &Upstream) -> Result<()> {
+        PgTool::new(&self.bins, &self.user, "pg_rewind")
+            .arg(format!("--target-pgdata={}", self.data.path().display()))
+            .arg(format!(
+                "--source-server={}",
+                superuser_conninfo(upstream, &self.cfg.superuser)
+            ))
+            .env("PGPASSWORD", self.cfg.superuser.password.clone())
+            .run()
+            .await?;
+        let slot = slot_name_for(&self.cfg.member_name);
+        ensure_slot_at(upstream, &self.cfg.superuser, self.cfg.timeouts.connect, &slot).await?;
+        self.make_replica_files(&self.data.clone(), upstream)?;
+        self.start(Lease::NotRequired).await?;
+        self.wait_streaming_from(upstream).await?;
+        Ok(())
+    }
+
+    /// Fresh clone next to the data directory, exchanged in atomically.
+    async fn reclone(&mut self, upstream: &Upstream) -> Result<()> {
+        let staging = crate::data_dir::DataDir::new(self.data.sibling(".pgq-reclone"));
+        if staging.path().exists() {
+            // Only ever our own leftover from an interrupted re-clone.
+            std::fs::remove_dir_all(staging.path()).map_err(|e| {
+                SupervisorError::io(format!("remove {}", staging.path().display()), e)
+            })?;
+        }
+        staging.prepare_empty(&self.user)?;
+        if let Err(e) = self.basebackup_into(&staging, upstream).await {
+            let _ = std::fs::remove_dir_all(staging.path());
+            return Err(e);
+        }
+        if self.data.contents()? == DataDirContents::Missing {
+            std::fs::rename(staging.path(), self.data.path()).map_err(|e| {
+                SupervisorError::io(format!("rename into {}", self.data.path().display()), e)
+            })?;
+            return Ok(());
+        }
+        self.data.exchange_with(staging.path())?;
+        // `staging` now holds the old, diverged data directory.
+        std::fs::remove_dir_all(staging.path())
+            .map_err(|e| SupervisorError::io(format!("remove {}", staging.path().display()), e))
+    }
+
+    async fn stop_or_fence(&mut self) -> Result<()> {
+        if self.live_postmaster().is_none() {
+            self.guard = None;
+            return Ok(());
+        }
+        if self.stop(StopMode::Fast, REJOIN_STOP_TIMEOUT).await.is_err() {
+            let r = self.fence().await?;
+            if !r.verified_gone {
+                return Err(SupervisorError::Timeout {
+                    what: "fencing before rejoin".into(),
+                    after: REJOIN_STOP_TIMEOUT,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_system_identifier(&self, upstream: &Upstream) -> Result<u64> {
+        let t = &self.cfg.timeouts;
+        let f = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement).await?;
+        Ok(f.system_identifier)
+    }
+
+    /// Waits until the WAL receiver streams from `upstream`; returns the
+    /// received timeline.
+    async fn wait_streaming_from(&self, upstream: &Upstream) -> Result<Option<u32>> {
+        let t = self.cfg.timeouts.clone();
+        let deadline = Instant::now() + t.follow;
+        loop {
+            let last;
+            match probe_sql(&self.local_target(), &self.cfg.superuser, t.connect, t.statement).await
+            {
+                Ok(f) => {
+                    if let Some(w) = &f.wal_receiver {
+                        if w.status == "streaming"
+                            && w.sender_host.as_deref() == Some(upstream.host.as_str())
+                            && w.sender_port == Some(upstream.port)
+                        {
+                            return Ok(w.received_tli.or(f.timeline));
+                        }
+                        last = format!(
+                            "WAL receiver {} from {:?}:{:?}",
+                            w.status, w.sender_host, w.sender_port
+                        );
+                    } else {
+                        last = format!("{:?} without WAL receiver", f.role);
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(SupervisorError::Timeout {
+                    what: format!(
+                        "streaming from {}:{} (last: {last})",
+                        upstream.host, upstream.port
+                    ),
+                    after: t.follow,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn guard_lease_expired(&self) -> bool {
+        match &self.guard {
+            Some(g) => g.lease().is_expired(),
+            None => true,
+        }
+    }
+}

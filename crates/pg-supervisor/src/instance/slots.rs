@@ -1,0 +1,84 @@
+//! Physical replication slots: one per member, on whichever server it
+//! streams from (slots are not replicated, so a new primary needs them made).
+
+use std::time::Duration;
+
+use super::Instance;
+use crate::config::{Credentials, Upstream};
+use crate::error::{Result, SupervisorError};
+use crate::session::connect;
+
+const SLOT_SQL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Instance {
+    /// Creates physical slot `name` on this (primary) server if missing.
+    pub async fn ensure_replication_slot(&self, name: &str) -> Result<()> {
+        ensure_slot_at(&self.local_target(), &self.cfg.superuser, self.cfg.timeouts.connect, name)
+            .await
+    }
+
+    /// Drops slot `name` on this server if it exists.
+    pub async fn drop_replication_slot(&self, name: &str) -> Result<()> {
+        let s = connect(
+            &self.local_target(),
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            Some(SLOT_SQL_TIMEOUT),
+        )
+        .await?;
+        s.query(
+            "drop replication slot",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&name],
+            SLOT_SQL_TIMEOUT,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Names of the replication slots on this server.
+    pub async fn replication_slots(&self) -> Result<Vec<String>> {
+        let s = connect(
+            &self.local_target(),
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            Some(SLOT_SQL_TIMEOUT),
+        )
+        .await?;
+        let rows = s
+            .query(
+                "list replication slots",
+                "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+                &[],
+                SLOT_SQL_TIMEOUT,
+            )
+            .await?;
+        Ok(rows.iter().filter_map(|r| r.try_get(0).ok()).collect())
+    }
+}
+
+/// Creates physical slot `name` on `upstream` if missing, reserving WAL now.
+pub(crate) async fn ensure_slot_at(
+    upstream: &Upstream,
+    superuser: &Credentials,
+    connect_timeout: Duration,
+    name: &str,
+) -> Result<()> {
+    let s = connect(upstream, superuser, connect_timeout, Some(SLOT_SQL_TIMEOUT)).await?;
+    let r = s
+        .query(
+            "create replication slot",
+            "SELECT pg_create_physical_replication_slot($1, true) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&name],
+            SLOT_SQL_TIMEOUT,
+        )
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        // Lost a race with another creator: the slot exists, which is the goal.
+        Err(SupervisorError::Sql { message, .. }) if message.starts_with("42710") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
