@@ -13,7 +13,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 .members
                 .iter()
                 .map(|m| {
-                    let tags = m.tags.clone().unwrap_or_default();
+                    let tags = m.tags.unwrap_or_default();
                     json!({
                         "id": m.id,
                         "name": m.name,
