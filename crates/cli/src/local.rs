@@ -42,21 +42,21 @@ pub enum LocalCmd {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Layout {
+pub(crate) struct Layout {
     cluster_name: String,
-    nodes: Vec<LocalNode>,
+    pub(crate) nodes: Vec<LocalNode>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
-struct LocalNode {
-    id: u64,
-    name: String,
-    api_addr: String,
-    dir: PathBuf,
+pub(crate) struct LocalNode {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) api_addr: String,
+    pub(crate) dir: PathBuf,
 }
 
 impl Layout {
-    fn endpoints(&self) -> Vec<String> {
+    pub(crate) fn endpoints(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.api_addr.clone()).collect()
     }
 
@@ -117,17 +117,35 @@ fn node_config(cluster: &str, node: &LocalNode, all: &[LocalNode]) -> String {
     s
 }
 
-fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // Reap it if it is our own exited child (the bench starts sidecars itself); a zombie still
+    // answers kill(pid, 0).
+    // SAFETY: waitpid with WNOHANG on a pid; fails harmlessly if it is not our child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
     // SAFETY: kill with signal 0 only checks whether the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    state != Some("Z")
 }
 
-fn read_pid(node_dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(node_dir.join("sidecar.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+impl LocalNode {
+    /// The pid of this member's running sidecar, if it runs.
+    pub(crate) fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("sidecar.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| pid_alive(*p))
+    }
 }
 
 fn start_node(node: &LocalNode) -> Result<i32> {
@@ -154,54 +172,69 @@ fn start_node(node: &LocalNode) -> Result<i32> {
     Ok(pid)
 }
 
-async fn up(count: u32, dir: &Path) -> Result<()> {
-    let layout = if dir.join("cluster.json").exists() {
-        Layout::load(dir)?
-    } else {
-        if !(1..=9).contains(&count) {
-            bail!("--nodes must be between 1 and 9 (3, 5 or 7 tolerate failures)");
-        }
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let dir = dir
-            .canonicalize()
-            .with_context(|| format!("cannot resolve {}", dir.display()))?;
-        let mut nodes = Vec::new();
-        for id in 1..=u64::from(count) {
-            nodes.push(LocalNode {
-                id,
-                name: format!("n{id}"),
-                api_addr: format!("127.0.0.1:{}", free_port()?),
-                dir: dir.join(format!("n{id}")),
-            });
-        }
-        let layout = Layout {
-            cluster_name: "local".into(),
-            nodes,
-        };
-        for n in &layout.nodes {
-            std::fs::create_dir_all(&n.dir)?;
-            std::fs::write(
-                n.dir.join("node.toml"),
-                node_config(&layout.cluster_name, n, &layout.nodes),
-            )?;
-        }
-        std::fs::write(
-            dir.join("cluster.json"),
-            serde_json::to_string_pretty(&layout)?,
-        )?;
-        layout
+/// Loads the layout in `dir`, or creates a new cluster of `count` members there.
+pub(crate) fn load_or_create(count: u32, dir: &Path) -> Result<Layout> {
+    if dir.join("cluster.json").exists() {
+        return Layout::load(dir);
+    }
+    if !(1..=9).contains(&count) {
+        bail!("--nodes must be between 1 and 9 (3, 5 or 7 tolerate failures)");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let mut nodes = Vec::new();
+    for id in 1..=u64::from(count) {
+        nodes.push(LocalNode {
+            id,
+            name: format!("n{id}"),
+            api_addr: format!("127.0.0.1:{}", free_port()?),
+            dir: dir.join(format!("n{id}")),
+        });
+    }
+    let layout = Layout {
+        cluster_name: "local".into(),
+        nodes,
     };
     for n in &layout.nodes {
-        match read_pid(&n.dir) {
-            Some(pid) if pid_alive(pid) => println!("{} already running (pid {pid})", n.name),
-            _ => {
+        std::fs::create_dir_all(&n.dir)?;
+        std::fs::write(
+            n.dir.join("node.toml"),
+            node_config(&layout.cluster_name, n, &layout.nodes),
+        )?;
+    }
+    std::fs::write(
+        dir.join("cluster.json"),
+        serde_json::to_string_pretty(&layout)?,
+    )?;
+    Ok(layout)
+}
+
+/// Starts every member whose process is not running; `quiet` suppresses the progress lines.
+pub(crate) fn start_missing(layout: &Layout, quiet: bool) -> Result<()> {
+    for n in &layout.nodes {
+        match n.pid() {
+            Some(pid) => {
+                if !quiet {
+                    println!("{} already running (pid {pid})", n.name)
+                }
+            }
+            None => {
                 let pid = start_node(n)?;
-                println!("started {} (pid {pid}), API {}", n.name, n.api_addr);
+                if !quiet {
+                    println!("started {} (pid {pid}), API {}", n.name, n.api_addr);
+                }
             }
         }
     }
+    Ok(())
+}
+
+/// Waits until the cluster has a leader and every member registered; returns the topology.
+pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<proto::Topology> {
     let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(2));
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + timeout;
     loop {
         let topo = client
             .call(|mut c| async move {
@@ -210,29 +243,42 @@ async fn up(count: u32, dir: &Path) -> Result<()> {
             })
             .await;
         match topo {
-            Ok(t) if t.leader_id != 0 && t.members.iter().all(|m| m.registered) => {
-                print!("{}", output::topology(&t, Output::Table));
-                println!(
-                    "\nexport PGQUORUM_ENDPOINTS={}\nlogs: {}/n*/sidecar.log",
-                    layout.endpoints().join(","),
-                    dir.display()
-                );
-                return Ok(());
+            Ok(t)
+                if t.leader_id != 0
+                    && t.members
+                        .iter()
+                        .all(|m| m.registered && m.raft_role != "unreachable") =>
+            {
+                return Ok(t)
             }
             _ if Instant::now() > deadline => bail!(
-                "the cluster did not elect a leader within 30 s; see {}/n*/sidecar.log",
-                dir.display()
+                "the cluster was not ready (leader elected, all members up) within {} s; see \
+                 the sidecar.log of each member",
+                timeout.as_secs()
             ),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
 
-fn down(dir: &Path) -> Result<()> {
+async fn up(count: u32, dir: &Path) -> Result<()> {
+    let layout = load_or_create(count, dir)?;
+    start_missing(&layout, false)?;
+    let topo = wait_ready(&layout, Duration::from_secs(30)).await?;
+    print!("{}", output::topology(&topo, Output::Table));
+    println!(
+        "\nexport PGQUORUM_ENDPOINTS={}\nlogs: {}/n*/sidecar.log",
+        layout.endpoints().join(","),
+        dir.display()
+    );
+    Ok(())
+}
+
+pub(crate) fn down(dir: &Path) -> Result<()> {
     let layout = Layout::load(dir)?;
     let mut running = Vec::new();
     for n in &layout.nodes {
-        if let Some(pid) = read_pid(&n.dir).filter(|p| pid_alive(*p)) {
+        if let Some(pid) = n.pid() {
             // SAFETY: sending SIGTERM to a pid this launcher started.
             unsafe { libc::kill(pid, libc::SIGTERM) };
             running.push((n.name.clone(), pid));

@@ -1,5 +1,6 @@
 //! `pgquorum`: runs a sidecar (`pgquorum node`) and gives operators their verbs.
 
+mod bench;
 mod local;
 mod output;
 
@@ -45,6 +46,9 @@ enum Command {
     /// Run a cluster of sidecars on this machine, for trying pgquorum and for tests.
     #[command(subcommand)]
     Local(local::LocalCmd),
+    /// Measure this machine: print figures, change nothing outside a temp dir.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 /// How to reach the cluster.
@@ -184,6 +188,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Local(cmd) => {
             init_logging("warn");
             local::run(cmd).await
+        }
+        Command::Bench(cmd) => {
+            init_logging("warn");
+            bench::run(cmd).await
         }
     }
 }

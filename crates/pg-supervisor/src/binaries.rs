@@ -60,12 +60,8 @@ impl PgBinaries {
             searched.push(format!("pg_config --bindir, {DEBIAN_ROOT}/<major>/bin"));
         }
         Err(SupervisorError::BinariesMissing {
-            missing: best_missing.unwrap_or_else(|| {
-                REQUIRED_EXECUTABLES
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect()
-            }),
+            missing: best_missing
+                .unwrap_or_else(|| REQUIRED_EXECUTABLES.iter().map(|s| s.to_string()).collect()),
             searched: searched.join(", "),
         })
     }

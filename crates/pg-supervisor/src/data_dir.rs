@@ -159,6 +159,18 @@ impl DataDir {
         }
     }
 
+    /// Major version from `PG_VERSION`.
+    pub fn major_version(&self) -> Result<u32> {
+        let path = self.path.join("PG_VERSION");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| SupervisorError::io(format!("read {}", path.display()), e))?;
+        let major = text.trim().split('.').next().unwrap_or("");
+        major.parse().map_err(|_| SupervisorError::Parse {
+            what: path.display().to_string(),
+            detail: format!("unexpected content {:?}", text.trim()),
+        })
+    }
+
     /// True if `standby.signal` exists.
     pub fn has_standby_signal(&self) -> bool {
         self.path.join("standby.signal").exists()
@@ -247,7 +259,10 @@ mod tests {
             d.prepare_empty(&me()),
             Err(SupervisorError::DataDirNotEmpty { .. })
         ));
-        assert_eq!(std::fs::read_to_string(d.path().join("keep.txt")).unwrap(), "x");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("keep.txt")).unwrap(),
+            "x"
+        );
         std::fs::write(d.path().join("PG_VERSION"), "15").unwrap();
         assert_eq!(d.contents().unwrap(), DataDirContents::Cluster);
     }
@@ -274,8 +289,13 @@ mod tests {
         d.ensure_includes(&me()).unwrap();
         d.ensure_includes(&me()).unwrap();
         let text = std::fs::read_to_string(t.path().join("postgresql.conf")).unwrap();
-        assert_eq!(text.matches("include_if_exists = 'pgquorum.conf'").count(), 1);
+        assert_eq!(
+            text.matches("include_if_exists = 'pgquorum.conf'").count(),
+            1
+        );
         assert!(d.postmaster_state() == PostmasterState::NotRunning);
+        std::fs::write(t.path().join("PG_VERSION"), "15\n").unwrap();
+        assert_eq!(d.major_version().unwrap(), 15);
         d.set_standby_signal(true, &me()).unwrap();
         assert!(d.has_standby_signal());
         d.set_standby_signal(false, &me()).unwrap();

@@ -12,6 +12,8 @@
 //! * [`FailureCounter`] turns probe results into a health verdict without
 //!   flapping.
 
+#![warn(missing_docs)]
+
 pub mod binaries;
 pub mod conf_files;
 pub mod config;
@@ -39,11 +41,7 @@ pub use error::{Result, SupervisorError};
 pub use failure_counter::{FailureCounter, Health};
 pub use fence::FenceReport;
 pub use guard::{run_guard, Guard, GuardArgs};
-pub use instance::{
-    FollowReport, Instance, PromoteReport, RejoinMethod, RejoinReport, StopMode,
-};
+pub use instance::{FollowReport, Instance, PromoteReport, RejoinMethod, RejoinReport, StopMode};
 pub use lease::Lease;
-pub use observation::{
-    Lsn, Observation, PostmasterState, Role, StandbyReplication, WalReceiver,
-};
+pub use observation::{Lsn, Observation, PostmasterState, Role, StandbyReplication, WalReceiver};
 pub use os_user::OsUser;

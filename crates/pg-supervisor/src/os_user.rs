@@ -75,8 +75,8 @@ impl OsUser {
             let entries = std::fs::read_dir(path)
                 .map_err(|e| SupervisorError::io(format!("read {}", path.display()), e))?;
             for entry in entries {
-                let entry =
-                    entry.map_err(|e| SupervisorError::io(format!("read {}", path.display()), e))?;
+                let entry = entry
+                    .map_err(|e| SupervisorError::io(format!("read {}", path.display()), e))?;
                 self.chown_tree(&entry.path())?;
             }
         }
@@ -99,12 +99,7 @@ fn lookup_by_uid(uid: u32) -> Result<Option<OsUser>> {
     })
 }
 
-type PwLookup<'a> = dyn Fn(
-    *mut libc::passwd,
-    *mut libc::c_char,
-    libc::size_t,
-    *mut *mut libc::passwd,
-) -> libc::c_int
+type PwLookup<'a> = dyn Fn(*mut libc::passwd, *mut libc::c_char, libc::size_t, *mut *mut libc::passwd) -> libc::c_int
     + 'a;
 
 fn lookup(call: &PwLookup<'_>) -> Result<Option<OsUser>> {

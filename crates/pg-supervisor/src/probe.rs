@@ -86,7 +86,9 @@ pub async fn probe_sql(
         facts.system_identifier = sysid.unwrap_or(0) as u64;
     }
     if facts.role == Role::Replica {
-        let rows = s.query("probe wal receiver", RECEIVER_SQL, &[], limit).await?;
+        let rows = s
+            .query("probe wal receiver", RECEIVER_SQL, &[], limit)
+            .await?;
         facts.wal_receiver = rows.first().map(|r| WalReceiver {
             status: r.try_get(0).unwrap_or_default(),
             sender_host: r.try_get(1).ok().flatten(),

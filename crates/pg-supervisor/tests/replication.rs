@@ -80,7 +80,7 @@ async fn replicate_promote_follow_and_rewind() {
 
     let rejoin = a.rejoin_as_replica(&b_up).await.unwrap();
     eprintln!(
-        "FIGURE rewind_ms={} (pg_rewind incl. its crash recovery, restart, streaming: {} ms)",
+        "FIGURE rewind_ms={} (pg_rewind incl. its crash recovery; whole rejoin until streaming: {} ms)",
         rejoin.rewind_ms, rejoin.elapsed_ms
     );
     assert_eq!(rejoin.method, RejoinMethod::Rewound, "{rejoin:?}");
@@ -92,7 +92,15 @@ async fn replicate_promote_follow_and_rewind() {
     let lost = sql(&a_up, "SELECT count(*) FROM t WHERE v = 'lost'")
         .await
         .unwrap();
-    assert_eq!(lost[0].get::<_, i64>(0), 0, "diverged row must be rewound away");
+    assert_eq!(
+        lost[0].get::<_, i64>(0),
+        0,
+        "diverged row must be rewound away"
+    );
+    assert!(
+        a.replication_slots().await.unwrap().is_empty(),
+        "stale slots kept"
+    );
 
     for n in [&mut a, &mut b, &mut c] {
         assert!(n.fence().await.unwrap().verified_gone);

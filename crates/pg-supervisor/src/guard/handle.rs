@@ -114,6 +114,11 @@ impl Guard {
         self.lease
     }
 
+    /// The guard's own pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The postmaster the guard started.
     pub fn postmaster_pid(&self) -> i32 {
         self.postmaster_pid

@@ -1,7 +1,7 @@
 //! The guard's own process: `run_guard` is its whole life.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -10,8 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::{
-    EXIT_FENCED_LEASE_EXPIRED, EXIT_FENCED_SIDECAR_GONE, EXIT_POSTMASTER_EXITED,
-    EXIT_START_FAILED,
+    EXIT_FENCED_LEASE_EXPIRED, EXIT_FENCED_SIDECAR_GONE, EXIT_POSTMASTER_EXITED, EXIT_START_FAILED,
 };
 use crate::fence::fence_postmaster;
 use crate::lease::Lease;
@@ -85,7 +84,8 @@ impl GuardArgs {
                     fence_grace = Duration::from_millis(ms);
                 }
                 "--lease" => {
-                    lease = Some(Lease::decode(value).ok_or_else(|| format!("bad --lease {value}"))?)
+                    lease =
+                        Some(Lease::decode(value).ok_or_else(|| format!("bad --lease {value}"))?)
                 }
                 other => return Err(format!("unknown argument {other}")),
             }
@@ -178,7 +178,8 @@ fn spawn_postmaster(args: &GuardArgs, log: &File) -> Result<i32, String> {
             }
             // The guard may have died before prctl took effect.
             if libc::getppid() != guard_pid {
-                return Err(std::io::Error::other("guard died during spawn"));
+                // No allocation between fork and exec.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
@@ -193,12 +194,14 @@ enum Wake {
 }
 
 fn watch(pid: i32, mut lease: Lease, grace: Duration, log: &mut File) -> i32 {
-    let stdin = std::io::stdin();
-    let fd = stdin.as_raw_fd();
+    let fd = std::io::stdin().as_raw_fd();
     let mut pending = String::new();
     loop {
         if let Some(code) = reap(pid) {
-            say(log, &format!("postmaster {pid} exited ({code}); guard exits"));
+            say(
+                log,
+                &format!("postmaster {pid} exited ({code}); guard exits"),
+            );
             return EXIT_POSTMASTER_EXITED;
         }
         if lease.is_expired() {
@@ -237,12 +240,22 @@ fn read_leases(fd: i32, wait: Duration, pending: &mut String, lease: &mut Lease)
     if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) == 0 {
         return Wake::Continue;
     }
+    // A raw read: std's buffered stdin could hold lines back from poll().
     let mut buf = [0u8; 4096];
-    let got = match std::io::stdin().lock().read(&mut buf) {
-        Ok(0) => return Wake::SidecarGone,
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Wake::Continue,
-        Err(_) => return Wake::SidecarGone,
+    // SAFETY: buf is valid for writes of buf.len() bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let got = match n {
+        0 => return Wake::SidecarGone,
+        n if n > 0 => n as usize,
+        _ => {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => {
+                    Wake::Continue
+                }
+                _ => Wake::SidecarGone,
+            };
+        }
     };
     pending.push_str(&String::from_utf8_lossy(&buf[..got]));
     while let Some(pos) = pending.find('\n') {

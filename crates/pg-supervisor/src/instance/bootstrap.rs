@@ -72,7 +72,13 @@ impl Instance {
     /// files that make it this member's replica.
     pub(crate) async fn basebackup_into(&self, dir: &DataDir, upstream: &Upstream) -> Result<()> {
         let slot = slot_name_for(&self.cfg.member_name);
-        ensure_slot_at(upstream, &self.cfg.superuser, self.cfg.timeouts.connect, &slot).await?;
+        ensure_slot_at(
+            upstream,
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            &slot,
+        )
+        .await?;
         PgTool::new(&self.bins, &self.user, "pg_basebackup")
             .arg("-D")
             .arg(dir.path())

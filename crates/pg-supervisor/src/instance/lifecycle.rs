@@ -77,6 +77,7 @@ impl Instance {
             fence_grace: self.cfg.timeouts.fence_grace,
             lease,
         };
+        tracing::info!(member = %self.cfg.member_name, lease = %lease.encode(), "starting PostgreSQL under a guard");
         let guard = Guard::launch(&self.cfg.guard, &args).await?;
         let pid = guard.postmaster_pid();
         self.guard = Some(guard);
@@ -92,8 +93,7 @@ impl Instance {
                 )));
             }
             if let Some(pf) = self.data.pid_file() {
-                if pf.pid == pid && matches!(pf.status, Some(PmStatus::Ready | PmStatus::Standby))
-                {
+                if pf.pid == pid && matches!(pf.status, Some(PmStatus::Ready | PmStatus::Standby)) {
                     return Ok(());
                 }
             }
@@ -115,6 +115,7 @@ impl Instance {
             self.guard = None;
             return Ok(());
         };
+        tracing::info!(member = %self.cfg.member_name, pid, ?mode, "stopping PostgreSQL");
         signal(pid, mode.signal());
         let deadline = Instant::now() + timeout;
         while is_alive(pid) {
@@ -163,7 +164,12 @@ impl Instance {
     /// `timeouts.fence_grace`. Reports how long it took.
     pub async fn fence(&mut self) -> Result<FenceReport> {
         let started = Instant::now();
-        let mut pids: Vec<i32> = self.guard.as_ref().map(|g| g.postmaster_pid()).into_iter().collect();
+        let mut pids: Vec<i32> = self
+            .guard
+            .as_ref()
+            .map(|g| g.postmaster_pid())
+            .into_iter()
+            .collect();
         if let PostmasterState::Running { pid, .. } = self.data.postmaster_state() {
             if !pids.contains(&pid) {
                 pids.push(pid);
@@ -189,6 +195,7 @@ impl Instance {
             report.verified_gone &= r.verified_gone;
         }
         report.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::warn!(member = %self.cfg.member_name, ?report, "fenced PostgreSQL");
         self.release_guard().await;
         Ok(report)
     }
@@ -206,7 +213,11 @@ impl Instance {
     /// Node settings and `pg_hba.conf`; clones and rewinds copy the
     /// source's, so these are rewritten before every start.
     pub(crate) fn write_node_files_in(&self, dir: &crate::data_dir::DataDir) -> Result<()> {
-        dir.write_file(crate::conf_files::NODE_CONF, &render_node_conf(&self.cfg), &self.user)?;
+        dir.write_file(
+            crate::conf_files::NODE_CONF,
+            &render_node_conf(&self.cfg),
+            &self.user,
+        )?;
         dir.write_file("pg_hba.conf", &render_hba(&self.cfg), &self.user)?;
         if !dir.path().join(REPLICATION_CONF).exists() {
             dir.write_file(
@@ -225,10 +236,12 @@ impl Instance {
     fn check_port_free(&self) -> Result<()> {
         let target = self.local_target();
         match std::net::TcpListener::bind((target.host.as_str(), target.port)) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(SupervisorError::PortInUse {
-                host: target.host,
-                port: target.port,
-            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                Err(SupervisorError::PortInUse {
+                    host: target.host,
+                    port: target.port,
+                })
+            }
             // Other bind problems are PostgreSQL's to report, with detail.
             _ => Ok(()),
         }

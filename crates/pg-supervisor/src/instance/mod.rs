@@ -22,8 +22,12 @@ use crate::probe::probe_sql;
 pub use lifecycle::StopMode;
 pub use roles::{FollowReport, PromoteReport, RejoinMethod, RejoinReport};
 
-/// One member's PostgreSQL. Not `Sync`-shared by design: the sidecar owns
-/// it and serialises operations on it.
+/// One member's PostgreSQL. The sidecar owns it and serialises operations
+/// on it (methods that change state take `&mut self`).
+///
+/// Dropping an `Instance` whose server runs under its guard fences the
+/// server (the guard sees its stdin close): PostgreSQL never outlives the
+/// handle that supervises it.
 #[derive(Debug)]
 pub struct Instance {
     cfg: InstanceConfig,
@@ -174,13 +178,7 @@ impl Instance {
     /// Where the sidecar reaches its own server: wildcard listen addresses
     /// are not connectable.
     pub(crate) fn local_target(&self) -> Upstream {
-        let first = self
-            .cfg
-            .listen_host
-            .split(',')
-            .next()
-            .unwrap_or("")
-            .trim();
+        let first = self.cfg.listen_host.split(',').next().unwrap_or("").trim();
         let host = match first {
             "" | "*" | "0.0.0.0" => "127.0.0.1",
             "::" => "::1",

@@ -57,7 +57,8 @@ pub struct RejoinReport {
     pub method: RejoinMethod,
     /// Why rewinding did not work, when re-cloned.
     pub rewind_error: Option<String>,
-    /// Time spent in `pg_rewind` (successful or not).
+    /// Time spent in `pg_rewind` itself, including the crash recovery it
+    /// runs on an uncleanly stopped target (successful or not).
     pub rewind_ms: u64,
     /// Whole operation, until streaming from the upstream.
     pub elapsed_ms: u64,
@@ -81,14 +82,20 @@ impl Instance {
             }
         }
         let t = self.cfg.timeouts.clone();
-        let before = probe_sql(&self.local_target(), &self.cfg.superuser, t.connect, t.statement)
-            .await?;
+        let before = probe_sql(
+            &self.local_target(),
+            &self.cfg.superuser,
+            t.connect,
+            t.statement,
+        )
+        .await?;
         if before.role != Role::Replica {
             return Err(SupervisorError::WrongRole("already a primary".into()));
         }
         // pg_promote needs statement_timeout = 0 on its session.
         let s = connect(&self.local_target(), &self.cfg.superuser, t.connect, None).await?;
         let wait_secs = t.promote.as_secs().clamp(1, i32::MAX as u64) as i32;
+        tracing::info!(member = %self.cfg.member_name, "promoting");
         let rows = s
             .query(
                 "pg_promote",
@@ -97,7 +104,10 @@ impl Instance {
                 t.promote + Duration::from_secs(5),
             )
             .await?;
-        let promoted: bool = rows.first().and_then(|r| r.try_get(0).ok()).unwrap_or(false);
+        let promoted: bool = rows
+            .first()
+            .and_then(|r| r.try_get(0).ok())
+            .unwrap_or(false);
         if !promoted {
             return Err(SupervisorError::PromoteFailed(format!(
                 "pg_promote did not finish within {wait_secs}s"
@@ -105,8 +115,13 @@ impl Instance {
         }
         let deadline = Instant::now() + t.promote;
         let after = loop {
-            let f = probe_sql(&self.local_target(), &self.cfg.superuser, t.connect, t.statement)
-                .await?;
+            let f = probe_sql(
+                &self.local_target(),
+                &self.cfg.superuser,
+                t.connect,
+                t.statement,
+            )
+            .await?;
             if f.role == Role::Primary {
                 break f;
             }
@@ -141,14 +156,25 @@ impl Instance {
             ));
         }
         let slot = slot_name_for(&self.cfg.member_name);
-        ensure_slot_at(upstream, &self.cfg.superuser, self.cfg.timeouts.connect, &slot).await?;
+        ensure_slot_at(
+            upstream,
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            &slot,
+        )
+        .await?;
         self.data.write_file(
             REPLICATION_CONF,
             &render_replication_conf(&self.cfg, upstream),
             &self.user,
         )?;
         if self.live_postmaster().is_some() {
-            self.reload()?;
+            if self.data.major_version()? >= 13 {
+                self.reload()?;
+            } else {
+                // Before PostgreSQL 13 primary_conninfo needs a restart.
+                self.restart().await?;
+            }
         } else {
             self.start(Lease::NotRequired).await?;
         }
@@ -194,9 +220,7 @@ impl Instance {
         let mut rewind_error = None;
         let mut rewind_ms = 0;
         if has_cluster {
-            let t = Instant::now();
-            let outcome = self.rewind_and_follow(upstream).await;
-            rewind_ms = t.elapsed().as_millis() as u64;
+            let outcome = self.rewind_and_follow(upstream, &mut rewind_ms).await;
             match outcome {
                 Ok(()) => {
                     return Ok(RejoinReport {
@@ -213,6 +237,7 @@ impl Instance {
                 }
             }
         }
+        tracing::info!(member = %self.cfg.member_name, "re-cloning from {}:{}", upstream.host, upstream.port);
         self.reclone(upstream).await?;
         self.start(Lease::NotRequired).await?;
         self.wait_streaming_from(upstream).await?;
@@ -224,8 +249,9 @@ impl Instance {
         })
     }
 
-    async fn rewind_and_follow(&mut self, upstream: &Upstream) -> Result<()> {
-        PgTool::new(&self.bins, &self.user, "pg_rewind")
+    async fn rewind_and_follow(&mut self, upstream: &Upstream, rewind_ms: &mut u64) -> Result<()> {
+        let t = Instant::now();
+        let rewound = PgTool::new(&self.bins, &self.user, "pg_rewind")
             .arg(format!("--target-pgdata={}", self.data.path().display()))
             .arg(format!(
                 "--source-server={}",
@@ -233,12 +259,25 @@ impl Instance {
             ))
             .env("PGPASSWORD", self.cfg.superuser.password.clone())
             .run()
-            .await?;
+            .await;
+        *rewind_ms = t.elapsed().as_millis() as u64;
+        rewound?;
         let slot = slot_name_for(&self.cfg.member_name);
-        ensure_slot_at(upstream, &self.cfg.superuser, self.cfg.timeouts.connect, &slot).await?;
+        ensure_slot_at(
+            upstream,
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            &slot,
+        )
+        .await?;
         self.make_replica_files(&self.data.clone(), upstream)?;
         self.start(Lease::NotRequired).await?;
         self.wait_streaming_from(upstream).await?;
+        // pg_rewind keeps the target's own pg_replslot: slots from its time
+        // as primary would pin WAL on this replica forever.
+        if let Err(e) = self.drop_inactive_slots().await {
+            tracing::warn!(error = %e, "could not drop stale replication slots after rewind");
+        }
         Ok(())
     }
 
@@ -273,7 +312,11 @@ impl Instance {
             self.guard = None;
             return Ok(());
         }
-        if self.stop(StopMode::Fast, REJOIN_STOP_TIMEOUT).await.is_err() {
+        if self
+            .stop(StopMode::Fast, REJOIN_STOP_TIMEOUT)
+            .await
+            .is_err()
+        {
             let r = self.fence().await?;
             if !r.verified_gone {
                 return Err(SupervisorError::Timeout {
@@ -298,7 +341,13 @@ impl Instance {
         let deadline = Instant::now() + t.follow;
         loop {
             let last;
-            match probe_sql(&self.local_target(), &self.cfg.superuser, t.connect, t.statement).await
+            match probe_sql(
+                &self.local_target(),
+                &self.cfg.superuser,
+                t.connect,
+                t.statement,
+            )
+            .await
             {
                 Ok(f) => {
                     if let Some(w) = &f.wal_receiver {

@@ -13,8 +13,13 @@ const SLOT_SQL_TIMEOUT: Duration = Duration::from_secs(10);
 impl Instance {
     /// Creates physical slot `name` on this (primary) server if missing.
     pub async fn ensure_replication_slot(&self, name: &str) -> Result<()> {
-        ensure_slot_at(&self.local_target(), &self.cfg.superuser, self.cfg.timeouts.connect, name)
-            .await
+        ensure_slot_at(
+            &self.local_target(),
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            name,
+        )
+        .await
     }
 
     /// Drops slot `name` on this server if it exists.
@@ -31,6 +36,27 @@ impl Instance {
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
              WHERE slot_name = $1",
             &[&name],
+            SLOT_SQL_TIMEOUT,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Drops every inactive slot on this server: on a replica they are
+    /// leftovers from its time as primary.
+    pub async fn drop_inactive_slots(&self) -> Result<()> {
+        let s = connect(
+            &self.local_target(),
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            Some(SLOT_SQL_TIMEOUT),
+        )
+        .await?;
+        s.query(
+            "drop inactive replication slots",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE NOT active",
+            &[],
             SLOT_SQL_TIMEOUT,
         )
         .await?;

@@ -35,10 +35,15 @@ pub fn require_postgres() -> PgBinaries {
 /// A temp dir the postgres OS user can use.
 pub fn test_dir() -> TempDir {
     require_postgres();
-    let dir = tempfile::Builder::new()
+    let mut dir = tempfile::Builder::new()
         .prefix("pgq-test-")
         .tempdir()
         .unwrap();
+    // For post-mortems of server logs: PGQ_KEEP_TEST_DIRS=1.
+    if std::env::var_os("PGQ_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
     let user = OsUser::resolve(None).unwrap();
     user.chown(dir.path()).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -126,7 +131,10 @@ where
 {
     let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

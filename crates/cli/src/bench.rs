@@ -1,0 +1,224 @@
+//! `pgquorum bench raft`: measures the Raft group on this machine with real sidecar processes
+//! and prints figures (election after a leader's kill -9, commit latency, idle memory and CPU).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use raft_node::proto::{self, cluster_client::ClusterClient};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::local::{self, Layout};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Election time after kill -9 of the leader, SetConfig commit latency, sidecar RSS and
+    /// idle CPU, on a fresh local 3-member group.
+    Raft {
+        /// Leader kills to time.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Sequential commits to time.
+        #[arg(long, default_value_t = 1000)]
+        commits: u32,
+        /// Working directory (default: a new directory under the system temp dir, removed after).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+pub async fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Raft { runs, commits, dir } => {
+            let (dir, remove) = match dir {
+                Some(d) => (d, false),
+                None => (
+                    std::env::temp_dir().join(format!("pgquorum-bench-{}", std::process::id())),
+                    true,
+                ),
+            };
+            if dir.join("cluster.json").exists() {
+                bail!(
+                    "{} already holds a cluster; give an empty --dir",
+                    dir.display()
+                );
+            }
+            let layout = local::load_or_create(3, &dir)?;
+            local::start_missing(&layout, true)?;
+            let result = bench_raft(&layout, runs, commits).await;
+            let _ = local::down(&dir);
+            if remove {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            result
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<ClusterClient<Channel>> {
+    let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(ClusterClient::new(ch))
+}
+
+async fn status(addr: &str) -> Option<proto::NodeStatus> {
+    let mut c = connect(addr).await.ok()?;
+    c.get_node_status(proto::GetNodeStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// The leader every member in `addrs` agrees on.
+async fn agreed_leader(addrs: &[&str]) -> Option<u64> {
+    let mut leader = None;
+    for a in addrs {
+        let s = status(a).await?;
+        if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+            return None;
+        }
+        leader = Some(s.leader_id);
+    }
+    leader
+}
+
+async fn set_config(c: &mut ClusterClient<Channel>, value: u64) -> Result<(), tonic::Status> {
+    let changes = HashMap::from([("maximum_lag_on_failover".to_string(), value.to_string())]);
+    c.set_config(proto::SetConfigRequest { changes })
+        .await
+        .map(|_| ())
+}
+
+fn summary(mut ms: Vec<f64>) -> String {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "min {:.1} · median {:.1} · p99 {:.1} · max {:.1} ms (n={})",
+        ms[0],
+        pick(0.5),
+        pick(0.99),
+        ms[ms.len() - 1],
+        ms.len()
+    )
+}
+
+fn rss_kib(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
+    local::wait_ready(layout, Duration::from_secs(30)).await?;
+    let by_id: HashMap<u64, &local::LocalNode> = layout.nodes.iter().map(|n| (n.id, n)).collect();
+    let all: Vec<&str> = layout.nodes.iter().map(|n| n.api_addr.as_str()).collect();
+
+    // Commit latency: one connection to the leader, sequential SetConfig entries.
+    let leader = agreed_leader(&all).await.context("no leader")?;
+    let mut c = connect(&by_id[&leader].api_addr).await?;
+    let mut lat = Vec::with_capacity(commits as usize);
+    for i in 0..commits {
+        let t = Instant::now();
+        set_config(&mut c, 2_000_000 + u64::from(i)).await?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    println!(
+        "commit latency of one SetConfig (loopback, 3 members, fsync per append): {}",
+        summary(lat)
+    );
+
+    // Idle footprint of each sidecar.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pids: Vec<i32> = layout.nodes.iter().filter_map(|n| n.pid()).collect();
+    let ticks0: Vec<u64> = pids.iter().filter_map(|p| cpu_ticks(*p)).collect();
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let ticks1: Vec<u64> = pids.iter().filter_map(|p| cpu_ticks(*p)).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for (i, pid) in pids.iter().enumerate() {
+        let cpu = match (ticks0.get(i), ticks1.get(i)) {
+            (Some(a), Some(b)) => (b - a) as f64 / hz / window.as_secs_f64() * 100.0,
+            _ => f64::NAN,
+        };
+        println!(
+            "sidecar pid {pid}: RSS {:.1} MiB, idle CPU {cpu:.2} % (over {} s)",
+            rss_kib(*pid).unwrap_or(0) as f64 / 1024.0,
+            window.as_secs()
+        );
+    }
+
+    // Election after kill -9 of the leader, then the first successful write.
+    let mut elect = Vec::new();
+    let mut write = Vec::new();
+    for run in 1..=runs {
+        local::wait_ready(layout, Duration::from_secs(30)).await?;
+        let old = agreed_leader(&all)
+            .await
+            .context("no leader before the kill")?;
+        let pid = by_id[&old].pid().context("leader not running")?;
+        let t0 = Instant::now();
+        // SAFETY: killing a sidecar this bench started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let rest: Vec<&str> = layout
+            .nodes
+            .iter()
+            .filter(|n| n.id != old)
+            .map(|n| n.api_addr.as_str())
+            .collect();
+        let new = loop {
+            if let Some(l) = agreed_leader(&rest).await.filter(|l| *l != old) {
+                break l;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("run {run}: no new leader within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let e = t0.elapsed();
+        let mut c = connect(&by_id[&new].api_addr).await?;
+        while set_config(&mut c, 3_000_000 + u64::from(run))
+            .await
+            .is_err()
+        {
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("run {run}: no write within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let w = t0.elapsed();
+        println!(
+            "run {run}: killed leader {old}; node {new} leads after {} ms, first write after {} ms",
+            e.as_millis(),
+            w.as_millis()
+        );
+        elect.push(e.as_secs_f64() * 1000.0);
+        write.push(w.as_secs_f64() * 1000.0);
+        local::start_missing(layout, true)?;
+    }
+    if !elect.is_empty() {
+        println!("new leader after kill -9 of the leader: {}", summary(elect));
+        println!(
+            "first committed write after kill -9 of the leader: {}",
+            summary(write)
+        );
+    }
+    Ok(())
+}

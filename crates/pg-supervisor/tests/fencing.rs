@@ -1,0 +1,168 @@
+//! Fencing, the guard (S4) and bounded probes, against real PostgreSQL.
+
+mod harness;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::*;
+use pg_supervisor::os_process::{is_alive, is_frozen};
+use pg_supervisor::{Instance, PostmasterState};
+
+/// A fenced primary refuses every connection; the fence is timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_stops_a_running_primary() {
+    let dir = test_dir();
+    let mut p = started_primary(dir.path(), "a").await;
+    let up = p.as_upstream();
+    // A busy session must not survive the fence either.
+    let busy = tokio::spawn({
+        let up = up.clone();
+        async move { sql(&up, "SELECT pg_sleep(60)").await }
+    });
+    wait_until("busy backend", Duration::from_secs(5), || async {
+        sql(
+            &up,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'",
+        )
+        .await
+        .map(|r| r[0].get::<_, i64>(0) >= 1)
+        .unwrap_or(false)
+    })
+    .await;
+    let pid = p.status().pid().unwrap();
+    let report = p.fence().await.unwrap();
+    eprintln!(
+        "FIGURE fence_ms={} (sigkill escalation: {})",
+        report.elapsed_ms, report.escalated_to_sigkill
+    );
+    assert!(report.was_running && report.verified_gone, "{report:?}");
+    assert!(!is_alive(pid));
+    assert!(!connects(&up).await);
+    assert!(busy.await.unwrap().is_err());
+    assert!(!p.status().is_running());
+    // Fencing twice is harmless.
+    assert!(!p.fence().await.unwrap().was_running);
+}
+
+/// A SIGSTOPped postmaster accepts TCP but never answers: the probe still
+/// returns "unhealthy" within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_of_a_frozen_postmaster_is_bounded() {
+    let dir = test_dir();
+    let mut p = started_primary(dir.path(), "a").await;
+    assert!(p.observe().await.is_healthy());
+    let pid = p.status().pid().unwrap();
+    assert!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0);
+    // kill() returns before the target is actually stopped.
+    wait_until("postmaster stopped", Duration::from_secs(5), || async {
+        is_frozen(pid)
+    })
+    .await;
+    let started = Instant::now();
+    let obs = p.observe().await;
+    let took = started.elapsed();
+    eprintln!("FIGURE frozen_probe_ms={}", took.as_millis());
+    assert!(!obs.is_healthy(), "{obs:?}");
+    assert_eq!(
+        obs.postmaster,
+        PostmasterState::Running { pid, frozen: true }
+    );
+    assert!(obs.probe_error.is_some());
+    let limit = p.config().timeouts.probe;
+    assert!(
+        took < limit + Duration::from_millis(500),
+        "probe took {took:?}"
+    );
+    // fence() kills a frozen postmaster outright.
+    let report = p.fence().await.unwrap();
+    assert!(
+        report.verified_gone && report.escalated_to_sigkill,
+        "{report:?}"
+    );
+}
+
+/// Initialises a cluster whose credentials match `pgq-test-supervisor`.
+async fn cluster_for_supervisor(dir: &std::path::Path) -> Instance {
+    let mut cfg = config(dir, "s");
+    cfg.replication.password = "replicator".into();
+    let inst = Instance::new(cfg).unwrap();
+    inst.init_primary().await.unwrap();
+    inst
+}
+
+/// Starts `pgq-test-supervisor` on `inst` with `lease_ms`; returns it and
+/// the postmaster pid.
+fn spawn_supervisor(inst: &Instance, lease_ms: u64) -> (std::process::Child, i32) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgq-test-supervisor"))
+        .arg(&inst.config().data_dir)
+        .arg(inst.config().port.to_string())
+        .arg(guard_program())
+        .arg(lease_ms.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid: i32 = line
+        .trim()
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("supervisor said {line:?}"))
+        .parse()
+        .unwrap();
+    (child, pid)
+}
+
+/// Waits until the postmaster is gone and returns how long that took.
+async fn wait_gone(pid: i32, up: &pg_supervisor::Upstream, bound: Duration) -> Duration {
+    let started = Instant::now();
+    wait_until("postmaster gone", bound, || async { !is_alive(pid) }).await;
+    let took = started.elapsed();
+    assert!(!connects(up).await);
+    took
+}
+
+/// SIGKILL of the supervising process: its guard sees stdin EOF and
+/// fences PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dies_with_a_killed_supervisor() {
+    let dir = test_dir();
+    let inst = cluster_for_supervisor(dir.path()).await;
+    let up = inst.as_upstream();
+    let (mut sup, pid) = spawn_supervisor(&inst, 1000);
+    assert!(connects(&up).await);
+    // Outlive several lease periods: renewal works.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(is_alive(pid));
+    sup.kill().unwrap();
+    sup.wait().unwrap();
+    let took = wait_gone(pid, &up, Duration::from_secs(3)).await;
+    eprintln!(
+        "FIGURE supervisor_sigkill_to_postgres_gone_ms={}",
+        took.as_millis()
+    );
+}
+
+/// SIGSTOP of the supervising process (it stays stopped): the lease
+/// expires and the guard fences PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dies_with_a_frozen_supervisor() {
+    let dir = test_dir();
+    let inst = cluster_for_supervisor(dir.path()).await;
+    let up = inst.as_upstream();
+    let lease_ms = 1000;
+    let (mut sup, pid) = spawn_supervisor(&inst, lease_ms);
+    assert!(connects(&up).await);
+    assert!(unsafe { libc::kill(sup.id() as i32, libc::SIGSTOP) } == 0);
+    let took = wait_gone(pid, &up, Duration::from_millis(lease_ms + 2000)).await;
+    eprintln!(
+        "FIGURE supervisor_sigstop_to_postgres_gone_ms={} (lease {lease_ms} ms)",
+        took.as_millis()
+    );
+    assert!(is_alive(sup.id() as i32), "supervisor stays stopped");
+    sup.kill().unwrap();
+    sup.wait().unwrap();
+}
