@@ -243,11 +243,14 @@ pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<pro
             })
             .await;
         match topo {
+            // A restarted member briefly believes in its old term's leadership until a peer
+            // answers: ready means one leader and every member in its term.
             Ok(t)
                 if t.leader_id != 0
-                    && t.members
-                        .iter()
-                        .all(|m| m.registered && m.raft_role != "unreachable") =>
+                    && t.members.iter().all(|m| {
+                        m.registered && m.term == t.term && m.raft_role != "unreachable"
+                    })
+                    && t.members.iter().filter(|m| m.raft_role == "leader").count() == 1 =>
             {
                 return Ok(t)
             }

@@ -319,6 +319,13 @@ addr = "127.0.0.1:7002"
     }
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let text = include_str!("../../../deploy/node.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.initial_members.len(), 3);
+    }
+
+    #[test]
     fn good_config_parses_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.raft.heartbeat_ms, 150);
