@@ -49,6 +49,13 @@ enum Command {
     /// Measure this machine: print figures, change nothing outside a temp dir.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// The guard process that owns a postmaster and fences it when its lease runs out (S4);
+    /// started by the sidecar, not by people.
+    #[command(hide = true)]
+    Guard {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// How to reach the cluster.
@@ -137,6 +144,10 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if let Command::Guard { args } = &cli.command {
+        // No async runtime: the guard stays a small, plain process.
+        return ExitCode::from(u8::try_from(pg_supervisor::run_guard(args)).unwrap_or(1));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -193,6 +204,7 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             bench::run(cmd).await
         }
+        Command::Guard { .. } => bail!("the guard runs before the async runtime starts"),
     }
 }
 

@@ -250,9 +250,7 @@ fn read_leases(fd: i32, wait: Duration, pending: &mut String, lease: &mut Lease)
         _ => {
             let e = std::io::Error::last_os_error();
             return match e.kind() {
-                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => {
-                    Wake::Continue
-                }
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => Wake::Continue,
                 _ => Wake::SidecarGone,
             };
         }

@@ -250,6 +250,7 @@ impl Instance {
     }
 
     async fn rewind_and_follow(&mut self, upstream: &Upstream, rewind_ms: &mut u64) -> Result<()> {
+        self.ensure_checkpointed_timeline(upstream).await?;
         let t = Instant::now();
         let rewound = PgTool::new(&self.bins, &self.user, "pg_rewind")
             .arg(format!("--target-pgdata={}", self.data.path().display()))
@@ -328,6 +329,35 @@ impl Instance {
         Ok(())
     }
 
+    /// pg_rewind reads the source's timeline from its control file, which a
+    /// fresh promotion updates only at the next checkpoint; until then it
+    /// wrongly concludes "no rewind required". Checkpoint if that is so.
+    async fn ensure_checkpointed_timeline(&self, upstream: &Upstream) -> Result<()> {
+        let t = &self.cfg.timeouts;
+        let s = connect(upstream, &self.cfg.superuser, t.connect, None).await?;
+        let rows = s
+            .query(
+                "check upstream checkpoint timeline",
+                "SELECT CASE WHEN pg_is_in_recovery() THEN false ELSE \
+                   (SELECT timeline_id FROM pg_control_checkpoint()) < \
+                   ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int \
+                 END",
+                &[],
+                t.statement,
+            )
+            .await?;
+        let stale: bool = rows
+            .first()
+            .and_then(|r| r.try_get(0).ok())
+            .unwrap_or(false);
+        if stale {
+            tracing::info!("checkpointing the new primary so pg_rewind sees its timeline");
+            s.execute("CHECKPOINT on upstream", "CHECKPOINT", t.promote)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn upstream_system_identifier(&self, upstream: &Upstream) -> Result<u64> {
         let t = &self.cfg.timeouts;
         let f = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement).await?;
@@ -336,8 +366,15 @@ impl Instance {
 
     /// Waits until the WAL receiver streams from `upstream`; returns the
     /// received timeline.
+    /// Streaming on an older timeline than the upstream's is not following
+    /// it: a server past the fork point streams the old timeline up to the
+    /// fork, then fails, over and over.
     async fn wait_streaming_from(&self, upstream: &Upstream) -> Result<Option<u32>> {
         let t = self.cfg.timeouts.clone();
+        let upstream_tli = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement)
+            .await?
+            .timeline
+            .unwrap_or(0);
         let deadline = Instant::now() + t.follow;
         loop {
             let last;
@@ -354,12 +391,13 @@ impl Instance {
                         if w.status == "streaming"
                             && w.sender_host.as_deref() == Some(upstream.host.as_str())
                             && w.sender_port == Some(upstream.port)
+                            && w.received_tli.unwrap_or(0) >= upstream_tli
                         {
                             return Ok(w.received_tli.or(f.timeline));
                         }
                         last = format!(
-                            "WAL receiver {} from {:?}:{:?}",
-                            w.status, w.sender_host, w.sender_port
+                            "WAL receiver {} from {:?}:{:?} on timeline {:?} (upstream on {})",
+                            w.status, w.sender_host, w.sender_port, w.received_tli, upstream_tli
                         );
                     } else {
                         last = format!("{:?} without WAL receiver", f.role);

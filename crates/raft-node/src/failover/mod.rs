@@ -1,0 +1,7 @@
+//! Failover decisions, kept pure so they can be unit tested and simulated with a fake clock:
+//! lease arithmetic ([`lease`]), members' reports ([`report`]) and the leader's policy
+//! ([`policy`]).
+
+pub mod lease;
+pub mod policy;
+pub mod report;
