@@ -36,9 +36,8 @@ impl HeldLease {
 
     /// Keeps the later of two leases of the same epoch (a late reply must not shorten it).
     pub fn extend(self, other: HeldLease) -> HeldLease {
-        if other.epoch == self.epoch && other.expires_at > self.expires_at {
-            other
-        } else if other.epoch > self.epoch {
+        let later_same_epoch = other.epoch == self.epoch && other.expires_at > self.expires_at;
+        if later_same_epoch || other.epoch > self.epoch {
             other
         } else {
             self

@@ -293,8 +293,10 @@ mod tests {
 
     impl Fixture {
         fn new() -> Self {
-            let mut cluster = ClusterState::default();
-            cluster.primary = Some(PrimaryAssignment { node: 1, epoch: 1 });
+            let cluster = ClusterState {
+                primary: Some(PrimaryAssignment { node: 1, epoch: 1 }),
+                ..Default::default()
+            };
             let mut reports = ReportBook::new();
             reports.insert(
                 1,
