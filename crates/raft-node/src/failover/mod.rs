@@ -4,4 +4,5 @@
 
 pub mod lease;
 pub mod policy;
+pub mod reconcile;
 pub mod report;

@@ -1,0 +1,332 @@
+//! The sidecar's reconcile step as one transition table: (what my Postgres is, what the committed
+//! state assigns me) -> the action that brings the first to the second. Each row carries the
+//! reason that is logged with the epoch when it fires. Pure: the caller executes the action.
+
+use serde::{Deserialize, Serialize};
+
+use super::lease::{HeldLease, Millis};
+use super::report::PgState;
+use crate::cluster_state::{Epoch, PrimaryAssignment};
+use crate::dynamic_config::DynamicConfig;
+use crate::types::NodeId;
+
+/// What the sidecar knows about its own Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalView {
+    /// Postgres as last observed.
+    pub pg: PgState,
+    /// For a replica: the member it streams from, when known.
+    pub upstream: Option<NodeId>,
+    /// The last epoch in which this data directory served as primary (persisted by the sidecar,
+    /// cleared once it has rejoined as a replica).
+    pub last_primary_epoch: Option<Epoch>,
+    /// The postmaster died while this sidecar process was watching it (as opposed to being
+    /// found stopped when the sidecar started).
+    pub crashed: bool,
+    /// Consecutive failed probes.
+    pub failures: u32,
+    /// Highest committed epoch this sidecar has acted on.
+    pub epoch_seen: Epoch,
+}
+
+/// What the sidecar does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Nothing to change.
+    Nothing,
+    /// initdb a new cluster and start it as the first primary.
+    InitPrimary,
+    /// pg_basebackup from `from`, then start as its replica.
+    Clone {
+        /// The committed primary.
+        from: NodeId,
+    },
+    /// Start the existing data directory as the primary (under the held lease).
+    StartPrimary,
+    /// Start the existing data directory in recovery, following `upstream` when given.
+    StartReplica {
+        /// Where to stream from.
+        upstream: Option<NodeId>,
+    },
+    /// Promote the running replica.
+    Promote {
+        /// The committed epoch that names this member.
+        epoch: Epoch,
+    },
+    /// Re-point the running replica to `upstream`.
+    Follow {
+        /// The committed primary.
+        upstream: NodeId,
+    },
+    /// A former primary becomes a replica of `upstream`: pg_rewind, or re-clone if that fails.
+    Rejoin {
+        /// The committed primary.
+        upstream: NodeId,
+    },
+    /// Stop Postgres immediately and verify the postmaster is gone.
+    Fence,
+}
+
+/// One fired row of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// What to do.
+    pub action: Action,
+    /// Why, in an operator's words.
+    pub reason: &'static str,
+}
+
+const fn step(action: Action, reason: &'static str) -> Step {
+    Step { action, reason }
+}
+
+/// The role the committed state gives this member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// No primary committed yet.
+    Undecided,
+    /// This member is primary in `epoch`; `lease` says whether it holds a valid lease for it.
+    Primary { epoch: Epoch, lease: bool },
+    /// Another member is primary.
+    Replica { of: NodeId, epoch: Epoch },
+}
+
+/// The transition table. Read it top to bottom: the first matching row fires.
+pub fn plan(
+    me: NodeId,
+    local: &LocalView,
+    assigned: Option<PrimaryAssignment>,
+    lease: Option<HeldLease>,
+    now: Millis,
+    cfg: &DynamicConfig,
+) -> Step {
+    use Action::*;
+    use PgState as Pg;
+    let target = match assigned {
+        None => Target::Undecided,
+        Some(p) if p.node == me => Target::Primary {
+            epoch: p.epoch,
+            lease: lease.is_some_and(|l| l.epoch == p.epoch && l.valid_at(now)),
+        },
+        Some(p) => Target::Replica {
+            of: p.node,
+            epoch: p.epoch,
+        },
+    };
+    let failed = local.failures >= cfg.failure_threshold;
+    let was_primary_in = |epoch: Epoch| local.last_primary_epoch == Some(epoch);
+    let diverged = |epoch: Epoch| local.last_primary_epoch.is_some_and(|e| e < epoch);
+    match (local.pg, target) {
+        // A new member.
+        (Pg::NoData, Target::Undecided) => {
+            step(Nothing, "waiting for the first primary to be chosen")
+        }
+        (Pg::NoData, Target::Primary { lease: true, .. }) => step(
+            InitPrimary,
+            "chosen as the first primary: initialising a new cluster",
+        ),
+        (Pg::NoData, Target::Primary { lease: false, .. }) => {
+            step(Nothing, "chosen as the first primary; waiting for a lease")
+        }
+        (Pg::NoData, Target::Replica { of, .. }) => {
+            step(Clone { from: of }, "new member: cloning from the primary")
+        }
+
+        // Running as primary.
+        (Pg::Primary, Target::Primary { lease: true, .. }) => {
+            step(Nothing, "primary with a valid lease")
+        }
+        (Pg::Primary, Target::Primary { lease: false, .. }) => {
+            step(Fence, "primary lease expired without renewal: fencing")
+        }
+        (Pg::Primary, Target::Replica { .. }) => {
+            step(Fence, "a failover occurred, no longer primary: fencing")
+        }
+        (Pg::Primary, Target::Undecided) => step(Fence, "no committed primary: nothing may write"),
+
+        // Running as replica.
+        (Pg::Replica, Target::Primary { epoch, lease: true }) if epoch >= local.epoch_seen => step(
+            Promote { epoch },
+            "committed primary for a new epoch: promoting",
+        ),
+        (Pg::Replica, Target::Primary { .. }) => step(
+            Nothing,
+            "committed primary; waiting for a lease before promoting",
+        ),
+        (Pg::Replica, Target::Replica { of, epoch }) if diverged(epoch) => step(
+            Rejoin { upstream: of },
+            "former primary running in recovery: rejoining",
+        ),
+        (Pg::Replica, Target::Replica { of, .. }) if local.upstream != Some(of) => {
+            step(Follow { upstream: of }, "following the committed primary")
+        }
+        (Pg::Replica, Target::Replica { .. }) => step(Nothing, "replica of the committed primary"),
+        (Pg::Replica, Target::Undecided) => step(Nothing, "replica; no primary committed yet"),
+
+        // Postgres stopped: found stopped at start, or crashed under our eyes.
+        (Pg::Stopped, Target::Primary { lease: false, .. }) => step(
+            Nothing,
+            "assigned primary; waiting for a lease before starting",
+        ),
+        (Pg::Stopped, Target::Primary { .. }) if local.crashed && failed => step(
+            Fence,
+            "primary's Postgres keeps failing: fencing so another member can take over",
+        ),
+        (Pg::Stopped, Target::Primary { .. }) if local.crashed && !cfg.restart_before_failover => {
+            step(
+                Nothing,
+                "primary's Postgres crashed; reporting it (restart_before_failover is off)",
+            )
+        }
+        (Pg::Stopped, Target::Primary { epoch, .. }) if was_primary_in(epoch) => {
+            step(StartPrimary, "starting the primary under a fresh lease")
+        }
+        (Pg::Stopped, Target::Primary { .. }) => step(
+            StartReplica { upstream: None },
+            "starting in recovery before promotion",
+        ),
+        (Pg::Stopped, Target::Replica { of, epoch }) if diverged(epoch) => step(
+            Rejoin { upstream: of },
+            "former primary comes back: rejoining as a replica",
+        ),
+        (Pg::Stopped, Target::Replica { of, .. }) => step(
+            StartReplica { upstream: Some(of) },
+            "starting as a replica of the committed primary",
+        ),
+        (Pg::Stopped, Target::Undecided) => step(Nothing, "stopped; no primary committed yet"),
+
+        // Fenced: stays down until the committed state says what to be.
+        (Pg::Fenced, Target::Primary { epoch, lease: true })
+            if was_primary_in(epoch) && !failed =>
+        {
+            step(
+                StartPrimary,
+                "lease regained for the same epoch: restarting the primary",
+            )
+        }
+        (Pg::Fenced, Target::Primary { .. }) => {
+            step(Nothing, "fenced; waiting for a new assignment")
+        }
+        (Pg::Fenced, Target::Replica { of, .. }) => step(
+            Rejoin { upstream: of },
+            "fenced former primary: rejoining as a replica",
+        ),
+        (Pg::Fenced, Target::Undecided) => step(Nothing, "fenced; no primary committed"),
+
+        // Running but not answering.
+        (Pg::Unresponsive, Target::Primary { .. }) if failed => {
+            step(Fence, "primary's Postgres does not answer: fencing")
+        }
+        (Pg::Unresponsive, _) => step(Nothing, "Postgres does not answer; reporting it"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(pg: PgState) -> LocalView {
+        LocalView {
+            pg,
+            upstream: None,
+            last_primary_epoch: None,
+            crashed: false,
+            failures: 0,
+            epoch_seen: 1,
+        }
+    }
+
+    fn primary(node: NodeId, epoch: Epoch) -> Option<PrimaryAssignment> {
+        Some(PrimaryAssignment { node, epoch })
+    }
+
+    fn lease(epoch: Epoch) -> Option<HeldLease> {
+        Some(HeldLease {
+            epoch,
+            expires_at: 10_000,
+        })
+    }
+
+    fn run(local: LocalView, assigned: Option<PrimaryAssignment>, l: Option<HeldLease>) -> Action {
+        plan(1, &local, assigned, l, 5_000, &DynamicConfig::default()).action
+    }
+
+    #[test]
+    fn promotion_only_by_commit_with_a_lease() {
+        let r = view(PgState::Replica);
+        assert_eq!(
+            run(r, primary(1, 2), lease(2)),
+            Action::Promote { epoch: 2 }
+        );
+        assert_eq!(run(r, primary(1, 2), None), Action::Nothing);
+        assert_eq!(run(r, primary(1, 2), lease(1)), Action::Nothing);
+        let expired = Some(HeldLease {
+            epoch: 2,
+            expires_at: 4_000,
+        });
+        assert_eq!(run(r, primary(1, 2), expired), Action::Nothing);
+        assert_eq!(
+            run(r, primary(2, 2), lease(2)),
+            Action::Follow { upstream: 2 }
+        );
+    }
+
+    #[test]
+    fn primary_fences_without_lease_or_when_replaced() {
+        let mut p = view(PgState::Primary);
+        p.last_primary_epoch = Some(1);
+        assert_eq!(run(p, primary(1, 1), lease(1)), Action::Nothing);
+        assert_eq!(run(p, primary(1, 1), None), Action::Fence);
+        assert_eq!(run(p, primary(2, 2), lease(1)), Action::Fence);
+    }
+
+    #[test]
+    fn former_primary_rejoins() {
+        let mut f = view(PgState::Fenced);
+        f.last_primary_epoch = Some(1);
+        assert_eq!(run(f, primary(2, 2), None), Action::Rejoin { upstream: 2 });
+        let mut s = view(PgState::Stopped);
+        s.last_primary_epoch = Some(1);
+        assert_eq!(run(s, primary(2, 2), None), Action::Rejoin { upstream: 2 });
+        s.last_primary_epoch = None;
+        assert_eq!(
+            run(s, primary(2, 2), None),
+            Action::StartReplica { upstream: Some(2) }
+        );
+    }
+
+    #[test]
+    fn fenced_at_birth_until_a_lease_arrives() {
+        let mut s = view(PgState::Stopped);
+        s.last_primary_epoch = Some(3);
+        assert_eq!(run(s, primary(1, 3), None), Action::Nothing);
+        assert_eq!(run(s, primary(1, 3), lease(3)), Action::StartPrimary);
+    }
+
+    #[test]
+    fn crashed_primary_follows_restart_before_failover() {
+        let mut s = view(PgState::Stopped);
+        s.last_primary_epoch = Some(1);
+        s.crashed = true;
+        s.failures = 1;
+        assert_eq!(run(s, primary(1, 1), lease(1)), Action::Nothing);
+        s.failures = 3;
+        assert_eq!(run(s, primary(1, 1), lease(1)), Action::Fence);
+        let cfg = DynamicConfig {
+            restart_before_failover: true,
+            ..Default::default()
+        };
+        s.failures = 1;
+        let step = plan(1, &s, primary(1, 1), lease(1), 5_000, &cfg);
+        assert_eq!(step.action, Action::StartPrimary);
+    }
+
+    #[test]
+    fn new_members_initialise_or_clone() {
+        let n = view(PgState::NoData);
+        assert_eq!(run(n, None, None), Action::Nothing);
+        assert_eq!(run(n, primary(1, 1), lease(1)), Action::InitPrimary);
+        assert_eq!(run(n, primary(1, 1), None), Action::Nothing);
+        assert_eq!(run(n, primary(2, 1), None), Action::Clone { from: 2 });
+    }
+}
