@@ -18,6 +18,8 @@ pub struct GrantRecord {
     pub epoch: Epoch,
     /// Grantor's clock when the renewal request arrived.
     pub received_at: Millis,
+    /// Holder's clock when it sent the granted report ([`MemberReport::sent_at`]).
+    pub report_sent_at: Millis,
 }
 
 /// Everything the policy looks at.
@@ -75,8 +77,9 @@ impl PolicyInput<'_> {
 }
 
 /// Whether the leader may renew the lease of `from` now. It may when `from` is the committed
-/// primary, its Postgres has not failed, and the leader's quorum contact is fresh (an isolated
-/// leader that still believes in itself must not keep a primary alive).
+/// primary, its Postgres has not failed (or failed with no other member able to take over), and
+/// the leader's quorum contact is fresh (an isolated leader that still believes in itself must
+/// not keep a primary alive). `input.reports` must already hold `from`'s report.
 pub fn may_grant_lease(
     input: &PolicyInput<'_>,
     from: &MemberReport,
@@ -89,9 +92,11 @@ pub fn may_grant_lease(
     if quorum_ack_age_ms.is_none_or(|age| age > input.quorum_ack_max_ms) {
         return None;
     }
-    if from.consecutive_failures >= input.cluster.config.failure_threshold
-        || from.pg == PgState::Fenced
-    {
+    let failed = from.consecutive_failures >= input.cluster.config.failure_threshold
+        || from.pg == PgState::Fenced;
+    // A failed primary gets no renewal while another member could take over; when none can, it
+    // is better restarted in place than left without any primary.
+    if failed && !matches!(decide(input), Verdict::NoCandidate { .. }) {
         return None;
     }
     Some(primary.epoch)
@@ -121,21 +126,30 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             reason: format!("{why}, but automatic failover is paused"),
         };
     }
-    // A fresh report of a verified fence proves the old primary cannot write: no lease wait.
+    let office_wait_until = input
+        .leader_since
+        .saturating_add(new_leader_wait(cfg, input.quorum_ack_max_ms));
+    if input.now < office_wait_until {
+        return Verdict::Wait {
+            reason: format!(
+                "{why}; a new Raft leader waits {} ms more for leases its predecessor may have \
+                 granted",
+                office_wait_until - input.now
+            ),
+        };
+    }
+    // A fenced sidecar holds no lease and takes no grant for a report sent before its latest
+    // fenced report. So a fenced report *sent* after the report behind this leader's last grant
+    // proves the old primary cannot write: no lease wait. (Receipt order proves nothing: the
+    // network reorders.)
+    let fenced_after_last_grant = match (primary_report, input.last_grant) {
+        (Some(r), _) if r.pg != PgState::Fenced => false,
+        (Some(r), Some(g)) if g.node == primary.node => r.sent_at > g.report_sent_at,
+        (Some(_), _) => true,
+        (None, _) => false,
+    };
     let fenced = primary_report.is_some_and(|r| r.pg == PgState::Fenced);
-    if !fenced {
-        let office_wait_until = input
-            .leader_since
-            .saturating_add(new_leader_wait(cfg, input.quorum_ack_max_ms));
-        if input.now < office_wait_until {
-            return Verdict::Wait {
-                reason: format!(
-                    "{why}; a new Raft leader waits {} ms more for leases its predecessor may \
-                     have granted",
-                    office_wait_until - input.now
-                ),
-            };
-        }
+    if !fenced_after_last_grant {
         if let Some(g) = input.last_grant.filter(|g| g.node == primary.node) {
             let until = grantor_safe_after(g.received_at, cfg);
             if input.now < until {
@@ -282,6 +296,7 @@ mod tests {
             lsn,
             streaming: false,
             epoch_seen: 1,
+            sent_at: 0,
         }
     }
 
@@ -337,6 +352,7 @@ mod tests {
                     node: 1,
                     epoch: 1,
                     received_at: 10_000,
+                    report_sent_at: 0,
                 }),
             }
         }
@@ -378,9 +394,15 @@ mod tests {
     #[test]
     fn failed_postgres_with_fence_report_fails_over_without_lease_wait() {
         let mut f = Fixture::new();
-        let p = &mut f.reports.get_mut(&1).unwrap().report;
-        p.pg = PgState::Fenced;
-        p.consecutive_failures = 3;
+        let p = f.reports.get_mut(&1).unwrap();
+        p.report.pg = PgState::Fenced;
+        p.report.consecutive_failures = 3;
+        // Sent no later than the granted report, even if received later: that grant may have
+        // restarted it.
+        f.reports.get_mut(&1).unwrap().at = 10_050;
+        assert!(matches!(decide(&f.input(10_100)), Verdict::Wait { .. }));
+        // Sent after the granted report: the fence is proof, no lease wait.
+        f.reports.get_mut(&1).unwrap().report.sent_at = 1;
         match decide(&f.input(10_100)) {
             Verdict::Promote { node, .. } => assert_eq!(node, 2),
             v => panic!("{v:?}"),

@@ -63,7 +63,8 @@ pub enum Action {
         /// The committed primary.
         upstream: NodeId,
     },
-    /// Stop Postgres immediately and verify the postmaster is gone.
+    /// Stop Postgres immediately and verify the postmaster is gone. The sidecar drops its lease
+    /// and accepts no grant for a report it sent before the fence.
     Fence,
 }
 
@@ -195,15 +196,17 @@ pub fn plan(
         ),
         (Pg::Stopped, Target::Undecided) => step(Nothing, "stopped; no primary committed yet"),
 
-        // Fenced: stays down until the committed state says what to be.
-        (Pg::Fenced, Target::Primary { epoch, lease: true })
-            if was_primary_in(epoch) && !failed =>
-        {
-            step(
-                StartPrimary,
-                "lease regained for the same epoch: restarting the primary",
-            )
-        }
+        // Fenced: stays down until the committed state says what to be. A fence drops the
+        // lease, so a valid one here was granted after the fence: the leader found no other
+        // member to take over and keeps this one primary.
+        (Pg::Fenced, Target::Primary { epoch, lease: true }) if was_primary_in(epoch) => step(
+            StartPrimary,
+            "lease granted after the fence: restarting the primary in place",
+        ),
+        (Pg::Fenced, Target::Primary { lease: true, .. }) => step(
+            StartReplica { upstream: None },
+            "lease granted after the fence: starting in recovery before promotion",
+        ),
         (Pg::Fenced, Target::Primary { .. }) => {
             step(Nothing, "fenced; waiting for a new assignment")
         }

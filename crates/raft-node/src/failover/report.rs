@@ -15,8 +15,9 @@ pub enum PgState {
     NoData,
     /// Data directory present, postmaster not running (stopped on purpose, or crashed).
     Stopped,
-    /// Postmaster verified gone after a fence, and the sidecar will not start it as a primary
-    /// without a new lease: nothing on this node can write.
+    /// Postmaster verified gone after a fence, the sidecar holds no valid lease, and it accepts
+    /// no grant for a report sent before this one: nothing on this node can write until the
+    /// leader grants a newer report. (Down while holding a lease is `Stopped`.)
     Fenced,
     /// Running and answering as a primary.
     Primary,
@@ -43,6 +44,10 @@ pub struct MemberReport {
     pub streaming: bool,
     /// Highest committed epoch the sidecar has acted on.
     pub epoch_seen: u64,
+    /// Sender's clock when the report left: the start of the lease it asks for. A sidecar whose
+    /// Postgres is fenced accepts no grant for a report sent before its latest fenced report,
+    /// so the leader can order a fence after a grant by these times.
+    pub sent_at: Millis,
 }
 
 impl MemberReport {
