@@ -10,7 +10,8 @@
 //! naming the member in an epoch at least as high as it has seen (S5); and after the faults heal,
 //! a healthy majority has a writable primary again within a bound (liveness).
 //!
-//! `PGQUORUM_SIM_SEEDS=N` sets how many seeds run (default 2000); `PGQUORUM_SIM_SEED=S` replays one.
+//! `PGQUORUM_SIM_SEEDS=N` sets how many seeds run (default 2000) from `PGQUORUM_SIM_SEED_BASE`
+//! (default 0); `PGQUORUM_SIM_SEED=S` replays one.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -923,7 +924,11 @@ fn seeds() -> Vec<u64> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    (0..n).collect()
+    let base: u64 = std::env::var("PGQUORUM_SIM_SEED_BASE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (base..base + n).collect()
 }
 
 #[test]
