@@ -79,15 +79,8 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
         LocalCmd::Up { nodes, dir } => up(nodes, &dir).await,
         LocalCmd::Status { dir, output } => {
             let layout = Layout::load(&dir)?;
-            let topo = ApiClient::new(layout.endpoints())?
-                .with_patience(Duration::from_secs(3))
-                .call(|mut c| async move {
-                    c.get_topology(proto::GetTopologyRequest { local: false })
-                        .await
-                })
-                .await?;
-            print!("{}", output::topology(&topo, output));
-            Ok(())
+            let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(3));
+            crate::print_topology(&client, output).await
         }
         LocalCmd::Down { dir } => down(&dir),
     }

@@ -178,15 +178,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::List { conn, output } => {
             init_logging("warn");
-            let topo = conn
-                .client()?
-                .call(|mut c| async move {
-                    c.get_topology(proto::GetTopologyRequest { local: false })
-                        .await
-                })
-                .await?;
-            print!("{}", output::topology(&topo, output));
-            Ok(())
+            print_topology(&conn.client()?, output).await
         }
         Command::Member(cmd) => {
             init_logging("warn");
@@ -240,6 +232,18 @@ async fn member(cmd: MemberCmd) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Prints the linearizable topology as a table or JSON.
+pub(crate) async fn print_topology(client: &ApiClient, out: Output) -> Result<()> {
+    let topo = client
+        .call(|mut c| async move {
+            c.get_topology(proto::GetTopologyRequest { local: false })
+                .await
+        })
+        .await?;
+    print!("{}", output::topology(&topo, out));
     Ok(())
 }
 

@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::slots::ensure_slot_at;
 use super::Instance;
 use crate::conf_files::{render_bootstrap_sql, render_replication_conf, REPLICATION_CONF};
 use crate::config::Upstream;
@@ -71,14 +70,8 @@ impl Instance {
     /// `pg_basebackup` into `dir` (empty, owned by the OS user), then the
     /// files that make it this member's replica.
     pub(crate) async fn basebackup_into(&self, dir: &DataDir, upstream: &Upstream) -> Result<()> {
+        self.ensure_own_slot_on(upstream).await?;
         let slot = slot_name_for(&self.cfg.member_name);
-        ensure_slot_at(
-            upstream,
-            &self.cfg.superuser,
-            self.cfg.timeouts.connect,
-            &slot,
-        )
-        .await?;
         PgTool::new(&self.bins, &self.user, "pg_basebackup")
             .arg("-D")
             .arg(dir.path())

@@ -4,11 +4,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::slots::ensure_slot_at;
 use super::{Instance, StopMode};
 use crate::conf_files::{render_no_replication_conf, render_replication_conf, REPLICATION_CONF};
 use crate::config::Upstream;
-use crate::conninfo::{slot_name_for, superuser_conninfo};
+use crate::conninfo::superuser_conninfo;
 use crate::data_dir::DataDirContents;
 use crate::error::{Result, SupervisorError};
 use crate::lease::Lease;
@@ -155,14 +154,7 @@ impl Instance {
                     .into(),
             ));
         }
-        let slot = slot_name_for(&self.cfg.member_name);
-        ensure_slot_at(
-            upstream,
-            &self.cfg.superuser,
-            self.cfg.timeouts.connect,
-            &slot,
-        )
-        .await?;
+        self.ensure_own_slot_on(upstream).await?;
         self.data.write_file(
             REPLICATION_CONF,
             &render_replication_conf(&self.cfg, upstream),
@@ -263,14 +255,7 @@ impl Instance {
             .await;
         *rewind_ms = t.elapsed().as_millis() as u64;
         rewound?;
-        let slot = slot_name_for(&self.cfg.member_name);
-        ensure_slot_at(
-            upstream,
-            &self.cfg.superuser,
-            self.cfg.timeouts.connect,
-            &slot,
-        )
-        .await?;
+        self.ensure_own_slot_on(upstream).await?;
         self.make_replica_files(&self.data.clone(), upstream)?;
         self.start(Lease::NotRequired).await?;
         self.wait_streaming_from(upstream).await?;

@@ -11,6 +11,27 @@ use crate::session::connect;
 const SLOT_SQL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Instance {
+    async fn slot_session(&self) -> Result<crate::session::Session> {
+        connect(
+            &self.local_target(),
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            Some(SLOT_SQL_TIMEOUT),
+        )
+        .await
+    }
+
+    /// Creates this member's own slot on `upstream`, the server it is about to stream from.
+    pub(crate) async fn ensure_own_slot_on(&self, upstream: &Upstream) -> Result<()> {
+        ensure_slot_at(
+            upstream,
+            &self.cfg.superuser,
+            self.cfg.timeouts.connect,
+            &crate::conninfo::slot_name_for(&self.cfg.member_name),
+        )
+        .await
+    }
+
     /// Creates physical slot `name` on this (primary) server if missing.
     pub async fn ensure_replication_slot(&self, name: &str) -> Result<()> {
         ensure_slot_at(
@@ -24,13 +45,7 @@ impl Instance {
 
     /// Drops slot `name` on this server if it exists.
     pub async fn drop_replication_slot(&self, name: &str) -> Result<()> {
-        let s = connect(
-            &self.local_target(),
-            &self.cfg.superuser,
-            self.cfg.timeouts.connect,
-            Some(SLOT_SQL_TIMEOUT),
-        )
-        .await?;
+        let s = self.slot_session().await?;
         s.query(
             "drop replication slot",
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -45,13 +60,7 @@ impl Instance {
     /// Drops every inactive slot on this server: on a replica they are
     /// leftovers from its time as primary.
     pub async fn drop_inactive_slots(&self) -> Result<()> {
-        let s = connect(
-            &self.local_target(),
-            &self.cfg.superuser,
-            self.cfg.timeouts.connect,
-            Some(SLOT_SQL_TIMEOUT),
-        )
-        .await?;
+        let s = self.slot_session().await?;
         s.query(
             "drop inactive replication slots",
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -65,13 +74,7 @@ impl Instance {
 
     /// Names of the replication slots on this server.
     pub async fn replication_slots(&self) -> Result<Vec<String>> {
-        let s = connect(
-            &self.local_target(),
-            &self.cfg.superuser,
-            self.cfg.timeouts.connect,
-            Some(SLOT_SQL_TIMEOUT),
-        )
-        .await?;
+        let s = self.slot_session().await?;
         let rows = s
             .query(
                 "list replication slots",
