@@ -45,7 +45,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
                     dir.display()
                 );
             }
-            let layout = local::load_or_create(3, &dir)?;
+            let layout = local::load_or_create(3, &dir, false)?;
             local::start_missing(&layout, true)?;
             let result = bench_raft(&layout, runs, commits).await;
             let _ = local::down(&dir);

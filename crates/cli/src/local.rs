@@ -26,6 +26,9 @@ pub enum LocalCmd {
         /// Directory that holds the cluster; created if missing.
         #[arg(long)]
         dir: PathBuf,
+        /// Only the Raft group: the sidecars manage no Postgres.
+        #[arg(long)]
+        no_postgres: bool,
     },
     /// Show the members of the local cluster.
     Status {
@@ -44,6 +47,9 @@ pub enum LocalCmd {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Layout {
     cluster_name: String,
+    /// Postgres settings shared by every member; absent for a Raft-only cluster.
+    #[serde(default)]
+    postgres: Option<LocalPostgres>,
     pub(crate) nodes: Vec<LocalNode>,
 }
 
@@ -53,6 +59,31 @@ pub(crate) struct LocalNode {
     pub(crate) name: String,
     pub(crate) api_addr: String,
     pub(crate) dir: PathBuf,
+    #[serde(default)]
+    pub(crate) pg_port: u16,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub(crate) struct LocalPostgres {
+    superuser_password: String,
+    replication_password: String,
+}
+
+impl Layout {
+    /// A libpq URL over every member that only connects to the writable one.
+    pub(crate) fn uri(&self) -> Option<String> {
+        let pg = self.postgres.as_ref()?;
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.pg_port))
+            .collect();
+        Some(format!(
+            "postgresql://postgres:{}@{}/postgres?target_session_attrs=read-write&connect_timeout=2",
+            pg.superuser_password,
+            hosts.join(",")
+        ))
+    }
 }
 
 impl Layout {
@@ -76,7 +107,11 @@ impl Layout {
 
 pub async fn run(cmd: LocalCmd) -> Result<()> {
     match cmd {
-        LocalCmd::Up { nodes, dir } => up(nodes, &dir).await,
+        LocalCmd::Up {
+            nodes,
+            dir,
+            no_postgres,
+        } => up(nodes, &dir, !no_postgres).await,
         LocalCmd::Status { dir, output } => {
             let layout = Layout::load(&dir)?;
             let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(3));
@@ -91,23 +126,68 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn node_config(cluster: &str, node: &LocalNode, all: &[LocalNode]) -> String {
+fn node_config(layout: &Layout, node: &LocalNode) -> String {
     let mut s = format!(
         "# Written by `pgquorum local up`.\n\
-         cluster_name = \"{cluster}\"\n\
+         cluster_name = \"{}\"\n\
          node_id = {}\n\
          name = \"{}\"\n\
          data_dir = \"data\"\n\
          listen_addr = \"{}\"\n",
-        node.id, node.name, node.api_addr
+        layout.cluster_name, node.id, node.name, node.api_addr
     );
-    for m in all {
+    s.push_str(&format!(
+        "\n[postgres]\nhost = \"127.0.0.1\"\nport = {}\n",
+        node.pg_port
+    ));
+    if let Some(pg) = &layout.postgres {
+        s.push_str(&format!(
+            "data_dir = \"pgdata\"\nsuperuser_password = \"{}\"\nreplication_password = \"{}\"\n",
+            pg.superuser_password, pg.replication_password
+        ));
+    }
+    for m in &layout.nodes {
         s.push_str(&format!(
             "\n[[initial_members]]\nid = {}\naddr = \"{}\"\n",
             m.id, m.api_addr
         ));
     }
     s
+}
+
+/// A random password for a cluster that only listens on loopback.
+fn random_secret() -> Result<String> {
+    let mut buf = [0u8; 12];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("cannot read /dev/urandom")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// When run as root, Postgres runs as an unprivileged user who must be able to reach `dir`.
+fn check_reachable_by_postgres(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    for ancestor in dir.ancestors() {
+        let Ok(meta) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            bail!(
+                "{} is not searchable by other users, so the unprivileged `postgres` user (Postgres \
+                 refuses to run as root) cannot reach {}; use a directory such as /tmp/pgquorum-demo, \
+                 or `chmod o+x {}`",
+                ancestor.display(),
+                dir.display(),
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn pid_alive(pid: i32) -> bool {
@@ -166,7 +246,7 @@ fn start_node(node: &LocalNode) -> Result<i32> {
 }
 
 /// Loads the layout in `dir`, or creates a new cluster of `count` members there.
-pub(crate) fn load_or_create(count: u32, dir: &Path) -> Result<Layout> {
+pub(crate) fn load_or_create(count: u32, dir: &Path, postgres: bool) -> Result<Layout> {
     if dir.join("cluster.json").exists() {
         return Layout::load(dir);
     }
@@ -177,6 +257,9 @@ pub(crate) fn load_or_create(count: u32, dir: &Path) -> Result<Layout> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    if postgres {
+        check_reachable_by_postgres(&dir)?;
+    }
     let mut nodes = Vec::new();
     for id in 1..=u64::from(count) {
         nodes.push(LocalNode {
@@ -184,18 +267,24 @@ pub(crate) fn load_or_create(count: u32, dir: &Path) -> Result<Layout> {
             name: format!("n{id}"),
             api_addr: format!("127.0.0.1:{}", free_port()?),
             dir: dir.join(format!("n{id}")),
+            pg_port: free_port()?,
         });
     }
     let layout = Layout {
         cluster_name: "local".into(),
+        postgres: if postgres {
+            Some(LocalPostgres {
+                superuser_password: random_secret()?,
+                replication_password: random_secret()?,
+            })
+        } else {
+            None
+        },
         nodes,
     };
     for n in &layout.nodes {
         std::fs::create_dir_all(&n.dir)?;
-        std::fs::write(
-            n.dir.join("node.toml"),
-            node_config(&layout.cluster_name, n, &layout.nodes),
-        )?;
+        std::fs::write(n.dir.join("node.toml"), node_config(&layout, n))?;
     }
     std::fs::write(
         dir.join("cluster.json"),
@@ -224,7 +313,15 @@ pub(crate) fn start_missing(layout: &Layout, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the cluster has a leader and every member registered; returns the topology.
+/// One member runs as primary, every other as a replica.
+fn postgres_ready(t: &proto::Topology) -> bool {
+    let primaries = t.members.iter().filter(|m| m.pg_role == "primary").count();
+    let replicas = t.members.iter().filter(|m| m.pg_role == "replica").count();
+    primaries == 1 && primaries + replicas == t.members.len()
+}
+
+/// Waits until the cluster has a leader and every member registered (and, with Postgres, one
+/// primary and only replicas besides it); returns the topology.
 pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<proto::Topology> {
     let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(2));
     let deadline = Instant::now() + timeout;
@@ -243,7 +340,8 @@ pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<pro
                     && t.members.iter().all(|m| {
                         m.registered && m.term == t.term && m.raft_role != "unreachable"
                     })
-                    && t.members.iter().filter(|m| m.raft_role == "leader").count() == 1 =>
+                    && t.members.iter().filter(|m| m.raft_role == "leader").count() == 1
+                    && (layout.postgres.is_none() || postgres_ready(&t)) =>
             {
                 return Ok(t)
             }
@@ -257,16 +355,19 @@ pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<pro
     }
 }
 
-async fn up(count: u32, dir: &Path) -> Result<()> {
-    let layout = load_or_create(count, dir)?;
+async fn up(count: u32, dir: &Path, postgres: bool) -> Result<()> {
+    let layout = load_or_create(count, dir, postgres)?;
     start_missing(&layout, false)?;
-    let topo = wait_ready(&layout, Duration::from_secs(30)).await?;
+    let topo = wait_ready(&layout, Duration::from_secs(90)).await?;
     print!("{}", output::topology(&topo, Output::Table));
     println!(
-        "\nexport PGQUORUM_ENDPOINTS={}\nlogs: {}/n*/sidecar.log",
-        layout.endpoints().join(","),
-        dir.display()
+        "\nexport PGQUORUM_ENDPOINTS={}",
+        layout.endpoints().join(",")
     );
+    if let Some(uri) = layout.uri() {
+        println!("psql '{uri}'");
+    }
+    println!("logs: {}/n*/sidecar.log", dir.display());
     Ok(())
 }
 

@@ -14,9 +14,16 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 .iter()
                 .map(|m| {
                     let tags = m.tags.unwrap_or_default();
+                    let assigned = t.primary.as_ref().is_some_and(|p| p.node_id == m.id);
                     json!({
                         "id": m.id,
                         "name": m.name,
+                        "role": if m.pg_role.is_empty() { "unknown" } else { m.pg_role.as_str() },
+                        "assigned_primary": assigned,
+                        "epoch": t.primary.as_ref().map(|p| p.epoch),
+                        "timeline": m.timeline,
+                        "lsn": m.lsn,
+                        "lag_bytes": m.lag_bytes,
                         "registered": m.registered,
                         "membership": m.membership,
                         "raft_role": m.raft_role,
@@ -42,6 +49,15 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 "last_applied": t.last_applied,
                 "paused": t.paused,
                 "primary": t.primary.as_ref().map(|p| json!({"node_id": p.node_id, "epoch": p.epoch})),
+                "failover_status": t.failover_status,
+                "history": t.history.iter().map(|h| json!({
+                    "epoch": h.epoch,
+                    "from": (h.from_node != 0).then_some(h.from_node),
+                    "to": h.to_node,
+                    "reason": h.reason,
+                    "at_unix_ms": h.at_unix_ms,
+                    "lsn": h.lsn,
+                })).collect::<Vec<_>>(),
                 "members": members,
             });
             format!("{v:#}\n")
@@ -52,6 +68,9 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 "ID".into(),
                 "API".into(),
                 "POSTGRES".into(),
+                "ROLE".into(),
+                "TL".into(),
+                "LAG".into(),
                 "MEMBERSHIP".into(),
                 "RAFT ROLE".into(),
                 "TERM".into(),
@@ -72,6 +91,21 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                     } else {
                         format!("{}:{}", m.pg_host, m.pg_port)
                     },
+                    if m.pg_role.is_empty() {
+                        "-".into()
+                    } else {
+                        m.pg_role.clone()
+                    },
+                    if m.timeline == 0 {
+                        "-".into()
+                    } else {
+                        m.timeline.to_string()
+                    },
+                    if m.pg_role.is_empty() || m.pg_role == "unknown" {
+                        "-".into()
+                    } else {
+                        m.lag_bytes.to_string()
+                    },
                     m.membership.clone(),
                     m.raft_role.clone(),
                     m.term.to_string(),
@@ -79,14 +113,22 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                     if m.id == t.leader_id { "*" } else { "" }.into(),
                 ]);
             }
+            let epoch = t
+                .primary
+                .as_ref()
+                .map(|p| format!(" · primary n{} epoch {}", p.node_id, p.epoch))
+                .unwrap_or_default();
             let mut s = format!(
-                "cluster {} · term {} · last applied {}{}\n",
+                "cluster {} · term {} · last applied {}{epoch}{}\n",
                 t.cluster_name,
                 t.term,
                 t.last_applied,
                 if t.paused { " · PAUSED" } else { "" }
             );
             s.push_str(&table(&rows));
+            if !t.failover_status.is_empty() {
+                s.push_str(&format!("failover: {}\n", t.failover_status));
+            }
             s
         }
     }

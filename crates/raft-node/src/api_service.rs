@@ -18,6 +18,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::cluster_state::{Command, CommandOutcome, MemberInfo, Tags};
+use crate::failover::leader::{FailoverLeader, MemberHealth};
+use crate::failover::report::{MemberReport, PgState};
 use crate::network::lazy_channel;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::cluster_server::Cluster;
@@ -43,6 +45,7 @@ pub struct ClusterService {
     raft: Raft,
     state: watch::Receiver<Arc<AppliedState>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    failover: Arc<FailoverLeader>,
 }
 
 type TopologyStream = Pin<Box<dyn Stream<Item = Result<proto::Topology, Status>> + Send>>;
@@ -54,6 +57,7 @@ impl ClusterService {
         cluster_name: String,
         raft: Raft,
         state: watch::Receiver<Arc<AppliedState>>,
+        failover: Arc<FailoverLeader>,
     ) -> Self {
         Self {
             node_id,
@@ -61,6 +65,7 @@ impl ClusterService {
             raft,
             state,
             channels: Arc::default(),
+            failover,
         }
     }
 
@@ -155,7 +160,11 @@ impl ClusterService {
         statuses: Option<&HashMap<NodeId, NodeStatus>>,
     ) -> proto::Topology {
         let metrics = self.raft.metrics().borrow().clone();
-        build_topology(&self.cluster_name, state, &metrics, statuses)
+        let mut topo = build_topology(&self.cluster_name, state, &metrics, statuses);
+        let (health, verdict) = self.failover.health();
+        add_health(&mut topo, &health);
+        topo.failover_status = verdict;
+        topo
     }
 
     async fn write(&self, cmd: Command) -> Result<u64, Status> {
@@ -267,6 +276,7 @@ pub fn build_topology(
                 term: status.map(|s| s.term).unwrap_or(0),
                 last_applied: status.map(|s| s.last_applied).unwrap_or(0),
                 registered: info.is_some(),
+                ..Default::default()
             }
         })
         .collect();
@@ -294,6 +304,38 @@ pub fn build_topology(
                 lsn: h.lsn.unwrap_or(0),
             })
             .collect(),
+        failover_status: String::new(),
+    }
+}
+
+/// Adds what the leader's reports say about each member's Postgres.
+fn add_health(
+    topo: &mut proto::Topology,
+    health: &std::collections::BTreeMap<NodeId, MemberHealth>,
+) {
+    let best = health
+        .values()
+        .filter(|h| h.fresh)
+        .map(|h| h.lsn)
+        .max()
+        .unwrap_or(0);
+    for m in &mut topo.members {
+        let Some(h) = health.get(&m.id).filter(|h| h.fresh) else {
+            m.pg_role = if health.is_empty() { "" } else { "unknown" }.to_string();
+            continue;
+        };
+        m.pg_role = match h.pg {
+            PgState::NoData => "no_data",
+            PgState::Stopped => "stopped",
+            PgState::Fenced => "fenced",
+            PgState::Primary => "primary",
+            PgState::Replica => "replica",
+            PgState::Unresponsive => "unresponsive",
+        }
+        .to_string();
+        m.timeline = h.timeline;
+        m.lsn = h.lsn;
+        m.lag_bytes = best.saturating_sub(h.lsn);
     }
 }
 
@@ -534,6 +576,26 @@ impl Cluster for ClusterService {
         };
         let log_index = self.write(Command::RegisterMember(info)).await?;
         Ok(Response::new(proto::RegisterMemberReply { log_index }))
+    }
+
+    async fn report(
+        &self,
+        req: Request<proto::ReportRequest>,
+    ) -> Result<Response<proto::ReportReply>, Status> {
+        let report: MemberReport = serde_json::from_slice(&req.into_inner().report)
+            .map_err(|e| Status::invalid_argument(format!("malformed report: {e}")))?;
+        // Never forwarded: a lease is only worth what its grantor's own clock and quorum say.
+        let Some(grant) = self.failover.on_report(report) else {
+            return Err(not_leader(self.node_id, None));
+        };
+        Ok(Response::new(match grant {
+            Some(g) => proto::ReportReply {
+                granted: true,
+                epoch: g.epoch,
+                lease_ms: g.lease_ms,
+            },
+            None => proto::ReportReply::default(),
+        }))
     }
 
     async fn get_node_status(

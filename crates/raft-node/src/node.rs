@@ -14,6 +14,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api_service::ClusterService;
 use crate::client::ApiClient;
 use crate::cluster_state::MemberInfo;
+use crate::failover::leader::FailoverLeader;
+use crate::failover::sidecar::Sidecar;
 use crate::network::GrpcNetwork;
 use crate::node_config::NodeConfig;
 use crate::proto::cluster_server::ClusterServer;
@@ -73,6 +75,9 @@ pub enum NodeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The Postgres section cannot be used.
+    #[error("postgres: {0}")]
+    Postgres(#[from] pg_supervisor::SupervisorError),
 }
 
 /// A started node: its Raft handle and a view of the applied state.
@@ -150,11 +155,19 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
+    // Leases are granted only while the leader confirmed its quorum within two heartbeats.
+    let failover = FailoverLeader::new(
+        cfg.node_id,
+        raft.clone(),
+        state.clone(),
+        2 * cfg.raft.heartbeat_ms,
+    );
     let api = ClusterService::new(
         cfg.node_id,
         cfg.cluster_name.clone(),
         raft.clone(),
         state.clone(),
+        failover.clone(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_stop = stop_rx.clone();
@@ -177,6 +190,22 @@ pub async fn run(
 
     bootstrap_if_new(&cfg, &raft).await?;
     tokio::spawn(log_role_changes(raft.clone(), stop_rx.clone()));
+    tokio::spawn(failover.clone().run(stop_rx.clone()));
+    let sidecar = match postgres_instance(&cfg)? {
+        Some(instance) => {
+            let memory = cfg.data_dir.join("failover.json");
+            let loop_ = Sidecar::new(
+                cfg.node_id,
+                raft.clone(),
+                state.clone(),
+                failover.clone(),
+                instance,
+                memory,
+            );
+            Some(tokio::spawn(loop_.run(stop_rx.clone())))
+        }
+        None => None,
+    };
     tokio::spawn(publish_own_details(
         cfg.clone(),
         state.clone(),
@@ -193,6 +222,10 @@ pub async fn run(
     shutdown.await;
     tracing::info!(node = cfg.node_id, "shutting down");
     let _ = stop_tx.send(true);
+    if let Some(task) = sidecar {
+        // Postgres is fenced before Raft stops, so nothing writes without a lease.
+        let _ = task.await;
+    }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "Raft did not shut down cleanly");
     }
@@ -207,6 +240,52 @@ pub async fn run(
     })?;
     tracing::info!(node = cfg.node_id, "stopped");
     Ok(())
+}
+
+/// The managed Postgres of this member, when `postgres.data_dir` is configured.
+fn postgres_instance(cfg: &NodeConfig) -> Result<Option<pg_supervisor::Instance>, NodeError> {
+    let pg = &cfg.postgres;
+    let Some(data_dir) = pg.data_dir.clone() else {
+        return Ok(None);
+    };
+    let program = std::env::current_exe().map_err(|e| {
+        NodeError::Raft(format!(
+            "cannot locate the pgquorum binary for the guard: {e}"
+        ))
+    })?;
+    let icfg = pg_supervisor::InstanceConfig {
+        member_name: cfg.name.clone(),
+        data_dir,
+        log_file: None,
+        listen_host: pg.host.clone(),
+        port: pg.port,
+        postgres_user: pg.os_user.clone(),
+        pg_bin_dir: pg.bin_dir.clone(),
+        superuser: pg_supervisor::Credentials {
+            name: pg.superuser.clone(),
+            password: pg.superuser_password.clone(),
+        },
+        replication: pg_supervisor::Credentials {
+            name: pg.replication_user.clone(),
+            password: pg.replication_password.clone(),
+        },
+        cluster_cidrs: pg.allowed_cidrs.clone(),
+        extra_settings: Vec::new(),
+        extra_hba: Vec::new(),
+        expected_system_identifier: None,
+        guard: pg_supervisor::GuardCommand {
+            program,
+            args: vec!["guard".into()],
+        },
+        timeouts: pg_supervisor::Timeouts {
+            connect: Duration::from_secs(1),
+            statement: Duration::from_secs(1),
+            probe: Duration::from_millis(1500),
+            follow: Duration::from_secs(20),
+            ..Default::default()
+        },
+    };
+    Ok(Some(pg_supervisor::Instance::new(icfg)?))
 }
 
 /// A brand-new cluster is initialised by exactly one node, the lowest id of `initial_members`,

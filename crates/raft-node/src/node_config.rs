@@ -45,14 +45,33 @@ pub struct NodeConfig {
     pub initial_members: Vec<InitialMember>,
 }
 
-/// Where this member's Postgres listens.
+/// This member's Postgres: where clients reach it and, when `data_dir` is set, how the sidecar
+/// manages it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresEndpoint {
-    /// Host name or address.
+    /// Host name or address (also `listen_addresses`).
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// Postgres data directory. When set, the sidecar initialises, starts, stops, promotes,
+    /// rewinds and fences this Postgres; when absent it only takes part in the Raft group.
+    /// Relative paths are relative to the config file.
+    pub data_dir: Option<PathBuf>,
+    /// Directory of the Postgres executables (default: discovered).
+    pub bin_dir: Option<PathBuf>,
+    /// Unprivileged OS user that runs Postgres when the sidecar runs as root.
+    pub os_user: Option<String>,
+    /// Superuser role created at initdb and used by the sidecar.
+    pub superuser: String,
+    /// Its password.
+    pub superuser_password: String,
+    /// Replication role.
+    pub replication_user: String,
+    /// Its password.
+    pub replication_password: String,
+    /// Addresses (CIDR) allowed to connect for replication and administration.
+    pub allowed_cidrs: Vec<String>,
 }
 
 impl Default for PostgresEndpoint {
@@ -60,6 +79,14 @@ impl Default for PostgresEndpoint {
         Self {
             host: "127.0.0.1".into(),
             port: 5432,
+            data_dir: None,
+            bin_dir: None,
+            os_user: None,
+            superuser: "postgres".into(),
+            superuser_password: String::new(),
+            replication_user: "replicator".into(),
+            replication_password: String::new(),
+            allowed_cidrs: vec!["127.0.0.1/32".into()],
         }
     }
 }
@@ -145,9 +172,12 @@ impl NodeConfig {
             source,
         })?;
         let mut cfg = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
         if cfg.data_dir.is_relative() {
-            let base = path.parent().unwrap_or_else(|| Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        if let Some(pg) = cfg.postgres.data_dir.as_mut().filter(|d| d.is_relative()) {
+            *pg = base.join(&*pg);
         }
         Ok(cfg)
     }
@@ -211,6 +241,33 @@ impl NodeConfig {
         }
         if self.postgres.port == 0 {
             return Err(invalid("postgres.port", "must not be 0".into()));
+        }
+        if self.postgres.data_dir.is_some() {
+            for (field, value) in [
+                (
+                    "postgres.superuser_password",
+                    &self.postgres.superuser_password,
+                ),
+                (
+                    "postgres.replication_password",
+                    &self.postgres.replication_password,
+                ),
+            ] {
+                if value.is_empty() {
+                    return Err(invalid(
+                        field,
+                        "must be set when postgres.data_dir is (the sidecar creates the role \
+                         with it)"
+                            .into(),
+                    ));
+                }
+            }
+            if self.postgres.data_dir.as_deref() == Some(self.data_dir.as_path()) {
+                return Err(invalid(
+                    "postgres.data_dir",
+                    "must differ from data_dir (the Raft store)".into(),
+                ));
+            }
         }
         let r = &self.raft;
         if r.heartbeat_ms < 20 {

@@ -2,7 +2,9 @@
 //! lease arithmetic ([`lease`]), members' reports ([`report`]) and the leader's policy
 //! ([`policy`]).
 
+pub mod leader;
 pub mod lease;
 pub mod policy;
 pub mod reconcile;
 pub mod report;
+pub mod sidecar;
