@@ -117,16 +117,21 @@ async fn lagging_node_catches_up_through_a_snapshot() {
     assert_eq!(strip_live(a), strip_live(b));
 }
 
-/// The committed parts of a topology (members' details, primary, history), without live Raft
-/// status that differs between observers.
+/// The committed parts of a topology (members' details, primary, history), without the live
+/// Raft and Postgres status that differs between observers.
 fn strip_live(mut t: proto::Topology) -> proto::Topology {
     t.leader_id = 0;
     t.term = 0;
     t.last_applied = 0;
+    t.failover_status.clear();
     for m in &mut t.members {
         m.raft_role.clear();
         m.term = 0;
         m.last_applied = 0;
+        m.pg_role.clear();
+        m.timeline = 0;
+        m.lsn = 0;
+        m.lag_bytes = 0;
     }
     t
 }
