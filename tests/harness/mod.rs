@@ -32,6 +32,10 @@ pub struct TestNode {
     pub id: u64,
     pub addr: String,
     pub dir: PathBuf,
+    /// Postgres port of this member.
+    pub pg_port: u16,
+    /// Stopped with SIGSTOP by the test.
+    pub frozen: bool,
     child: Option<Child>,
 }
 
@@ -56,17 +60,38 @@ pub struct TestCluster {
     pub cluster_name: String,
     pub nodes: BTreeMap<u64, TestNode>,
     raft_toml: String,
+    /// The sidecars manage real Postgres instances.
+    pub postgres: bool,
 }
+
+/// Superuser password of test clusters (they listen on loopback only).
+pub const PG_PASSWORD: &str = "test-superuser-secret";
 
 impl TestCluster {
     /// Writes configs for members `1..=n` of a new cluster; starts nothing.
     pub fn new(n: u64, raft_toml: &str) -> Self {
+        Self::build(n, raft_toml, false)
+    }
+
+    /// Like [`TestCluster::new`], with every sidecar managing its own Postgres.
+    pub fn with_postgres(n: u64) -> Self {
+        Self::build(n, DEFAULT_RAFT, true)
+    }
+
+    fn build(n: u64, raft_toml: &str, postgres: bool) -> Self {
         let root = tempfile::tempdir().expect("temp dir");
+        // Postgres runs as the unprivileged `postgres` user when tests run as root.
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod temp dir");
         let mut c = TestCluster {
             root,
             cluster_name: "test".into(),
             nodes: BTreeMap::new(),
             raft_toml: raft_toml.to_string(),
+            postgres,
         };
         let ids: Vec<u64> = (1..=n).collect();
         for id in &ids {
@@ -76,6 +101,8 @@ impl TestCluster {
                     id: *id,
                     addr: format!("127.0.0.1:{}", free_port()),
                     dir: c.root.path().join(format!("n{id}")),
+                    pg_port: free_port(),
+                    frozen: false,
                     child: None,
                 },
             );
@@ -99,13 +126,22 @@ impl TestCluster {
     fn write_config(&self, id: u64, initial: &[(u64, String)]) {
         let node = &self.nodes[&id];
         std::fs::create_dir_all(&node.dir).expect("node dir");
+        std::fs::set_permissions(
+            &node.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod node dir");
         let mut s = format!(
             "cluster_name = \"{}\"\nnode_id = {id}\nname = \"n{id}\"\ndata_dir = \"data\"\n\
              listen_addr = \"{}\"\n\n[postgres]\nhost = \"127.0.0.1\"\nport = {}\n",
-            self.cluster_name,
-            node.addr,
-            5400 + id
+            self.cluster_name, node.addr, node.pg_port
         );
+        if self.postgres {
+            s.push_str(&format!(
+                "data_dir = \"pgdata\"\nsuperuser_password = \"{PG_PASSWORD}\"\n\
+                 replication_password = \"test-replication-secret\"\n"
+            ));
+        }
         if !self.raft_toml.is_empty() {
             s.push_str(&format!("\n[raft]\n{}\n", self.raft_toml));
         }
@@ -117,6 +153,14 @@ impl TestCluster {
         std::fs::write(node.config_path(), s).expect("write config");
     }
 
+    /// Appends TOML (e.g. a `[tags]` table) to node `id`'s config before it starts.
+    pub fn append_config(&mut self, id: u64, toml: &str) {
+        let path = self.nodes[&id].config_path();
+        let mut text = std::fs::read_to_string(&path).expect("read config");
+        text.push_str(toml);
+        std::fs::write(path, text).expect("write config");
+    }
+
     /// Adds the config of a node that will join the running cluster (empty initial_members).
     pub fn add_joiner(&mut self, id: u64) {
         self.nodes.insert(
@@ -125,6 +169,8 @@ impl TestCluster {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()),
                 dir: self.root.path().join(format!("n{id}")),
+                pg_port: free_port(),
+                frozen: false,
                 child: None,
             },
         );
@@ -190,7 +236,7 @@ impl TestCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.nodes
             .values()
-            .filter(|n| n.is_running())
+            .filter(|n| n.is_running() && !n.frozen)
             .map(|n| n.addr.clone())
             .collect()
     }
@@ -244,7 +290,7 @@ impl TestCluster {
     pub async fn wait_leader(&self, timeout: Duration) -> u64 {
         wait_for("one agreed leader", timeout, || async {
             let mut seen = Vec::new();
-            for n in self.nodes.values().filter(|n| n.is_running()) {
+            for n in self.nodes.values().filter(|n| n.is_running() && !n.frozen) {
                 let s = self.status(n.id).await?;
                 seen.push(s);
             }
@@ -285,7 +331,11 @@ impl TestCluster {
         for n in self.nodes.values() {
             let text = std::fs::read_to_string(n.log_path()).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(30)..];
+            let lines: Vec<&str> = lines
+                .into_iter()
+                .filter(|l| !l.contains("openraft") && !l.contains("raft role"))
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
             s.push_str(&format!(
                 "---- n{} ({}) ----\n{}\n",
                 n.id,
@@ -313,6 +363,103 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+impl TestCluster {
+    /// Waits until one member runs as primary and every other as its replica (by the leader's
+    /// reports); returns the primary's id and the topology.
+    pub async fn wait_postgres(&self, timeout: Duration) -> (u64, proto::Topology) {
+        let client = self.client();
+        wait_for("one primary and replicas", timeout, || async {
+            let t = client
+                .call(|mut c| async move {
+                    c.get_topology(proto::GetTopologyRequest { local: false })
+                        .await
+                })
+                .await
+                .ok()?;
+            let running: Vec<u64> = self
+                .nodes
+                .values()
+                .filter(|n| n.is_running() && !n.frozen)
+                .map(|n| n.id)
+                .collect();
+            let primary = t.primary.as_ref()?.node_id;
+            let ok = t
+                .members
+                .iter()
+                .filter(|m| running.contains(&m.id))
+                .all(|m| {
+                    if m.id == primary {
+                        m.pg_role == "primary"
+                    } else {
+                        m.pg_role == "replica"
+                    }
+                });
+            (ok && running.contains(&primary)).then_some((primary, t))
+        })
+        .await
+    }
+
+    /// A multi-host libpq URL that only connects to the writable member.
+    pub fn pg_url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .values()
+            .map(|n| format!("127.0.0.1:{}", n.pg_port))
+            .collect();
+        format!(
+            "postgresql://postgres:{PG_PASSWORD}@{}/postgres?target_session_attrs=read-write&connect_timeout=1",
+            hosts.join(",")
+        )
+    }
+
+    /// Whether member `id`'s Postgres answers and is not in recovery (None: no answer).
+    pub async fn writable(&self, id: u64) -> Option<bool> {
+        port_writable(self.nodes[&id].pg_port).await
+    }
+
+    /// The pid of member `id`'s postmaster, from its `postmaster.pid`.
+    pub fn postmaster_pid(&self, id: u64) -> Option<i32> {
+        let text =
+            std::fs::read_to_string(self.nodes[&id].dir.join("pgdata/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// Sends `signal` to member `id`'s sidecar process (SIGSTOP marks it frozen, SIGCONT
+    /// thawed).
+    pub fn signal_sidecar(&mut self, id: u64, signal: i32) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let pid = node.pid().expect("sidecar running") as i32;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, signal) };
+        match signal {
+            libc::SIGSTOP => node.frozen = true,
+            libc::SIGCONT => node.frozen = false,
+            _ => {}
+        }
+    }
+}
+
+/// Whether the Postgres on `port` answers and is not in recovery (None: no answer).
+pub async fn port_writable(port: u16) -> Option<bool> {
+    let url =
+        format!("postgresql://postgres:{PG_PASSWORD}@127.0.0.1:{port}/postgres?connect_timeout=1");
+    let fut = async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .ok()?;
+        Some(!row.get::<_, bool>(0))
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Polls `probe` every 50 ms until it returns `Some`, or panics naming `what` after `timeout`.

@@ -139,11 +139,14 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> ExitCode {
-    // Die quietly when the reader of our output goes away (`pgquorum list | head`), as Unix
-    // tools do, instead of panicking on a broken pipe.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Node { .. } | Command::Guard { .. }) {
+        // Operator verbs die quietly when the reader of their output goes away (`pgquorum list
+        // | head`), as Unix tools do. Never the sidecar or the guard: a closed pipe to a
+        // child must be an error they handle, not a signal that kills them.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if let Command::Guard { args } = &cli.command {
         // No async runtime: the guard stays a small, plain process.
         return ExitCode::from(u8::try_from(pg_supervisor::run_guard(args)).unwrap_or(1));

@@ -1,0 +1,387 @@
+//! Automatic failover end to end: real sidecars managing real PostgreSQL 15 instances on loopback.
+//! A writer inserts a row every 100 ms through a multi-host URL with
+//! `target_session_attrs=read-write`; a checker polls every member's `pg_is_in_recovery()`.
+
+#[path = "harness/mod.rs"]
+mod harness;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::{wait_for, TestCluster};
+use raft_node::proto;
+
+const START: Duration = Duration::from_secs(60);
+const FAILOVER: Duration = Duration::from_secs(30);
+
+/// Inserts increasing ids every 100 ms; remembers which were acknowledged and when.
+struct Writer {
+    acked: Arc<Mutex<Vec<(i64, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    async fn start(url: String) -> Writer {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("writer connects");
+        tokio::spawn(conn);
+        client
+            .batch_execute("CREATE TABLE IF NOT EXISTS w (id bigint PRIMARY KEY)")
+            .await
+            .expect("create table");
+        drop(client);
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (acked.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut client: Option<tokio_postgres::Client> = None;
+            let mut id = 0i64;
+            while !s.load(Ordering::Relaxed) {
+                id += 1;
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    client = match tokio::time::timeout(
+                        Duration::from_secs(2),
+                        tokio_postgres::connect(&url, tokio_postgres::NoTls),
+                    )
+                    .await
+                    {
+                        Ok(Ok((c, conn))) => {
+                            tokio::spawn(conn);
+                            Some(c)
+                        }
+                        _ => None,
+                    };
+                }
+                if let Some(c) = &client {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        c.execute("INSERT INTO w VALUES ($1)", &[&id]),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(_)) => a.lock().unwrap().push((id, Instant::now())),
+                        _ => client = None,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Writer { acked, stop, task }
+    }
+
+    fn acked_after(&self, t: Instant) -> bool {
+        self.acked.lock().unwrap().iter().any(|(_, at)| *at > t)
+    }
+
+    async fn stop(self) -> Vec<(i64, Instant)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let v = self.acked.lock().unwrap().clone();
+        v
+    }
+}
+
+/// Polls every member's `pg_is_in_recovery()` and records the worst moment: the most members
+/// writable at once.
+struct Checker {
+    max_writable: Arc<Mutex<(usize, Vec<u64>)>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Checker {
+    fn start(c: &TestCluster) -> Checker {
+        let ports: Vec<(u64, u16)> = c.nodes.values().map(|n| (n.id, n.pg_port)).collect();
+        let max_writable = Arc::new(Mutex::new((0, Vec::new())));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s) = (max_writable.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let mut writable = Vec::new();
+                for (id, port) in &ports {
+                    if harness::port_writable(*port).await == Some(true) {
+                        writable.push(*id);
+                    }
+                }
+                {
+                    let mut g = m.lock().unwrap();
+                    if writable.len() > g.0 {
+                        *g = (writable.len(), writable);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Checker {
+            max_writable,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) -> (usize, Vec<u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let v = self.max_writable.lock().unwrap().clone();
+        v
+    }
+}
+
+async fn topology(c: &TestCluster) -> proto::Topology {
+    c.client()
+        .call(|mut cl| async move {
+            cl.get_topology(proto::GetTopologyRequest { local: false })
+                .await
+        })
+        .await
+        .expect("topology")
+}
+
+/// Rows present on `id`'s Postgres.
+async fn rows_on(c: &TestCluster, id: u64) -> Vec<i64> {
+    let port = c.nodes[&id].pg_port;
+    let url = format!(
+        "postgresql://postgres:{}@127.0.0.1:{port}/postgres?connect_timeout=2",
+        harness::PG_PASSWORD
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect for rows");
+    tokio::spawn(conn);
+    client
+        .query("SELECT id FROM w ORDER BY id", &[])
+        .await
+        .expect("select")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The longest gap between two consecutive acknowledged writes around `t`.
+fn outage_ms(acked: &[(i64, Instant)], t: Instant) -> u128 {
+    let before = acked
+        .iter()
+        .filter(|(_, at)| *at <= t)
+        .map(|(_, at)| *at)
+        .max();
+    let after = acked
+        .iter()
+        .filter(|(_, at)| *at > t)
+        .map(|(_, at)| *at)
+        .min();
+    match (before, after) {
+        (Some(b), Some(a)) => (a - b).as_millis(),
+        _ => u128::MAX,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_crash_fails_over_and_keeps_replicated_writes() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    let writer = Writer::start(c.pg_url()).await;
+    let checker = Checker::start(&c);
+    wait_for("writes flow", FAILOVER, || async {
+        (writer.acked.lock().unwrap().len() >= 10).then_some(())
+    })
+    .await;
+    // Host crash: the sidecar, the guard, the postmaster and every backend die at once (the
+    // guard runs Postgres in its own process group).
+    let postmaster = c.postmaster_pid(old).expect("postmaster pid");
+    // SAFETY: getpgid has no preconditions.
+    let group = unsafe { libc::getpgid(postmaster) };
+    assert!(group > 1, "postmaster has a process group");
+    let crash = Instant::now();
+    c.kill9(old);
+    // SAFETY: killing the test's own Postgres process group.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+    wait_for("a write on a new primary", FAILOVER, || async {
+        writer
+            .acked_after(crash + Duration::from_millis(50))
+            .then_some(())
+    })
+    .await;
+    let acked = writer.stop().await;
+    let (most, who) = checker.stop().await;
+    assert_eq!(most, 1, "two writable members at once: {who:?}");
+    let (new, t) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(new, old);
+    assert_eq!(t.primary.map(|p| p.epoch), Some(2));
+    let present = rows_on(&c, new).await;
+    // Asynchronous replication may lose what was acknowledged in the last instant before the
+    // crash; everything acknowledged a second earlier was replicated and must be there.
+    let settled: Vec<i64> = acked
+        .iter()
+        .filter(|(_, at)| *at + Duration::from_secs(1) < crash)
+        .map(|(id, _)| *id)
+        .collect();
+    let missing: Vec<i64> = settled
+        .iter()
+        .filter(|id| !present.contains(id))
+        .copied()
+        .collect();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    let lost_recent = acked.iter().filter(|(id, _)| !present.contains(id)).count();
+    eprintln!(
+        "FIGURE host_crash write_outage_ms={} acked={} lost_in_last_second={lost_recent}",
+        outage_ms(&acked, crash),
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_with_sidecar_alive_fails_over() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    let writer = Writer::start(c.pg_url()).await;
+    wait_for("writes flow", FAILOVER, || async {
+        (writer.acked.lock().unwrap().len() >= 5).then_some(())
+    })
+    .await;
+    let crash = Instant::now();
+    let postmaster = c.postmaster_pid(old).expect("postmaster pid");
+    // SAFETY: killing the test's own Postgres.
+    unsafe { libc::kill(postmaster, libc::SIGKILL) };
+    wait_for("a write after the crash", FAILOVER, || async {
+        writer
+            .acked_after(crash + Duration::from_millis(50))
+            .then_some(())
+    })
+    .await;
+    let acked = writer.stop().await;
+    // restart_before_failover is off by default: another member took over.
+    let (new, _) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(new, old);
+    eprintln!(
+        "FIGURE postgres_crash write_outage_ms={}",
+        outage_ms(&acked, crash)
+    );
+    // The crashed member comes back as a replica of the new primary.
+    let (_, t) = c.wait_postgres(FAILOVER).await;
+    let m = t.members.iter().find(|m| m.id == old).unwrap();
+    assert_eq!(m.pg_role, "replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    let writer = Writer::start(c.pg_url()).await;
+    let checker = Checker::start(&c);
+    wait_for("writes flow", FAILOVER, || async {
+        (writer.acked.lock().unwrap().len() >= 5).then_some(())
+    })
+    .await;
+    // Partition the primary's sidecar by freezing it; its Postgres keeps running until the
+    // guard fences it when the lease runs out (S3, S4).
+    let frozen_at = Instant::now();
+    c.signal_sidecar(old, libc::SIGSTOP);
+    wait_for("the old primary is fenced", FAILOVER, || async {
+        (c.writable(old).await != Some(true)).then_some(())
+    })
+    .await;
+    let fenced_after = frozen_at.elapsed();
+    wait_for("a write on a new primary", FAILOVER, || async {
+        writer.acked_after(frozen_at + fenced_after).then_some(())
+    })
+    .await;
+    let (new, _) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(new, old);
+    c.signal_sidecar(old, libc::SIGCONT);
+    // S7: it comes back as a replica of the new primary (rewind) and receives new rows.
+    let (primary, t) = c.wait_postgres(FAILOVER).await;
+    assert_eq!(primary, new);
+    assert_eq!(
+        t.members.iter().find(|m| m.id == old).unwrap().pg_role,
+        "replica"
+    );
+    let acked = writer.stop().await;
+    let (most, who) = checker.stop().await;
+    assert_eq!(most, 1, "two writable members at once: {who:?}");
+    let last = acked.last().unwrap().0;
+    wait_for(
+        "the rejoined member has the newest row",
+        FAILOVER,
+        || async { rows_on(&c, old).await.contains(&last).then_some(()) },
+    )
+    .await;
+    // Writes reach the old primary until its guard fences it; the outage is around the fence.
+    eprintln!(
+        "FIGURE sidecar_frozen write_outage_ms={} fenced_after_ms={}",
+        outage_ms(&acked, frozen_at + fenced_after),
+        fenced_after.as_millis()
+    );
+    // And back: kill the new primary's host; the rejoined member may take over again.
+    c.kill9(new);
+    let (third, t) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(third, new);
+    assert_eq!(t.primary.map(|p| p.epoch), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_primary_sidecar_takes_its_postgres_down_and_the_cluster_fails_over() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    let checker = Checker::start(&c);
+    let killed = Instant::now();
+    c.kill9(old);
+    wait_for(
+        "the orphaned Postgres is gone",
+        Duration::from_secs(5),
+        || async { (c.writable(old).await.is_none()).then_some(()) },
+    )
+    .await;
+    let gone = killed.elapsed();
+    let (new, _) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(new, old);
+    let (most, who) = checker.stop().await;
+    assert_eq!(most, 1, "two writable members at once: {who:?}");
+    eprintln!("FIGURE sidecar_kill9 postgres_gone_ms={}", gone.as_millis());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raft_leader_change_alone_does_not_move_the_primary() {
+    let mut c = TestCluster::with_postgres(3);
+    // Node 1 bootstraps Raft and usually leads; a priority puts the primary elsewhere.
+    c.append_config(2, "\n[tags]\npriority = 10\n");
+    c.start_all();
+    let (primary, t) = c.wait_postgres(START).await;
+    assert_eq!(primary, 2, "priority decides the first primary");
+    let epoch = t.primary.map(|p| p.epoch);
+    let mut leader = c.wait_leader(FAILOVER).await;
+    if leader == primary {
+        // Rare: node 2 won the first election. Move leadership by restarting a follower-free
+        // way is not available, so make the other followers the only voters to elect among.
+        c.kill9(1);
+        c.start(1);
+        leader = c.wait_leader(FAILOVER).await;
+    }
+    assert_ne!(
+        leader, primary,
+        "the test needs a leader apart from the primary"
+    );
+    c.kill9(leader);
+    let new_leader = c.wait_leader(FAILOVER).await;
+    assert_ne!(new_leader, leader);
+    c.start(leader);
+    // Watch for longer than a new leader's office wait: the primary must not move.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        let t = topology(&c).await;
+        assert_eq!(
+            t.primary.map(|p| (p.node_id, p.epoch)),
+            Some((primary, epoch.unwrap()))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (still, t) = c.wait_postgres(FAILOVER).await;
+    assert_eq!(still, primary);
+    assert_eq!(t.history.len(), 1, "no role change: {:?}", t.history);
+}
