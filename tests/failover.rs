@@ -24,6 +24,11 @@ struct Writer {
 
 impl Writer {
     async fn start(url: String) -> Writer {
+        Self::start_at(url, 1).await
+    }
+
+    /// Starts writing ids from `first` up.
+    async fn start_at(url: String, first: i64) -> Writer {
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .expect("writer connects");
@@ -38,7 +43,7 @@ impl Writer {
         let (a, s) = (acked.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let mut client: Option<tokio_postgres::Client> = None;
-            let mut id = 0i64;
+            let mut id = first - 1;
             while !s.load(Ordering::Relaxed) {
                 id += 1;
                 if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -273,13 +278,24 @@ async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins
     c.start_all();
     let (old, _) = c.wait_postgres(START).await;
     let writer = Writer::start(c.pg_url()).await;
+    // A second client keeps writing to the old primary's own address, as a client with a
+    // stale address would: nothing it gets acknowledged may be lost.
+    let direct = Writer::start_at(
+        format!(
+            "postgresql://postgres:{}@127.0.0.1:{}/postgres?connect_timeout=1",
+            harness::PG_PASSWORD,
+            c.nodes[&old].pg_port
+        ),
+        1_000_000,
+    )
+    .await;
     let checker = Checker::start(&c);
     wait_for("writes flow", FAILOVER, || async {
         (writer.acked.lock().unwrap().len() >= 5).then_some(())
     })
     .await;
-    // Partition the primary's sidecar by freezing it; its Postgres keeps running until the
-    // guard fences it when the lease runs out (S3, S4).
+    // Partition the primary's sidecar by freezing it for a minute; its Postgres keeps running
+    // until the guard fences it when the lease runs out (S3, S4).
     let frozen_at = Instant::now();
     c.signal_sidecar(old, libc::SIGSTOP);
     wait_for("the old primary is fenced", FAILOVER, || async {
@@ -293,6 +309,15 @@ async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins
     .await;
     let (new, _) = c.wait_postgres(FAILOVER).await;
     assert_ne!(new, old);
+    let thaw_at = frozen_at + Duration::from_secs(60);
+    while Instant::now() < thaw_at {
+        assert_ne!(
+            c.writable(old).await,
+            Some(true),
+            "frozen primary writable again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     c.signal_sidecar(old, libc::SIGCONT);
     // S7: it comes back as a replica of the new primary (rewind) and receives new rows.
     let (primary, t) = c.wait_postgres(FAILOVER).await;
@@ -302,8 +327,17 @@ async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins
         "replica"
     );
     let acked = writer.stop().await;
+    let direct_acked = direct.stop().await;
     let (most, who) = checker.stop().await;
     assert_eq!(most, 1, "two writable members at once: {who:?}");
+    let present = rows_on(&c, new).await;
+    let lost: Vec<i64> = acked
+        .iter()
+        .chain(direct_acked.iter())
+        .map(|(id, _)| *id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     let last = acked.last().unwrap().0;
     wait_for(
         "the rejoined member has the newest row",
@@ -384,4 +418,70 @@ async fn a_raft_leader_change_alone_does_not_move_the_primary() {
     let (still, t) = c.wait_postgres(FAILOVER).await;
     assert_eq!(still, primary);
     assert_eq!(t.history.len(), 1, "no role change: {:?}", t.history);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_at_birth_a_restarted_primary_stays_read_only_until_it_rejoins() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    let others: Vec<u64> = c.nodes.keys().copied().filter(|id| *id != old).collect();
+    let checker = Checker::start(&c);
+    // Cut the primary off: freeze the other two sidecars (no quorum, no leader for it).
+    for id in &others {
+        c.signal_sidecar(*id, libc::SIGSTOP);
+    }
+    // Its lease runs out; the guard fences it. Then its sidecar crashes and restarts, still
+    // cut off.
+    wait_for("the isolated primary is fenced", FAILOVER, || async {
+        (c.writable(old).await != Some(true)).then_some(())
+    })
+    .await;
+    c.kill9(old);
+    c.start(old);
+    // S8: for as long as it is cut off, its Postgres never accepts a write.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        assert_ne!(
+            c.writable(old).await,
+            Some(true),
+            "restarted primary writable without a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in &others {
+        c.signal_sidecar(*id, libc::SIGCONT);
+    }
+    let (new, t) = c.wait_postgres(Duration::from_secs(60)).await;
+    let (most, who) = checker.stop().await;
+    assert_eq!(most, 1, "two writable members at once: {who:?}");
+    if new != old {
+        assert_eq!(
+            t.members.iter().find(|m| m.id == old).unwrap().pg_role,
+            "replica",
+            "the old primary rejoined as a replica"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_restart_resumes_the_committed_roles() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (primary, t) = c.wait_postgres(START).await;
+    let epoch = t.primary.map(|p| p.epoch);
+    for id in 1..=3 {
+        assert_eq!(
+            c.stop(id).code(),
+            Some(0),
+            "clean SIGTERM exit of node {id}"
+        );
+    }
+    for id in 1..=3 {
+        assert_eq!(c.writable(id).await, None, "SIGTERM stops Postgres too");
+    }
+    c.start_all();
+    let (again, t) = c.wait_postgres(START).await;
+    assert_eq!(again, primary);
+    assert_eq!(t.primary.map(|p| p.epoch), epoch);
 }
