@@ -27,10 +27,53 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Write outage of a client writing every 100 ms through a multi-host URL, on fresh local
+    /// 3-member clusters with real Postgres, for each fault.
+    Failover {
+        /// Runs per fault.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Faults to inject (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        faults: Vec<Fault>,
+    },
+}
+
+/// A fault injected on the primary's member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// kill -9 of the sidecar and of Postgres' whole process group, as a host crash.
+    HostCrash,
+    /// kill -9 of the postmaster only; the sidecar lives on.
+    PostgresCrash,
+    /// SIGSTOP of the sidecar (a frozen or partitioned agent); Postgres runs on until fenced.
+    SidecarFreeze,
 }
 
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Failover { runs, faults } => {
+            let faults = if faults.is_empty() {
+                vec![Fault::HostCrash, Fault::PostgresCrash, Fault::SidecarFreeze]
+            } else {
+                faults
+            };
+            for fault in faults {
+                let mut outages = Vec::new();
+                for run in 1..=runs {
+                    let dir = std::env::temp_dir()
+                        .join(format!("pgquorum-bench-{}-{run}", std::process::id()));
+                    let r = failover_run(&dir, fault).await;
+                    let _ = local::stop_all(&dir, true);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let ms = r?;
+                    println!("{fault:?} run {run}: write outage {ms:.0} ms");
+                    outages.push(ms);
+                }
+                println!("{fault:?}: write outage {}", summary(outages));
+            }
+            Ok(())
+        }
         BenchCmd::Raft { runs, commits, dir } => {
             let (dir, remove) = match dir {
                 Some(d) => (d, false),
@@ -48,7 +91,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             let layout = local::load_or_create(3, &dir, false)?;
             local::start_missing(&layout, true)?;
             let result = bench_raft(&layout, runs, commits).await;
-            let _ = local::down(&dir);
+            let _ = local::stop_all(&dir, true);
             if remove {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -221,4 +264,129 @@ async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Acknowledged writes of the bench's writer: (id, when).
+type Acks = std::sync::Arc<std::sync::Mutex<Vec<Instant>>>;
+
+fn spawn_writer(url: String, acks: Acks, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        let mut client: Option<tokio_postgres::Client> = None;
+        let mut id: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            id += 1;
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
+                client = match tokio::time::timeout(Duration::from_secs(2), connect).await {
+                    Ok(Ok((c, conn))) => {
+                        tokio::spawn(conn);
+                        Some(c)
+                    }
+                    _ => None,
+                };
+            }
+            if let Some(c) = &client {
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                let insert = c.execute("INSERT INTO bench VALUES ($1)", &params);
+                match tokio::time::timeout(Duration::from_secs(2), insert).await {
+                    Ok(Ok(_)) => {
+                        if let Ok(mut a) = acks.lock() {
+                            a.push(Instant::now());
+                        }
+                    }
+                    _ => client = None,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+async fn failover_run(dir: &std::path::Path, fault: Fault) -> Result<f64> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let layout = local::load_or_create(3, dir, true)?;
+    local::start_missing(&layout, true)?;
+    let topo = local::wait_ready(&layout, Duration::from_secs(90)).await?;
+    let primary = topo.primary.as_ref().context("no primary")?.node_id;
+    let node = layout
+        .nodes
+        .iter()
+        .find(|n| n.id == primary)
+        .context("primary not in layout")?;
+    let url = layout.uri().context("no Postgres in this cluster")?;
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE bench (id bigint PRIMARY KEY)")
+        .await?;
+    drop(c);
+    let acks: Acks = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_writer(url, acks.clone(), stop.clone());
+    let count = |a: &Acks| a.lock().map(|v| v.len()).unwrap_or(0);
+    let started = Instant::now();
+    while count(&acks) < 20 {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the writer did not get going");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid_file = node.dir.join("pgdata/postmaster.pid");
+    let postmaster: i32 = std::fs::read_to_string(&pid_file)?
+        .lines()
+        .next()
+        .context("empty postmaster.pid")?
+        .trim()
+        .parse()?;
+    let sidecar = node.pid().context("sidecar not running")?;
+    let fault_at = Instant::now();
+    // SAFETY: signalling processes this bench started.
+    unsafe {
+        match fault {
+            Fault::HostCrash => {
+                let group = libc::getpgid(postmaster);
+                libc::kill(sidecar, libc::SIGKILL);
+                if group > 1 {
+                    libc::kill(-group, libc::SIGKILL);
+                }
+            }
+            Fault::PostgresCrash => {
+                libc::kill(postmaster, libc::SIGKILL);
+            }
+            Fault::SidecarFreeze => {
+                libc::kill(sidecar, libc::SIGSTOP);
+            }
+        }
+    }
+    // Done when writes have flowed for 2 s after the largest gap since the fault.
+    let outage = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let times: Vec<Instant> = acks.lock().map(|v| v.clone()).unwrap_or_default();
+        let before = times.iter().filter(|t| **t <= fault_at).max().copied();
+        let mut gap = Duration::ZERO;
+        let mut prev = before;
+        for t in times.iter().filter(|t| **t > fault_at) {
+            if let Some(p) = prev {
+                gap = gap.max(*t - p);
+            }
+            prev = Some(*t);
+        }
+        let last = times.last().copied();
+        if gap > Duration::ZERO
+            && last.is_some_and(|l| l.elapsed() < Duration::from_millis(300))
+            && prev.is_some_and(|p| p.duration_since(fault_at) > gap + Duration::from_secs(2))
+        {
+            break gap;
+        }
+        if fault_at.elapsed() > Duration::from_secs(60) {
+            bail!("{fault:?}: writes did not resume within 60 s");
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    if fault == Fault::SidecarFreeze {
+        // SAFETY: as above.
+        unsafe { libc::kill(sidecar, libc::SIGCONT) };
+    }
+    Ok(outage.as_secs_f64() * 1000.0)
 }

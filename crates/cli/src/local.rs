@@ -372,6 +372,11 @@ async fn up(count: u32, dir: &Path, postgres: bool) -> Result<()> {
 }
 
 pub(crate) fn down(dir: &Path) -> Result<()> {
+    stop_all(dir, false)
+}
+
+/// Stops every member (SIGTERM, then SIGKILL after 10 s); `quiet` suppresses the report.
+pub(crate) fn stop_all(dir: &Path, quiet: bool) -> Result<()> {
     let layout = Layout::load(dir)?;
     let mut running = Vec::new();
     for n in &layout.nodes {
@@ -389,8 +394,10 @@ pub(crate) fn down(dir: &Path) -> Result<()> {
         if pid_alive(*pid) {
             // SAFETY: as above; the process ignored SIGTERM for 10 s.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
-            println!("{name}: killed (did not stop within 10 s)");
-        } else {
+            if !quiet {
+                println!("{name}: killed (did not stop within 10 s)");
+            }
+        } else if !quiet {
             println!("{name}: stopped");
         }
     }
