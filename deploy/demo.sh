@@ -1,35 +1,45 @@
 #!/usr/bin/env bash
-# Demo: start a local three-member pgquorum group, kill the Raft leader with SIGKILL, watch a new
-# leader take over, bring the old one back as a follower, then stop everything.
-# Usage: deploy/demo.sh [DIR]   (default DIR: ./demo-cluster, removed at the end)
+# Demo: a local three-member pgquorum cluster with real PostgreSQL. It writes through a
+# multi-host URL, crashes the primary's host (kill -9 of its sidecar and of its Postgres),
+# shows the new primary taking the writes, then brings the old member back as a replica.
+# Usage: deploy/demo.sh [DIR]   (default DIR: /tmp/pgquorum-demo, removed at the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dir=${1:-./demo-cluster}
+dir=${1:-/tmp/pgquorum-demo}
+keep=${1:+yes}
 cargo build --release --locked -p pgquorum-cli
-pgq=./target/release/pgquorum
-trap '$pgq local down --dir "$dir" >/dev/null 2>&1 || true; [ -z "${1:-}" ] && rm -rf "$dir"' EXIT
+pgq=$PWD/target/release/pgquorum
+cleanup() {
+  "$pgq" local down --dir "$dir" >/dev/null 2>&1 || true
+  [ -n "$keep" ] || rm -rf "$dir"
+}
+trap cleanup EXIT
 
-echo "== starting three sidecars"
-$pgq local up --nodes 3 --dir "$dir"
-endpoints=$(python3 -c 'import json,sys; print(",".join(n["api_addr"] for n in json.load(open(sys.argv[1]))["nodes"]))' "$dir/cluster.json")
-export PGQUORUM_ENDPOINTS=$endpoints
+echo "== starting three sidecars; they choose a primary, initdb it and clone two replicas"
+"$pgq" local up --nodes 3 --dir "$dir" | tee "$dir.up"
+url=$(grep -o "postgresql://[^']*" "$dir.up")
+rm -f "$dir.up"
+export PGQUORUM_ENDPOINTS=$(python3 -c 'import json,sys; print(",".join(n["api_addr"] for n in json.load(open(sys.argv[1]))["nodes"]))' "$dir/cluster.json")
 
-echo; echo "== committing a configuration change through the leader"
-$pgq config set lease_ms=3000 | head -1
+echo; echo "== writing through $url"
+psql "$url" -qc "CREATE TABLE demo (id serial PRIMARY KEY, at timestamptz DEFAULT now(), note text)"
+psql "$url" -qc "INSERT INTO demo (note) VALUES ('before the crash')"
 
-leader=$($pgq list --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"])')
-pid=$(cat "$dir/n$leader/sidecar.pid")
-echo; echo "== kill -9 of the leader n$leader (pid $pid)"
+primary=$("$pgq" list --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["primary"]["node_id"])')
+postmaster=$(head -1 "$dir/n$primary/pgdata/postmaster.pid")
+group=$(ps -o pgid= -p "$postmaster" | tr -d ' ')
+echo; echo "== host crash of the primary n$primary: kill -9 of its sidecar and its Postgres"
 start=$(date +%s%N)
-kill -9 "$pid"
-while true; do
-  new=$($pgq list --output json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"] or 0)' 2>/dev/null || echo 0)
-  if [ "$new" != 0 ] && [ "$new" != "$leader" ]; then break; fi
+kill -9 "$(cat "$dir/n$primary/sidecar.pid")"
+kill -9 -- "-$group"
+until psql "$url" -qtAc "INSERT INTO demo (note) VALUES ('after the crash') RETURNING 'ok'" 2>/dev/null | grep -q ok; do
   sleep 0.1
 done
-echo "new leader n$new after $(( ($(date +%s%N) - start) / 1000000 )) ms"
-$pgq list
+echo "writes succeed again after $(( ($(date +%s%N) - start) / 1000000 )) ms"
+"$pgq" list
 
-echo; echo "== restarting n$leader: it rejoins as a follower"
-$pgq local up --dir "$dir" | tail -n +4 | head -5
-echo; echo "demo done; stopping"
+echo; echo "== restarting n$primary: it rewinds and rejoins as a replica of the new primary"
+"$pgq" local up --dir "$dir" | sed -n '/^cluster/,/^$/p'
+psql "$url" -c "SELECT id, note FROM demo ORDER BY id"
+"$pgq" list --output json | python3 -c 'import json,sys; [print("history: epoch", h["epoch"], "->", "n%d" % h["to"], "-", h["reason"]) for h in json.load(sys.stdin)["history"]]'
+echo "demo done; stopping the cluster"

@@ -1,6 +1,7 @@
-//! Failover decisions, kept pure so they can be unit tested and simulated with a fake clock:
-//! lease arithmetic ([`lease`]), members' reports ([`report`]) and the leader's policy
-//! ([`policy`]).
+//! Failover. Pure decisions, unit tested and simulated with a fake clock: lease arithmetic
+//! ([`lease`]), members' reports ([`report`]), the leader's policy ([`policy`]) and the member's
+//! transition table ([`reconcile`]). Their I/O edges: the leader's duty ([`leader`]) and the
+//! member's loop ([`sidecar`]).
 
 pub mod leader;
 pub mod lease;

@@ -103,8 +103,13 @@ impl Sidecar {
         loop {
             let tick = Duration::from_millis(self.state.borrow().cluster.config.tick_ms);
             let started = Instant::now();
-            self.tick().await;
-            let rest = tick.saturating_sub(started.elapsed());
+            let acted = self.tick().await;
+            // After a change, look and report again at once so the leader's view catches up.
+            let rest = if acted {
+                Duration::ZERO
+            } else {
+                tick.saturating_sub(started.elapsed())
+            };
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(rest) => {}
@@ -199,7 +204,8 @@ impl Sidecar {
         }
     }
 
-    async fn tick(&mut self) {
+    /// One round; returns whether an action ran.
+    async fn tick(&mut self) -> bool {
         let state = self.state.borrow().clone();
         let cfg = state.cluster.config.clone();
         let (mut pg, timeline, lsn, streaming, upstream_addr) = self.observe().await;
@@ -279,10 +285,12 @@ impl Sidecar {
         }
         let mut memory = self.memory;
         memory.epoch_seen = memory.epoch_seen.max(epoch);
-        if let Err(e) = self.execute(step.action, epoch, &mut memory).await {
+        let result = self.execute(step.action, epoch, &mut memory).await;
+        if let Err(e) = &result {
             tracing::warn!(action = ?step.action, epoch, error = %e, "action failed; retrying next tick");
         }
         self.remember(memory);
+        step.action != Action::Nothing && result.is_ok()
     }
 
     async fn execute(
