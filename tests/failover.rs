@@ -13,7 +13,7 @@ use harness::{wait_for, TestCluster};
 use raft_node::proto;
 
 const START: Duration = Duration::from_secs(60);
-const FAILOVER: Duration = Duration::from_secs(30);
+const FAILOVER: Duration = Duration::from_secs(60);
 
 /// Inserts increasing ids every 100 ms; remembers which were acknowledged and when.
 struct Writer {
@@ -270,6 +270,27 @@ async fn postgres_crash_with_sidecar_alive_fails_over() {
     let (_, t) = c.wait_postgres(FAILOVER).await;
     let m = t.members.iter().find(|m| m.id == old).unwrap();
     assert_eq!(m.pg_role, "replica");
+    // Operators see why: the transitions and the decision are events, the change is history.
+    let ep = c.endpoints().join(",");
+    let (ok, out, err) = harness::cli(
+        &["events", "--output", "json"],
+        &[("PGQUORUM_ENDPOINTS", &ep)],
+    );
+    assert!(ok, "{err}");
+    let events: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let has =
+        |node: u64, needle: &str| {
+            events.as_array().unwrap().iter().any(|e| {
+                e["node_id"] == node && e["message"].as_str().unwrap_or("").contains(needle)
+            })
+        };
+    assert!(has(new, "Promote"), "promotion event of {new}: {out}");
+    assert!(has(old, "Fence"), "fence event of {old}: {out}");
+    let (ok, out, _) = harness::cli(&["history"], &[("PGQUORUM_ENDPOINTS", &ep)]);
+    assert!(
+        ok && out.contains("fenced itself after its Postgres failed"),
+        "history names the reason: {out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

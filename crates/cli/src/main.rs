@@ -37,6 +37,20 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// The committed history of primaries (epoch, from, to, reason, LSN).
+    History {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Recent events of every member: transitions, fences, promotions, failover verdicts.
+    Events {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Add or remove members.
     #[command(subcommand)]
     Member(MemberCmd),
@@ -183,6 +197,24 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             print_topology(&conn.client()?, output).await
         }
+        Command::History { conn, output } => {
+            init_logging("warn");
+            let topo = conn
+                .client()?
+                .call(|mut c| async move {
+                    c.get_topology(proto::GetTopologyRequest { local: false })
+                        .await
+                })
+                .await?;
+            print!("{}", output::history(&topo, output));
+            Ok(())
+        }
+        Command::Events { conn, output } => {
+            init_logging("warn");
+            let events = collect_events(&conn.client()?).await?;
+            print!("{}", output::events(&events, output));
+            Ok(())
+        }
         Command::Member(cmd) => {
             init_logging("warn");
             member(cmd).await
@@ -248,6 +280,29 @@ pub(crate) async fn print_topology(client: &ApiClient, out: Output) -> Result<()
         .await?;
     print!("{}", output::topology(&topo, out));
     Ok(())
+}
+
+/// Every member's recent events, merged in time order (members that do not answer are skipped).
+async fn collect_events(client: &ApiClient) -> Result<Vec<proto::Event>> {
+    let topo = client
+        .call(|mut c| async move {
+            c.get_topology(proto::GetTopologyRequest { local: false })
+                .await
+        })
+        .await?;
+    let mut all = Vec::new();
+    for m in &topo.members {
+        let one = ApiClient::new(vec![m.raft_addr.clone()])?
+            .with_patience(std::time::Duration::from_millis(500));
+        if let Ok(list) = one
+            .call(|mut c| async move { c.get_events(proto::GetEventsRequest {}).await })
+            .await
+        {
+            all.extend(list.events);
+        }
+    }
+    all.sort_by_key(|e| (e.at_unix_ms, e.node_id));
+    Ok(all)
 }
 
 /// Parses `key=value` arguments; refuses empty keys and repeated keys.

@@ -173,3 +173,104 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
     }
     s
 }
+
+/// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.
+fn clock(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        unix_ms % 1000
+    )
+}
+
+/// The committed history of primaries.
+pub fn history(t: &proto::Topology, out: Output) -> String {
+    match out {
+        Output::Json => {
+            let v: Vec<_> = t
+                .history
+                .iter()
+                .map(|h| {
+                    json!({
+                        "epoch": h.epoch,
+                        "from": (h.from_node != 0).then_some(h.from_node),
+                        "to": h.to_node,
+                        "reason": h.reason,
+                        "at_unix_ms": h.at_unix_ms,
+                        "lsn": h.lsn,
+                    })
+                })
+                .collect();
+            format!("{:#}\n", serde_json::Value::Array(v))
+        }
+        Output::Table => {
+            let mut rows = vec![[
+                "EPOCH".to_string(),
+                "TIME (UTC)".into(),
+                "FROM".into(),
+                "TO".into(),
+                "LSN".into(),
+                "REASON".into(),
+            ]];
+            for h in &t.history {
+                rows.push([
+                    h.epoch.to_string(),
+                    clock(h.at_unix_ms),
+                    if h.from_node == 0 {
+                        "-".into()
+                    } else {
+                        h.from_node.to_string()
+                    },
+                    h.to_node.to_string(),
+                    format!("{:X}/{:X}", h.lsn >> 32, h.lsn & 0xffff_ffff),
+                    h.reason.clone(),
+                ]);
+            }
+            table(&rows)
+        }
+    }
+}
+
+/// Members' events in time order.
+pub fn events(events: &[proto::Event], out: Output) -> String {
+    match out {
+        Output::Json => {
+            let v: Vec<_> = events
+                .iter()
+                .map(|e| {
+                    json!({
+                        "at_unix_ms": e.at_unix_ms,
+                        "node_id": e.node_id,
+                        "kind": e.kind,
+                        "message": e.message,
+                        "epoch": e.epoch,
+                        "lsn": e.lsn,
+                    })
+                })
+                .collect();
+            format!("{:#}\n", serde_json::Value::Array(v))
+        }
+        Output::Table => {
+            let mut rows = vec![[
+                "TIME (UTC)".to_string(),
+                "NODE".into(),
+                "KIND".into(),
+                "EPOCH".into(),
+                "MESSAGE".into(),
+            ]];
+            for e in events {
+                rows.push([
+                    clock(e.at_unix_ms),
+                    e.node_id.to_string(),
+                    e.kind.clone(),
+                    e.epoch.to_string(),
+                    e.message.clone(),
+                ]);
+            }
+            table(&rows)
+        }
+    }
+}

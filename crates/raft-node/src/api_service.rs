@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::cluster_state::{Command, CommandOutcome, MemberInfo, Tags};
+use crate::events::EventLog;
 use crate::failover::leader::{FailoverLeader, MemberHealth};
 use crate::failover::report::{MemberReport, PgState};
 use crate::network::lazy_channel;
@@ -46,6 +47,7 @@ pub struct ClusterService {
     state: watch::Receiver<Arc<AppliedState>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     failover: Arc<FailoverLeader>,
+    events: EventLog,
 }
 
 type TopologyStream = Pin<Box<dyn Stream<Item = Result<proto::Topology, Status>> + Send>>;
@@ -58,6 +60,7 @@ impl ClusterService {
         raft: Raft,
         state: watch::Receiver<Arc<AppliedState>>,
         failover: Arc<FailoverLeader>,
+        events: EventLog,
     ) -> Self {
         Self {
             node_id,
@@ -66,6 +69,7 @@ impl ClusterService {
             state,
             channels: Arc::default(),
             failover,
+            events,
         }
     }
 
@@ -595,6 +599,15 @@ impl Cluster for ClusterService {
                 lease_ms: g.lease_ms,
             },
             None => proto::ReportReply::default(),
+        }))
+    }
+
+    async fn get_events(
+        &self,
+        _req: Request<proto::GetEventsRequest>,
+    ) -> Result<Response<proto::EventList>, Status> {
+        Ok(Response::new(proto::EventList {
+            events: self.events.snapshot(),
         }))
     }
 

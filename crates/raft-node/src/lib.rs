@@ -5,6 +5,7 @@ pub mod api_service;
 pub mod client;
 pub mod cluster_state;
 pub mod dynamic_config;
+pub mod events;
 pub mod failover;
 pub mod network;
 pub mod node;

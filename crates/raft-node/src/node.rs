@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api_service::ClusterService;
 use crate::client::ApiClient;
 use crate::cluster_state::MemberInfo;
+use crate::events::EventLog;
 use crate::failover::leader::FailoverLeader;
 use crate::failover::sidecar::Sidecar;
 use crate::network::GrpcNetwork;
@@ -155,12 +156,15 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
-    // Leases are granted only while the leader confirmed its quorum within two heartbeats.
+    // Leases are granted only while the leader confirmed its quorum within three heartbeats;
+    // it confirms every heartbeat. The same bound lengthens a new leader's wait (S2).
+    let events = EventLog::new(cfg.node_id);
     let failover = FailoverLeader::new(
         cfg.node_id,
         raft.clone(),
         state.clone(),
-        2 * cfg.raft.heartbeat_ms,
+        3 * cfg.raft.heartbeat_ms,
+        events.clone(),
     );
     let api = ClusterService::new(
         cfg.node_id,
@@ -168,6 +172,7 @@ pub async fn run(
         raft.clone(),
         state.clone(),
         failover.clone(),
+        events.clone(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_stop = stop_rx.clone();
@@ -189,8 +194,15 @@ pub async fn run(
     );
 
     bootstrap_if_new(&cfg, &raft).await?;
-    tokio::spawn(log_role_changes(raft.clone(), stop_rx.clone()));
-    tokio::spawn(failover.clone().run(stop_rx.clone()));
+    tokio::spawn(log_role_changes(
+        raft.clone(),
+        stop_rx.clone(),
+        events.clone(),
+    ));
+    tokio::spawn(failover.clone().run(
+        Duration::from_millis(cfg.raft.heartbeat_ms),
+        stop_rx.clone(),
+    ));
     let sidecar = match postgres_instance(&cfg)? {
         Some(instance) => {
             let memory = cfg.data_dir.join("failover.json");
@@ -201,6 +213,7 @@ pub async fn run(
                 failover.clone(),
                 instance,
                 memory,
+                events.clone(),
             );
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
@@ -392,7 +405,7 @@ async fn publish_own_details(
 }
 
 /// Logs every change of Raft role or leader at INFO.
-async fn log_role_changes(raft: Raft, mut stop: watch::Receiver<bool>) {
+async fn log_role_changes(raft: Raft, mut stop: watch::Receiver<bool>, events: EventLog) {
     let mut metrics = raft.metrics();
     let mut last = (None, None, 0);
     loop {
@@ -401,11 +414,13 @@ async fn log_role_changes(raft: Raft, mut stop: watch::Receiver<bool>) {
             (Some(m.state), m.current_leader, m.current_term)
         };
         if now != last {
-            tracing::info!(
-                role = ?now.0.unwrap_or(openraft::ServerState::Learner),
-                leader = ?now.1,
-                term = now.2,
-                "raft role"
+            let role = now.0.unwrap_or(openraft::ServerState::Learner);
+            tracing::info!(role = ?role, leader = ?now.1, term = now.2, "raft role");
+            events.record(
+                "raft",
+                format!("Raft role {role:?}, leader {:?}, term {}", now.1, now.2),
+                0,
+                0,
             );
             last = now;
         }

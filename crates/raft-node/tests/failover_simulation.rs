@@ -32,8 +32,8 @@ const RAFT_LEADER_LEASE: u64 = 800;
 const ELECTION_MIN: u64 = 500;
 const ELECTION_MAX: u64 = 800;
 const HEARTBEAT: u64 = 150;
-/// A leader grants leases only while its quorum contact is at most this old.
-const QUORUM_ACK_MAX: u64 = 2 * HEARTBEAT;
+/// A leader grants leases only while its quorum contact is at most this old (as the sidecar).
+const QUORUM_ACK_MAX: u64 = 3 * HEARTBEAT;
 /// Faults happen during this much simulated time, then everything heals.
 const FAULT_PHASE_MS: u64 = 30_000;
 /// After healing, a writable primary must exist within this bound.

@@ -1,6 +1,6 @@
 //! The Raft leader's failover duty, at the I/O edge of the pure policy: it keeps the members'
 //! reports (soft state, reset when leadership changes), answers reports with lease renewals,
-//! confirms its quorum every tick, and commits the policy's promotions.
+//! confirms its quorum every heartbeat, and commits the policy's promotions.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use super::lease::Millis;
 use super::policy::{decide, may_grant_lease, GrantRecord, PolicyInput, Verdict};
 use super::report::{MemberReport, PgState, Received, ReportBook};
 use crate::cluster_state::{Command, CommandOutcome};
+use crate::events::EventLog;
 use crate::store::state_machine::AppliedState;
 use crate::types::{NodeId, Raft};
 
@@ -56,6 +57,7 @@ pub struct FailoverLeader {
     base: Instant,
     quorum_ack_max_ms: u64,
     book: Mutex<Book>,
+    events: EventLog,
 }
 
 impl FailoverLeader {
@@ -66,6 +68,7 @@ impl FailoverLeader {
         raft: Raft,
         state: watch::Receiver<Arc<AppliedState>>,
         quorum_ack_max_ms: u64,
+        events: EventLog,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -74,6 +77,7 @@ impl FailoverLeader {
             base: Instant::now(),
             quorum_ack_max_ms,
             book: Mutex::new(Book::default()),
+            events,
         })
     }
 
@@ -170,9 +174,12 @@ impl FailoverLeader {
         (map, book.verdict.clone())
     }
 
-    /// Every tick while leading: confirm the quorum (which bounds lease grants), run the
-    /// policy, commit its promotion.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Every tick while leading: run the policy and commit its promotion. A second task
+    /// confirms the quorum every `confirm_every` (which bounds lease grants), so a slow commit
+    /// never starves the renewals of a healthy primary.
+    pub async fn run(self: Arc<Self>, confirm_every: Duration, stop: watch::Receiver<bool>) {
+        tokio::spawn(self.clone().confirm_quorum(confirm_every, stop.clone()));
+        let mut stop = stop;
         loop {
             let tick = Duration::from_millis(self.state.borrow().cluster.config.tick_ms);
             tokio::select! {
@@ -182,12 +189,6 @@ impl FailoverLeader {
             let Some(term) = self.leading_term() else {
                 continue;
             };
-            let asked = self.now();
-            let confirm = tokio::time::timeout(tick, self.raft.get_read_log_id()).await;
-            if matches!(confirm, Ok(Ok(_))) {
-                // Counted from before the heartbeats left: never younger than the real contact.
-                self.with_book(term, |b| b.quorum_confirmed_at = Some(asked));
-            }
             let verdict = self.decide(term);
             if let Some(Verdict::Promote {
                 node,
@@ -197,6 +198,25 @@ impl FailoverLeader {
             }) = verdict
             {
                 self.promote(node, epoch, reason, lsn).await;
+            }
+        }
+    }
+
+    async fn confirm_quorum(self: Arc<Self>, every: Duration, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let Some(term) = self.leading_term() else {
+                continue;
+            };
+            let asked = self.now();
+            let limit = Duration::from_millis(self.quorum_ack_max_ms);
+            let confirm = tokio::time::timeout(limit, self.raft.get_read_log_id()).await;
+            if matches!(confirm, Ok(Ok(_))) {
+                // Counted from before the heartbeats left: never younger than the real contact.
+                self.with_book(term, |b| b.quorum_confirmed_at = Some(asked));
             }
         }
     }
@@ -222,7 +242,13 @@ impl FailoverLeader {
                 Verdict::Wait { reason } | Verdict::NoCandidate { reason } => reason.clone(),
             };
             if text != book.verdict && !text.is_empty() {
-                tracing::info!(epoch = ?state.cluster.primary.map(|p| p.epoch), "failover: {text}");
+                let epoch = state.cluster.primary.map(|p| p.epoch).unwrap_or(0);
+                tracing::info!(epoch, "failover: {text}");
+                // Countdowns change every tick; record the first of a kind, not every one.
+                let kind_changed = book.verdict.split(';').next() != text.split(';').next();
+                if kind_changed {
+                    self.events.record("failover", text.clone(), epoch, 0);
+                }
             }
             book.verdict = text;
             verdict
@@ -244,6 +270,12 @@ impl FailoverLeader {
         match self.raft.client_write(cmd).await {
             Ok(r) if r.data == CommandOutcome::Applied => {
                 tracing::info!(node, epoch, lsn, %reason, "committed new primary");
+                self.events.record(
+                    "failover",
+                    format!("committed member {node} as primary: {reason}"),
+                    epoch,
+                    lsn,
+                );
             }
             Ok(r) => tracing::warn!(node, epoch, outcome = ?r.data, "promotion refused"),
             Err(e) => tracing::warn!(node, epoch, error = %e, "promotion not committed"),

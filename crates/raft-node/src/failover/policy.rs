@@ -110,6 +110,10 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
     };
     let primary_report = input.fresh(primary.node);
     let why = match primary_report {
+        Some(r) if r.pg == PgState::Fenced && r.consecutive_failures > 0 => format!(
+            "primary {} fenced itself after its Postgres failed {} consecutive probes",
+            primary.node, r.consecutive_failures
+        ),
         Some(r) if r.pg == PgState::Fenced => format!("primary {} fenced itself", primary.node),
         Some(r) if r.consecutive_failures >= cfg.failure_threshold => format!(
             "primary {}'s Postgres failed {} consecutive probes",

@@ -14,6 +14,7 @@ use super::leader::{FailoverLeader, Grant};
 use super::lease::{HeldLease, Millis};
 use super::reconcile::{plan, Action, LocalView};
 use super::report::{MemberReport, PgState};
+use crate::events::EventLog;
 use crate::network::lazy_channel;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::ReportRequest;
@@ -43,6 +44,7 @@ pub struct Sidecar {
     fenced: bool,
     saw_running: bool,
     failures: u32,
+    events: EventLog,
 }
 
 impl Sidecar {
@@ -54,6 +56,7 @@ impl Sidecar {
         leader: Arc<FailoverLeader>,
         instance: Instance,
         memory_path: PathBuf,
+        events: EventLog,
     ) -> Self {
         let memory = std::fs::read(&memory_path)
             .ok()
@@ -73,6 +76,7 @@ impl Sidecar {
             fenced: false,
             saw_running: false,
             failures: 0,
+            events,
         }
     }
 
@@ -224,7 +228,9 @@ impl Sidecar {
             pg = PgState::Fenced;
         }
         let crashed = pg == PgState::Stopped && self.saw_running;
-        self.failures = if crashed || pg == PgState::Unresponsive {
+        // A primary fenced after a crash keeps counting, so the leader can say why.
+        let fenced_after_failures = pg == PgState::Fenced && self.failures > 0;
+        self.failures = if crashed || pg == PgState::Unresponsive || fenced_after_failures {
             self.failures + 1
         } else {
             0
@@ -288,6 +294,18 @@ impl Sidecar {
         let result = self.execute(step.action, epoch, &mut memory).await;
         if let Err(e) = &result {
             tracing::warn!(action = ?step.action, epoch, error = %e, "action failed; retrying next tick");
+        }
+        if step.action != Action::Nothing {
+            let outcome = match &result {
+                Ok(()) => "done".to_string(),
+                Err(e) => format!("failed: {e}"),
+            };
+            self.events.record(
+                "transition",
+                format!("{:?}: {} ({outcome})", step.action, step.reason),
+                epoch,
+                lsn,
+            );
         }
         self.remember(memory);
         step.action != Action::Nothing && result.is_ok()
