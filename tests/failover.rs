@@ -506,3 +506,33 @@ async fn a_full_restart_resumes_the_committed_roles() {
     assert_eq!(again, primary);
     assert_eq!(t.primary.map(|p| p.epoch), epoch);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_missed_probe_does_not_move_the_primary() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (primary, t) = c.wait_postgres(START).await;
+    let epoch = t.primary.map(|p| p.epoch);
+    // Freeze the primary's postmaster just long enough for one probe to time out (a quarter
+    // lease), well under failure_threshold probes.
+    let postmaster = c.postmaster_pid(primary).expect("postmaster pid");
+    // SAFETY: signalling the test's own Postgres.
+    unsafe { libc::kill(postmaster, libc::SIGSTOP) };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(postmaster, libc::SIGCONT) };
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let t = topology(&c).await;
+        assert_eq!(
+            t.primary.map(|p| (p.node_id, p.epoch)),
+            Some((primary, epoch.unwrap())),
+            "the primary moved after one missed probe"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.writable(primary).await, Some(true));
+    let ep = c.endpoints().join(",");
+    let (_, out, _) = harness::cli(&["events"], &[("PGQUORUM_ENDPOINTS", &ep)]);
+    assert!(!out.contains("Fence"), "no fence: {out}");
+}

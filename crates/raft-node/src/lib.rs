@@ -1,6 +1,8 @@
 //! pgquorum's Raft group: the openraft type configuration, sled storage, the gRPC transport and
 //! cluster API, the replicated cluster state machine and the sidecar's Raft runtime.
 
+#![warn(missing_docs)]
+
 pub mod api_service;
 pub mod client;
 pub mod cluster_state;

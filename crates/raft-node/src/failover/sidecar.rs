@@ -137,7 +137,13 @@ impl Sidecar {
         if !has_data {
             return (PgState::NoData, 0, 0, false, None);
         }
-        let obs = self.instance.observe().await;
+        // The lease renewal waits for this probe, so a hanging Postgres must not make the
+        // sidecar miss renewals: past a quarter lease the probe counts as a failure.
+        let lease_ms = self.state.borrow().cluster.config.lease_ms;
+        let cap = Duration::from_millis(lease_ms / 4);
+        let Ok(obs) = tokio::time::timeout(cap, self.instance.observe()).await else {
+            return (PgState::Unresponsive, 0, 0, false, None);
+        };
         let running = matches!(obs.postmaster, PostmasterState::Running { .. });
         let lsn = [obs.current_lsn, obs.received_lsn, obs.replayed_lsn]
             .into_iter()
