@@ -164,6 +164,8 @@ pub async fn run(
         raft.clone(),
         state.clone(),
         3 * cfg.raft.heartbeat_ms,
+        // openraft 0.9 uses election_timeout_max as the followers' leader lease.
+        cfg.raft.election_timeout_max_ms,
         events.clone(),
     );
     let api = ClusterService::new(

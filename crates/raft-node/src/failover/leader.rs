@@ -56,18 +56,21 @@ pub struct FailoverLeader {
     state: watch::Receiver<Arc<AppliedState>>,
     base: Instant,
     quorum_ack_max_ms: u64,
+    raft_leader_lease_ms: u64,
     book: Mutex<Book>,
     events: EventLog,
 }
 
 impl FailoverLeader {
     /// The duty of node `node_id`; leases are granted only while the last quorum confirmation
-    /// is at most `quorum_ack_max_ms` old.
+    /// is at most `quorum_ack_max_ms` old; followers refuse votes for `raft_leader_lease_ms`
+    /// after hearing from their leader.
     pub fn new(
         node_id: NodeId,
         raft: Raft,
         state: watch::Receiver<Arc<AppliedState>>,
         quorum_ack_max_ms: u64,
+        raft_leader_lease_ms: u64,
         events: EventLog,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -76,6 +79,7 @@ impl FailoverLeader {
             state,
             base: Instant::now(),
             quorum_ack_max_ms,
+            raft_leader_lease_ms,
             book: Mutex::new(Book::default()),
             events,
         })
@@ -127,6 +131,7 @@ impl FailoverLeader {
                 now,
                 leader_since: book.since,
                 quorum_ack_max_ms: qmax,
+                raft_leader_lease_ms: self.raft_leader_lease_ms,
                 cluster: &state.cluster,
                 members: &members,
                 reports: &book.reports,
@@ -231,6 +236,7 @@ impl FailoverLeader {
                 now,
                 leader_since: book.since,
                 quorum_ack_max_ms: qmax,
+                raft_leader_lease_ms: self.raft_leader_lease_ms,
                 cluster: &state.cluster,
                 members: &members,
                 reports: &book.reports,

@@ -31,6 +31,9 @@ pub struct PolicyInput<'a> {
     pub leader_since: Millis,
     /// A leader grants leases only while its last quorum acknowledgement is at most this old.
     pub quorum_ack_max_ms: u64,
+    /// How long a Raft follower refuses to vote after hearing from its leader (openraft's
+    /// leader lease: `election_timeout_max`).
+    pub raft_leader_lease_ms: u64,
     /// The committed cluster state.
     pub cluster: &'a ClusterState,
     /// Ids of the Raft members (voters and learners).
@@ -130,9 +133,11 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             reason: format!("{why}, but automatic failover is paused"),
         };
     }
-    let office_wait_until = input
-        .leader_since
-        .saturating_add(new_leader_wait(cfg, input.quorum_ack_max_ms));
+    let office_wait_until = input.leader_since.saturating_add(new_leader_wait(
+        cfg,
+        input.quorum_ack_max_ms,
+        input.raft_leader_lease_ms,
+    ));
     if input.now < office_wait_until {
         return Verdict::Wait {
             reason: format!(
@@ -312,8 +317,13 @@ mod tests {
 
     impl Fixture {
         fn new() -> Self {
+            // The timings below are written for a 2 s lease.
             let cluster = ClusterState {
                 primary: Some(PrimaryAssignment { node: 1, epoch: 1 }),
+                config: crate::dynamic_config::DynamicConfig {
+                    lease_ms: 2_000,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let mut reports = ReportBook::new();
@@ -349,6 +359,7 @@ mod tests {
                 now,
                 leader_since: 0,
                 quorum_ack_max_ms: 300,
+                raft_leader_lease_ms: 800,
                 cluster: &self.cluster,
                 members: &self.members,
                 reports: &self.reports,
@@ -421,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn new_leader_waits_a_whole_lease_first() {
+    fn new_leader_waits_out_its_predecessors_leases_first() {
         let mut f = Fixture::new();
         for n in [2, 3] {
             f.reports.get_mut(&n).unwrap().at = 13_000;
@@ -433,7 +444,7 @@ mod tests {
             Verdict::Wait { reason } => assert!(reason.contains("new Raft leader"), "{reason}"),
             v => panic!("{v:?}"),
         }
-        let later = 12_000 + new_leader_wait(&f.cluster.config, 300);
+        let later = 12_000 + new_leader_wait(&f.cluster.config, 300, 800);
         for n in [2, 3] {
             f.reports.get_mut(&n).unwrap().at = later;
         }
