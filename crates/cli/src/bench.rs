@@ -359,24 +359,42 @@ async fn failover_run(dir: &std::path::Path, fault: Fault) -> Result<f64> {
             }
         }
     }
-    // Done when writes have flowed for 2 s after the largest gap since the fault.
+    // Done once another member is the committed primary and writes have flowed for a second
+    // since; the outage is the largest gap between acknowledged writes from the fault on.
+    let client = raft_node::client::ApiClient::new(layout.endpoints())?
+        .with_patience(Duration::from_secs(2));
+    let changed_at = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if fault_at.elapsed() > Duration::from_secs(60) {
+            bail!("{fault:?}: no new primary within 60 s");
+        }
+        let topo = client
+            .call(|mut c| async move {
+                c.get_topology(proto::GetTopologyRequest { local: true })
+                    .await
+            })
+            .await;
+        if let Ok(t) = topo {
+            if t.primary.as_ref().is_some_and(|p| p.node_id != primary) {
+                break Instant::now();
+            }
+        }
+    };
     let outage = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let times: Vec<Instant> = acks.lock().map(|v| v.clone()).unwrap_or_default();
-        let before = times.iter().filter(|t| **t <= fault_at).max().copied();
-        let mut gap = Duration::ZERO;
-        let mut prev = before;
-        for t in times.iter().filter(|t| **t > fault_at) {
-            if let Some(p) = prev {
-                gap = gap.max(*t - p);
-            }
-            prev = Some(*t);
-        }
-        let last = times.last().copied();
-        if gap > Duration::ZERO
-            && last.is_some_and(|l| l.elapsed() < Duration::from_millis(300))
-            && prev.is_some_and(|p| p.duration_since(fault_at) > gap + Duration::from_secs(2))
+        if times
+            .last()
+            .is_some_and(|l| *l > changed_at + Duration::from_secs(1))
         {
+            let mut gap = Duration::ZERO;
+            let mut prev = times.iter().filter(|t| **t <= fault_at).max().copied();
+            for t in times.iter().filter(|t| **t > fault_at) {
+                if let Some(p) = prev {
+                    gap = gap.max(*t - p);
+                }
+                prev = Some(*t);
+            }
             break gap;
         }
         if fault_at.elapsed() > Duration::from_secs(60) {
