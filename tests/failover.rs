@@ -296,8 +296,11 @@ async fn postgres_crash_with_sidecar_alive_fails_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins() {
     let mut c = TestCluster::with_postgres(3);
+    // A priority makes node 1 the first primary and, once rejoined, the preferred one again.
+    c.append_config(1, "\n[tags]\npriority = 10\n");
     c.start_all();
     let (old, _) = c.wait_postgres(START).await;
+    assert_eq!(old, 1);
     let writer = Writer::start(c.pg_url()).await;
     // A second client keeps writing to the old primary's own address, as a client with a
     // stale address would: nothing it gets acknowledged may be lost.
@@ -372,10 +375,11 @@ async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins
         outage_ms(&acked, frozen_at + fenced_after),
         fenced_after.as_millis()
     );
-    // And back: kill the new primary's host; the rejoined member may take over again.
+    // And back: kill the new primary's host; the rejoined member, as advanced as the other
+    // replica and of higher priority, takes over again.
     c.kill9(new);
     let (third, t) = c.wait_postgres(FAILOVER).await;
-    assert_ne!(third, new);
+    assert_eq!(third, old, "failover goes back to the rejoined member");
     assert_eq!(t.primary.map(|p| p.epoch), Some(3));
 }
 
