@@ -50,14 +50,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 "paused": t.paused,
                 "primary": t.primary.as_ref().map(|p| json!({"node_id": p.node_id, "epoch": p.epoch})),
                 "failover_status": t.failover_status,
-                "history": t.history.iter().map(|h| json!({
-                    "epoch": h.epoch,
-                    "from": (h.from_node != 0).then_some(h.from_node),
-                    "to": h.to_node,
-                    "reason": h.reason,
-                    "at_unix_ms": h.at_unix_ms,
-                    "lsn": h.lsn,
-                })).collect::<Vec<_>>(),
+                "history": history_json(t),
                 "members": members,
             });
             format!("{v:#}\n")
@@ -186,26 +179,27 @@ fn clock(unix_ms: u64) -> String {
     )
 }
 
+/// The committed history of primaries as a JSON array.
+fn history_json(t: &proto::Topology) -> serde_json::Value {
+    t.history
+        .iter()
+        .map(|h| {
+            json!({
+                "epoch": h.epoch,
+                "from": (h.from_node != 0).then_some(h.from_node),
+                "to": h.to_node,
+                "reason": h.reason,
+                "at_unix_ms": h.at_unix_ms,
+                "lsn": h.lsn,
+            })
+        })
+        .collect()
+}
+
 /// The committed history of primaries.
 pub fn history(t: &proto::Topology, out: Output) -> String {
     match out {
-        Output::Json => {
-            let v: Vec<_> = t
-                .history
-                .iter()
-                .map(|h| {
-                    json!({
-                        "epoch": h.epoch,
-                        "from": (h.from_node != 0).then_some(h.from_node),
-                        "to": h.to_node,
-                        "reason": h.reason,
-                        "at_unix_ms": h.at_unix_ms,
-                        "lsn": h.lsn,
-                    })
-                })
-                .collect();
-            format!("{:#}\n", serde_json::Value::Array(v))
-        }
+        Output::Json => format!("{:#}\n", history_json(t)),
         Output::Table => {
             let mut rows = vec![[
                 "EPOCH".to_string(),

@@ -111,13 +111,31 @@ impl FailoverLeader {
         Some(f(&mut book))
     }
 
+    fn policy_input<'a>(
+        &self,
+        book: &'a Book,
+        now: Millis,
+        state: &'a AppliedState,
+        members: &'a std::collections::BTreeSet<NodeId>,
+    ) -> PolicyInput<'a> {
+        PolicyInput {
+            now,
+            leader_since: book.since,
+            quorum_ack_max_ms: self.quorum_ack_max_ms,
+            raft_leader_lease_ms: self.raft_leader_lease_ms,
+            cluster: &state.cluster,
+            members,
+            reports: &book.reports,
+            last_grant: book.last_grant,
+        }
+    }
+
     /// Handles a member's report; `None` when this node does not lead.
     pub fn on_report(&self, report: MemberReport) -> Option<Option<Grant>> {
         let term = self.leading_term()?;
         let now = self.now();
         let state = self.state.borrow().clone();
         let members = state.member_ids();
-        let qmax = self.quorum_ack_max_ms;
         self.with_book(term, |book| {
             book.reports.insert(
                 report.node,
@@ -127,16 +145,7 @@ impl FailoverLeader {
                 },
             );
             let ack_age = book.quorum_confirmed_at.map(|t| now.saturating_sub(t));
-            let input = PolicyInput {
-                now,
-                leader_since: book.since,
-                quorum_ack_max_ms: qmax,
-                raft_leader_lease_ms: self.raft_leader_lease_ms,
-                cluster: &state.cluster,
-                members: &members,
-                reports: &book.reports,
-                last_grant: book.last_grant,
-            };
+            let input = self.policy_input(book, now, &state, &members);
             let epoch = may_grant_lease(&input, &report, ack_age)?;
             book.last_grant = Some(GrantRecord {
                 node: report.node,
@@ -230,18 +239,8 @@ impl FailoverLeader {
         let now = self.now();
         let state = self.state.borrow().clone();
         let members = state.member_ids();
-        let qmax = self.quorum_ack_max_ms;
         self.with_book(term, |book| {
-            let verdict = decide(&PolicyInput {
-                now,
-                leader_since: book.since,
-                quorum_ack_max_ms: qmax,
-                raft_leader_lease_ms: self.raft_leader_lease_ms,
-                cluster: &state.cluster,
-                members: &members,
-                reports: &book.reports,
-                last_grant: book.last_grant,
-            });
+            let verdict = decide(&self.policy_input(book, now, &state, &members));
             let text = match &verdict {
                 Verdict::Steady => String::new(),
                 Verdict::Promote { reason, node, .. } => format!("promoting {node}: {reason}"),
