@@ -225,6 +225,10 @@ impl FailoverLeader {
             let Some(term) = self.leading_term() else {
                 continue;
             };
+            // Only a committed primary needs leases; a Raft-only group skips the heartbeats.
+            if self.state.borrow().cluster.primary.is_none() {
+                continue;
+            }
             let asked = self.now();
             let limit = Duration::from_millis(self.quorum_ack_max_ms);
             let confirm = tokio::time::timeout(limit, self.raft.get_read_log_id()).await;
