@@ -326,13 +326,7 @@ pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<pro
     let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(2));
     let deadline = Instant::now() + timeout;
     loop {
-        let topo = client
-            .call(|mut c| async move {
-                c.get_topology(proto::GetTopologyRequest { local: false })
-                    .await
-            })
-            .await;
-        match topo {
+        match crate::fetch_topology(&client).await {
             // A restarted member briefly believes in its old term's leadership until a peer
             // answers: ready means one leader and every member in its term.
             Ok(t)

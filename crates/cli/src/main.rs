@@ -199,13 +199,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::History { conn, output } => {
             init_logging("warn");
-            let topo = conn
-                .client()?
-                .call(|mut c| async move {
-                    c.get_topology(proto::GetTopologyRequest { local: false })
-                        .await
-                })
-                .await?;
+            let topo = fetch_topology(&conn.client()?).await?;
             print!("{}", output::history(&topo, output));
             Ok(())
         }
@@ -270,26 +264,28 @@ async fn member(cmd: MemberCmd) -> Result<()> {
     Ok(())
 }
 
-/// Prints the linearizable topology as a table or JSON.
-pub(crate) async fn print_topology(client: &ApiClient, out: Output) -> Result<()> {
-    let topo = client
+/// The linearizable topology, from the leader.
+pub(crate) async fn fetch_topology(
+    client: &ApiClient,
+) -> Result<proto::Topology, raft_node::client::ClientError> {
+    client
         .call(|mut c| async move {
             c.get_topology(proto::GetTopologyRequest { local: false })
                 .await
         })
-        .await?;
+        .await
+}
+
+/// Prints the linearizable topology as a table or JSON.
+pub(crate) async fn print_topology(client: &ApiClient, out: Output) -> Result<()> {
+    let topo = fetch_topology(client).await?;
     print!("{}", output::topology(&topo, out));
     Ok(())
 }
 
 /// Every member's recent events, merged in time order (members that do not answer are skipped).
 async fn collect_events(client: &ApiClient) -> Result<Vec<proto::Event>> {
-    let topo = client
-        .call(|mut c| async move {
-            c.get_topology(proto::GetTopologyRequest { local: false })
-                .await
-        })
-        .await?;
+    let topo = fetch_topology(client).await?;
     let mut all = Vec::new();
     for m in &topo.members {
         let one = ApiClient::new(vec![m.raft_addr.clone()])?
