@@ -1,11 +1,15 @@
-//! Fencing: making sure a postmaster and all its backends are gone, fast.
-//! Shared by `Instance::fence()` and the guard, so both behave the same.
+//! Fencing: making sure a postmaster and every process of its data
+//! directory are gone, fast. [`fence_data_dir`] is shared by
+//! `Instance::fence()` and the guard, so both behave the same.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::os_process::{children_of, is_alive, is_frozen, proc_stat, signal};
+use crate::os_process::{
+    children_of, is_alive, is_frozen, is_same_alive, processes_in_dir, signal,
+};
 
 /// Upper bound for processes to vanish after SIGKILL; only uninterruptible
 /// sleep (stuck I/O) can delay it.
@@ -22,14 +26,76 @@ pub struct FenceReport {
     /// True if the immediate shutdown did not finish within the grace
     /// period (or the postmaster was frozen) and SIGKILL was used.
     pub escalated_to_sigkill: bool,
-    /// True once the postmaster and the backends we saw are verified gone.
+    /// True once the postmaster and the backends we saw are verified gone;
+    /// for [`fence_data_dir`], once no process of the data directory is left.
     pub verified_gone: bool,
     /// From the call to verified gone.
     pub elapsed_ms: u64,
+    /// Processes of the data directory still there after the postmaster
+    /// step (orphaned backends), killed with SIGKILL.
+    #[serde(default)]
+    pub leftover_pids: Vec<i32>,
+    /// Processes of the data directory still alive when the fence gave up
+    /// (uninterruptible sleep); empty when `verified_gone`.
+    #[serde(default)]
+    pub survivor_pids: Vec<i32>,
+}
+
+/// Fences everything running on `data_dir`: the immediate-shutdown then
+/// SIGKILL escalation of [`fence_postmaster`] on each live pid of
+/// `postmasters`, then SIGKILL of every remaining process whose working
+/// directory is the data directory, e.g. backends orphaned by a postmaster
+/// that died first (they still map shared memory and could finish a
+/// commit). `verified_gone` only once no such process remains, waiting at
+/// most a bounded time for SIGKILLed processes to vanish. Blocking; polls
+/// `/proc`.
+pub fn fence_data_dir(data_dir: &Path, postmasters: &[i32], grace: Duration) -> FenceReport {
+    let started = Instant::now();
+    let mut report = FenceReport {
+        postmaster_pid: None,
+        was_running: false,
+        escalated_to_sigkill: false,
+        verified_gone: true,
+        elapsed_ms: 0,
+        leftover_pids: Vec::new(),
+        survivor_pids: Vec::new(),
+    };
+    for &pid in postmasters {
+        let r = fence_postmaster(pid, grace);
+        if r.was_running {
+            report.postmaster_pid = Some(pid);
+            report.was_running = true;
+        }
+        report.escalated_to_sigkill |= r.escalated_to_sigkill;
+    }
+    let deadline = Instant::now() + SIGKILL_WAIT;
+    loop {
+        let left = processes_in_dir(data_dir);
+        for (pid, _) in &left {
+            if !report.leftover_pids.contains(pid) {
+                report.leftover_pids.push(*pid);
+            }
+        }
+        if left.is_empty() || Instant::now() >= deadline {
+            report.was_running |= !report.leftover_pids.is_empty();
+            report.survivor_pids = left.iter().map(|(p, _)| *p).collect();
+            report.verified_gone = left.is_empty() && postmasters.iter().all(|p| !is_alive(*p));
+            report.elapsed_ms = elapsed_ms(started);
+            return report;
+        }
+        for (pid, ticks) in left {
+            // The pid may have been recycled since the scan.
+            if is_same_alive(pid, ticks) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// Immediate shutdown (SIGQUIT), then SIGKILL of the postmaster and its
-/// children after `grace`. Blocking; polls `/proc`.
+/// children after `grace`. Does nothing when `pid` is dead: use
+/// [`fence_data_dir`], which also finds the orphans. Blocking; polls `/proc`.
 pub fn fence_postmaster(pid: i32, grace: Duration) -> FenceReport {
     let started = Instant::now();
     if !is_alive(pid) {
@@ -39,6 +105,8 @@ pub fn fence_postmaster(pid: i32, grace: Duration) -> FenceReport {
             escalated_to_sigkill: false,
             verified_gone: true,
             elapsed_ms: elapsed_ms(started),
+            leftover_pids: Vec::new(),
+            survivor_pids: Vec::new(),
         };
     }
     let mut backends = children_of(pid);
@@ -62,7 +130,7 @@ pub fn fence_postmaster(pid: i32, grace: Duration) -> FenceReport {
     loop {
         let left: Vec<i32> = backends
             .iter()
-            .filter(|(p, ticks)| matches!(proc_stat(*p), Some(s) if s.start_ticks == *ticks && s.state != 'Z'))
+            .filter(|(p, ticks)| is_same_alive(*p, *ticks))
             .map(|(p, _)| *p)
             .collect();
         if left.is_empty() || Instant::now() >= deadline {
@@ -73,6 +141,8 @@ pub fn fence_postmaster(pid: i32, grace: Duration) -> FenceReport {
                 escalated_to_sigkill: escalated,
                 verified_gone,
                 elapsed_ms: elapsed_ms(started),
+                leftover_pids: Vec::new(),
+                survivor_pids: left,
             };
         }
         for p in left {
@@ -126,9 +196,40 @@ mod tests {
     }
 
     #[test]
+    fn fences_every_process_of_a_directory() {
+        // Stands in for backends orphaned by a dead postmaster.
+        let dir = tempfile::tempdir().unwrap();
+        let mut orphans: Vec<_> = (0..2)
+            .map(|_| {
+                Command::new("sleep")
+                    .arg("30")
+                    .current_dir(dir.path())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let pids: Vec<i32> = orphans.iter().map(|c| c.id() as i32).collect();
+        let report = fence_data_dir(dir.path(), &[i32::MAX - 1], Duration::from_millis(10));
+        for c in &mut orphans {
+            c.wait().unwrap();
+        }
+        assert!(report.was_running && report.verified_gone, "{report:?}");
+        let mut killed = report.leftover_pids.clone();
+        killed.sort();
+        let mut expected = pids.clone();
+        expected.sort();
+        assert_eq!(killed, expected);
+        assert!(report.survivor_pids.is_empty());
+        assert!(pids.iter().all(|p| !is_alive(*p)));
+    }
+
+    #[test]
     fn nothing_running_is_reported() {
         let report = fence_postmaster(i32::MAX - 1, Duration::from_millis(10));
         assert!(!report.was_running);
         assert!(report.verified_gone);
+        let dir = tempfile::tempdir().unwrap();
+        let report = fence_data_dir(dir.path(), &[], Duration::from_millis(10));
+        assert!(!report.was_running && report.verified_gone, "{report:?}");
     }
 }

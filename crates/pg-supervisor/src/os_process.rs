@@ -1,5 +1,7 @@
 //! Facts about OS processes from `/proc` (Linux), and signals.
 
+use std::path::Path;
+
 /// One line of `/proc/<pid>/stat`, reduced to what we need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcStat {
@@ -68,19 +70,50 @@ pub fn parse_btime(text: &str) -> Option<i64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Live children of `parent`, with their start ticks so a later kill can
-/// skip a recycled pid.
-pub fn children_of(parent: i32) -> Vec<(i32, u64)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
+/// Every process in `/proc` that has not exited, with its stat line.
+fn live_processes() -> impl Iterator<Item = (i32, ProcStat)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| {
             let s = proc_stat(pid)?;
-            (s.ppid == parent && s.state != 'Z').then_some((pid, s.start_ticks))
+            (s.state != 'Z' && s.state != 'X').then_some((pid, s))
         })
+}
+
+/// Live children of `parent`, with their start ticks so a later kill can
+/// skip a recycled pid.
+pub fn children_of(parent: i32) -> Vec<(i32, u64)> {
+    live_processes()
+        .filter(|(_, s)| s.ppid == parent)
+        .map(|(pid, s)| (pid, s.start_ticks))
         .collect()
+}
+
+/// Live processes whose working directory is `dir`, with their start
+/// ticks; never the calling process.
+///
+/// The postmaster and every process it forks `chdir` into the data
+/// directory, so this finds backends whose postmaster is gone: orphans
+/// that `children_of` can no longer see. The kernel reports cwd with
+/// symlinks resolved, hence the canonical comparison. Any other process
+/// sitting in the data directory (a shell, say) is listed too.
+pub fn processes_in_dir(dir: &Path) -> Vec<(i32, u64)> {
+    let target = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let me = std::process::id() as i32;
+    live_processes()
+        .filter(|(pid, _)| *pid != me)
+        .filter(|(pid, _)| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == target)
+        })
+        .map(|(pid, s)| (pid, s.start_ticks))
+        .collect()
+}
+
+/// True if `pid` is still the live process that had `start_ticks`.
+pub fn is_same_alive(pid: i32, start_ticks: u64) -> bool {
+    matches!(proc_stat(pid), Some(s) if s.start_ticks == start_ticks && s.state != 'Z' && s.state != 'X')
 }
 
 /// Sends `sig`; false if the process does not exist.
@@ -133,5 +166,25 @@ mod tests {
         let t = start_time_epoch(me).unwrap();
         assert!(matches_pid_file(me, t));
         assert!(!matches_pid_file(me, t - 100));
+    }
+
+    #[test]
+    fn finds_processes_by_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(dir.path())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // A symlinked path names the same directory.
+        let link = dir.path().with_extension("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let found: Vec<i32> = processes_in_dir(&link).iter().map(|p| p.0).collect();
+        let _ = std::fs::remove_file(&link);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, [pid]);
+        assert!(processes_in_dir(dir.path()).is_empty());
     }
 }

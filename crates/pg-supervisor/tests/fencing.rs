@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::*;
-use pg_supervisor::os_process::{is_alive, is_frozen};
+use pg_supervisor::os_process::{is_alive, is_frozen, processes_in_dir};
 use pg_supervisor::{Instance, PostmasterState};
 
 /// A fenced primary refuses every connection; the fence is timed.
@@ -44,6 +44,122 @@ async fn fence_stops_a_running_primary() {
     assert!(!p.status().is_running());
     // Fencing twice is harmless.
     assert!(!p.fence().await.unwrap().was_running);
+}
+
+/// Starts `SELECT pg_sleep(60)` on `up` and returns the task and the pid
+/// of the backend running it.
+async fn sleeping_backend(
+    up: &pg_supervisor::Upstream,
+) -> (
+    tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    i32,
+) {
+    let busy = tokio::spawn({
+        let up = up.clone();
+        async move { sql(&up, "SELECT pg_sleep(60)").await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let backend = loop {
+        let rows = sql(
+            up,
+            "SELECT pid FROM pg_stat_activity \
+             WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+        )
+        .await;
+        if let Ok([row]) = rows.as_deref() {
+            break row.get::<_, i32>(0);
+        }
+        assert!(Instant::now() < deadline, "no sleeping backend: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    (busy, backend)
+}
+
+/// The postmaster is SIGKILLed while a backend is SIGSTOPped (so it cannot
+/// notice postmaster death): that orphan still maps shared memory and could
+/// finish a commit. Returns the backend's pid, once the postmaster is gone.
+async fn orphan_a_backend(
+    p: &Instance,
+) -> (
+    tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    i32,
+) {
+    let up = p.as_upstream();
+    let (busy, backend) = sleeping_backend(&up).await;
+    assert!(unsafe { libc::kill(backend, libc::SIGSTOP) } == 0);
+    wait_until("backend stopped", Duration::from_secs(5), || async {
+        is_frozen(backend)
+    })
+    .await;
+    let postmaster = p.status().pid().unwrap();
+    assert!(unsafe { libc::kill(postmaster, libc::SIGKILL) } == 0);
+    wait_until("postmaster gone", Duration::from_secs(5), || async {
+        !is_alive(postmaster)
+    })
+    .await;
+    assert!(is_alive(backend), "the orphan must outlive its postmaster");
+    (busy, backend)
+}
+
+/// Kills `pid` if a test left it behind, so that a failing assertion does
+/// not leave a stopped backend on the machine.
+fn kill_leftover(pid: i32) {
+    if is_alive(pid) {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Postmaster already dead, one backend orphaned and frozen: fence()
+/// kills the backend and only then reports the data directory fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_kills_backends_orphaned_by_a_dead_postmaster() {
+    let dir = test_dir();
+    let mut p = started_primary(dir.path(), "a").await;
+    let (busy, backend) = orphan_a_backend(&p).await;
+    let report = p.fence().await.unwrap();
+    let backend_alive = is_alive(backend);
+    kill_leftover(backend);
+    assert!(
+        !backend_alive,
+        "orphaned backend {backend} survived the fence: {report:?}"
+    );
+    assert!(report.verified_gone, "{report:?}");
+    assert!(report.was_running, "{report:?}");
+    assert!(report.leftover_pids.contains(&backend), "{report:?}");
+    assert!(processes_in_dir(&p.config().data_dir).is_empty());
+    let answer = tokio::time::timeout(Duration::from_secs(10), busy).await;
+    assert!(matches!(answer, Ok(Ok(Err(_)))), "{answer:?}");
+}
+
+/// Same, from a handle that never saw the postmaster (a restarted sidecar):
+/// no postmaster is found at all, and the orphan must still die.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_without_any_postmaster_kills_orphans() {
+    let dir = test_dir();
+    let p = started_primary(dir.path(), "a").await;
+    let (_busy, backend) = orphan_a_backend(&p).await;
+    let mut fresh = Instance::new(p.config().clone()).unwrap();
+    assert!(matches!(fresh.status(), PostmasterState::Dead { .. }));
+    let report = fresh.fence().await.unwrap();
+    let backend_alive = is_alive(backend);
+    kill_leftover(backend);
+    assert!(
+        !backend_alive,
+        "orphaned backend {backend} survived the fence: {report:?}"
+    );
+    assert!(report.verified_gone && report.was_running, "{report:?}");
+    drop(p);
+}
+
+/// Fencing a data directory where nothing runs is a verified no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_with_nothing_running_is_verified() {
+    let dir = test_dir();
+    let mut p = Instance::new(config(dir.path(), "a")).unwrap();
+    p.init_primary().await.unwrap();
+    let report = p.fence().await.unwrap();
+    assert!(!report.was_running, "{report:?}");
+    assert!(report.verified_gone, "{report:?}");
 }
 
 /// A SIGSTOPped postmaster accepts TCP but never answers: the probe still

@@ -9,7 +9,8 @@
 //! * The sidecar writes leases ([`crate::Lease`]) to the guard's stdin.
 //!   When a deadline passes (sidecar frozen, runtime stuck) or stdin reaches
 //!   EOF (sidecar killed; the kernel closes the pipe), the guard fences:
-//!   immediate shutdown, then SIGKILL of the postmaster and its backends.
+//!   immediate shutdown, then SIGKILL of the postmaster and of every
+//!   process left in its data directory ([`crate::fence::fence_data_dir`]).
 //! * A replica runs with [`crate::Lease::NotRequired`]; EOF still fences.
 
 mod handle;

@@ -5,14 +5,14 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::{
     EXIT_FENCED_LEASE_EXPIRED, EXIT_FENCED_SIDECAR_GONE, EXIT_POSTMASTER_EXITED, EXIT_START_FAILED,
 };
-use crate::fence::fence_postmaster;
+use crate::fence::fence_data_dir;
 use crate::lease::Lease;
 use crate::os_user::OsUser;
 
@@ -135,7 +135,7 @@ pub fn run_guard(args: &[String]) -> i32 {
     let mut stdout = std::io::stdout();
     // The sidecar may already be gone; the lease loop handles that.
     let _ = writeln!(stdout, "postmaster {pid}").and_then(|_| stdout.flush());
-    watch(pid, args.lease, args.fence_grace, &mut log)
+    watch(pid, &args.data_dir, args.lease, args.fence_grace, &mut log)
 }
 
 fn open_log(args: &GuardArgs) -> Result<File, String> {
@@ -193,7 +193,7 @@ enum Wake {
     SidecarGone,
 }
 
-fn watch(pid: i32, mut lease: Lease, grace: Duration, log: &mut File) -> i32 {
+fn watch(pid: i32, data_dir: &Path, mut lease: Lease, grace: Duration, log: &mut File) -> i32 {
     let fd = std::io::stdin().as_raw_fd();
     let mut pending = String::new();
     loop {
@@ -206,7 +206,7 @@ fn watch(pid: i32, mut lease: Lease, grace: Duration, log: &mut File) -> i32 {
         }
         if lease.is_expired() {
             say(log, "lease expired without renewal; fencing PostgreSQL");
-            fence_and_reap(pid, grace, log);
+            fence_and_reap(pid, data_dir, grace, log);
             return EXIT_FENCED_LEASE_EXPIRED;
         }
         let wait = match lease.remaining() {
@@ -217,7 +217,7 @@ fn watch(pid: i32, mut lease: Lease, grace: Duration, log: &mut File) -> i32 {
             Wake::Continue => {}
             Wake::SidecarGone => {
                 say(log, "sidecar gone (stdin closed); fencing PostgreSQL");
-                fence_and_reap(pid, grace, log);
+                fence_and_reap(pid, data_dir, grace, log);
                 return EXIT_FENCED_SIDECAR_GONE;
             }
         }
@@ -276,16 +276,21 @@ fn reap(pid: i32) -> Option<i32> {
     }
 }
 
-fn fence_and_reap(pid: i32, grace: Duration, log: &mut File) {
-    let report = fence_postmaster(pid, grace);
+fn fence_and_reap(pid: i32, data_dir: &Path, grace: Duration, log: &mut File) {
+    let report = fence_data_dir(data_dir, &[pid], grace);
     let mut status = 0;
     // SAFETY: status is a valid out-pointer; the postmaster is dead or dying.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     say(
         log,
         &format!(
-            "fenced postmaster {pid} in {} ms (sigkill: {}, verified gone: {})",
-            report.elapsed_ms, report.escalated_to_sigkill, report.verified_gone
+            "fenced postmaster {pid} in {} ms (sigkill: {}, leftovers killed: {:?}, \
+             verified gone: {}, survivors: {:?})",
+            report.elapsed_ms,
+            report.escalated_to_sigkill,
+            report.leftover_pids,
+            report.verified_gone,
+            report.survivor_pids
         ),
     );
 }

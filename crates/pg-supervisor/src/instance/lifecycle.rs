@@ -7,7 +7,7 @@ use super::Instance;
 use crate::conf_files::{render_hba, render_node_conf, REPLICATION_CONF};
 use crate::data_dir::DataDirContents;
 use crate::error::{Result, SupervisorError};
-use crate::fence::{fence_postmaster, FenceReport};
+use crate::fence::{fence_data_dir, FenceReport};
 use crate::guard::{Guard, GuardArgs};
 use crate::lease::Lease;
 use crate::observation::PostmasterState;
@@ -161,9 +161,11 @@ impl Instance {
 
     /// Stops PostgreSQL now: immediate shutdown, verified by `/proc`,
     /// escalating to SIGKILL of the postmaster and its backends after
-    /// `timeouts.fence_grace`. Reports how long it took.
+    /// `timeouts.fence_grace`; then SIGKILL of every other process of the
+    /// data directory, which catches backends orphaned by a postmaster that
+    /// died first, also when no postmaster is found at all. `verified_gone`
+    /// only once none is left. Reports how long it took.
     pub async fn fence(&mut self) -> Result<FenceReport> {
-        let started = Instant::now();
         let mut pids: Vec<i32> = self
             .guard
             .as_ref()
@@ -176,26 +178,15 @@ impl Instance {
             }
         }
         let grace = self.cfg.timeouts.fence_grace;
-        let mut report = FenceReport {
-            postmaster_pid: None,
-            was_running: false,
-            escalated_to_sigkill: false,
-            verified_gone: true,
-            elapsed_ms: 0,
-        };
-        for pid in pids {
-            let r = tokio::task::spawn_blocking(move || fence_postmaster(pid, grace))
-                .await
-                .map_err(|e| SupervisorError::Guard(format!("fence task failed: {e}")))?;
-            if r.was_running {
-                report.postmaster_pid = r.postmaster_pid;
-                report.was_running = true;
-            }
-            report.escalated_to_sigkill |= r.escalated_to_sigkill;
-            report.verified_gone &= r.verified_gone;
+        let data_dir = self.cfg.data_dir.clone();
+        let report = tokio::task::spawn_blocking(move || fence_data_dir(&data_dir, &pids, grace))
+            .await
+            .map_err(|e| SupervisorError::Guard(format!("fence task failed: {e}")))?;
+        if report.verified_gone {
+            tracing::warn!(member = %self.cfg.member_name, ?report, "fenced PostgreSQL");
+        } else {
+            tracing::error!(member = %self.cfg.member_name, ?report, "fence could not verify that every process of the data directory is gone");
         }
-        report.elapsed_ms = started.elapsed().as_millis() as u64;
-        tracing::warn!(member = %self.cfg.member_name, ?report, "fenced PostgreSQL");
         self.release_guard().await;
         Ok(report)
     }
