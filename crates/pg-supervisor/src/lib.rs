@@ -4,8 +4,8 @@
 //! * [`PgBinaries`] finds the executables; [`OsUser`] is who runs them
 //!   (never root).
 //! * [`Instance`] bootstraps (`init_primary`, `clone_from`), runs
-//!   (`start`, `stop`, `restart`, `reload`, `fence`), changes roles
-//!   (`promote`, `follow`, `rejoin_as_replica`) and observes
+//!   (`start`, `start_in_recovery`, `stop`, `restart`, `reload`, `fence`),
+//!   changes roles (`promote`, `follow`, `rejoin_as_replica`) and observes
 //!   ([`Observation`]) one member's PostgreSQL.
 //! * The [`guard`] (safety rule S4) is a separate process that owns the
 //!   postmaster and fences it when the sidecar stops renewing its [`Lease`].

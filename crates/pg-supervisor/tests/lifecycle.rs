@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use harness::*;
 use pg_supervisor::os_process::is_alive;
-use pg_supervisor::{Lease, PostmasterState, StopMode};
+use pg_supervisor::{Lease, PostmasterState, StopMode, SupervisorError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_stop_restart_reload() {
@@ -103,4 +103,40 @@ async fn expired_lease_fences_and_replicas_need_none() {
     let err = r.promote().await.unwrap_err();
     assert!(err.to_string().contains("lease"), "{err}");
     r.fence().await.unwrap();
+}
+
+/// Without standby.signal PostgreSQL starts as a writable primary, which
+/// must never run without a lease deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_start_needs_a_lease() {
+    let dir = test_dir();
+    let mut p = started_primary(dir.path(), "a").await;
+    let up = p.as_upstream();
+    p.stop(StopMode::Fast, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let err = p.start(Lease::NotRequired).await.unwrap_err();
+    assert!(
+        matches!(&err, SupervisorError::WrongRole(m)
+            if m.contains("standby.signal") && m.contains("Lease::Until")),
+        "{err}"
+    );
+    assert_eq!(p.status(), PostmasterState::NotRunning);
+    assert!(p.guard().is_none());
+    assert!(!connects(&up).await);
+
+    p.start_in_recovery().await.unwrap();
+    let rows = sql(&up, "SELECT pg_is_in_recovery()").await.unwrap();
+    assert!(rows[0].get::<_, bool>(0), "not in recovery");
+    assert!(p.data_dir().has_standby_signal());
+    // Restarting keeps it a replica, under the same lease-less guard.
+    p.restart().await.unwrap();
+    let rows = sql(&up, "SELECT pg_is_in_recovery()").await.unwrap();
+    assert!(rows[0].get::<_, bool>(0), "not in recovery after restart");
+    let err = p.start_in_recovery().await.unwrap_err();
+    assert!(
+        matches!(err, SupervisorError::AlreadyRunning { .. }),
+        "{err}"
+    );
+    assert!(p.fence().await.unwrap().verified_gone);
 }

@@ -43,17 +43,13 @@ impl StopMode {
 impl Instance {
     /// Starts PostgreSQL under a new guard holding `lease`, and waits until
     /// it accepts connections (`ready` or `standby` in `postmaster.pid`).
-    /// Refuses a foreign cluster, a running postmaster, or a busy port.
+    /// Refuses a foreign cluster, a running postmaster, or a busy port, and
+    /// [`Lease::NotRequired`] without `standby.signal`: that would be a
+    /// writable primary without a lease deadline (use
+    /// [`Instance::start_in_recovery`] for a replica).
     pub async fn start(&mut self, lease: Lease) -> Result<()> {
-        if self.data.contents()? != DataDirContents::Cluster {
-            return Err(SupervisorError::NotInitialized(self.cfg.data_dir.clone()));
-        }
-        if let PostmasterState::Running { pid, .. } = self.data.postmaster_state() {
-            return Err(SupervisorError::AlreadyRunning {
-                path: self.cfg.data_dir.clone(),
-                pid,
-            });
-        }
+        self.check_startable()?;
+        check_lease_for_role(lease, self.data.has_standby_signal())?;
         if let Some(expected) = self.cfg.expected_system_identifier {
             let found = self.system_identifier().await?;
             if found != expected {
@@ -107,6 +103,39 @@ impl Instance {
         }
     }
 
+    /// Starts PostgreSQL as a replica: writes `standby.signal` (and an empty
+    /// replication conf if there is none, so it only replays what it has
+    /// until `follow`), then starts with [`Lease::NotRequired`], which is
+    /// safe because a server in recovery cannot accept writes.
+    pub async fn start_in_recovery(&mut self) -> Result<()> {
+        // Checked before writing anything: standby.signal left next to a
+        // running primary would turn its next restart into a replica.
+        self.check_startable()?;
+        if !self.data.path().join(REPLICATION_CONF).exists() {
+            self.data.write_file(
+                REPLICATION_CONF,
+                &crate::conf_files::render_no_replication_conf(),
+                &self.user,
+            )?;
+        }
+        self.data.set_standby_signal(true, &self.user)?;
+        self.start(Lease::NotRequired).await
+    }
+
+    /// An initialised data directory without a live postmaster.
+    fn check_startable(&self) -> Result<()> {
+        if self.data.contents()? != DataDirContents::Cluster {
+            return Err(SupervisorError::NotInitialized(self.cfg.data_dir.clone()));
+        }
+        if let PostmasterState::Running { pid, .. } = self.data.postmaster_state() {
+            return Err(SupervisorError::AlreadyRunning {
+                path: self.cfg.data_dir.clone(),
+                pid,
+            });
+        }
+        Ok(())
+    }
+
     /// Stops PostgreSQL with `mode`, waiting up to `timeout` for the
     /// postmaster to exit. On timeout it is left running: escalate with
     /// another mode or `fence()`.
@@ -132,7 +161,8 @@ impl Instance {
     }
 
     /// Fast stop, then start with the last lease; a replica without a
-    /// known lease restarts with [`Lease::NotRequired`].
+    /// known lease restarts with [`Lease::NotRequired`]. Refuses, before
+    /// stopping anything, to restart a primary without a lease.
     pub async fn restart(&mut self) -> Result<()> {
         let lease = match self.last_lease {
             Some(l) => l,
@@ -143,6 +173,9 @@ impl Instance {
                 ))
             }
         };
+        // A server promoted behind our back (standby.signal gone) must not
+        // come back writable under the lease-less guard of its replica days.
+        check_lease_for_role(lease, self.data.has_standby_signal())?;
         self.stop(StopMode::Fast, self.cfg.timeouts.start).await?;
         self.start(lease).await
     }
@@ -246,6 +279,19 @@ impl Instance {
     }
 }
 
+/// S4: a server started without `standby.signal` is a writable primary,
+/// and a writable primary runs only under a lease deadline.
+fn check_lease_for_role(lease: Lease, standby_signal: bool) -> Result<()> {
+    if lease == Lease::NotRequired && !standby_signal {
+        return Err(SupervisorError::WrongRole(
+            "starting without standby.signal makes a writable primary, which needs a lease \
+             (Lease::Until); use start_in_recovery() for a replica"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Log text written since `offset`, last lines only.
 fn log_tail(path: &std::path::Path, offset: u64) -> String {
     let mut text = String::new();
@@ -254,4 +300,18 @@ fn log_tail(path: &std::path::Path, offset: u64) -> String {
         let _ = f.read_to_string(&mut text);
     }
     tail(&text, 12)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_replica_may_run_without_a_lease() {
+        assert!(check_lease_for_role(Lease::NotRequired, true).is_ok());
+        assert!(check_lease_for_role(Lease::Until(1), false).is_ok());
+        assert!(check_lease_for_role(Lease::Until(1), true).is_ok());
+        let err = check_lease_for_role(Lease::NotRequired, false).unwrap_err();
+        assert!(matches!(err, SupervisorError::WrongRole(_)), "{err}");
+    }
 }
