@@ -69,25 +69,30 @@ pub fn fence_data_dir(data_dir: &Path, postmasters: &[i32], grace: Duration) -> 
         report.escalated_to_sigkill |= r.escalated_to_sigkill;
     }
     let deadline = Instant::now() + SIGKILL_WAIT;
+    // A killed process drops its cwd while exiting, before it is gone from
+    // /proc; once seen, it is followed by pid and start time until it is.
+    let mut seen: Vec<(i32, u64)> = Vec::new();
     loop {
-        let left = processes_in_dir(data_dir);
-        for (pid, _) in &left {
-            if !report.leftover_pids.contains(pid) {
-                report.leftover_pids.push(*pid);
+        for p in processes_in_dir(data_dir) {
+            if !seen.contains(&p) {
+                seen.push(p);
             }
         }
+        let left: Vec<(i32, u64)> = seen
+            .iter()
+            .filter(|(pid, ticks)| is_same_alive(*pid, *ticks))
+            .copied()
+            .collect();
         if left.is_empty() || Instant::now() >= deadline {
-            report.was_running |= !report.leftover_pids.is_empty();
+            report.leftover_pids = seen.iter().map(|(p, _)| *p).collect();
+            report.was_running |= !seen.is_empty();
             report.survivor_pids = left.iter().map(|(p, _)| *p).collect();
             report.verified_gone = left.is_empty() && postmasters.iter().all(|p| !is_alive(*p));
             report.elapsed_ms = elapsed_ms(started);
             return report;
         }
-        for (pid, ticks) in left {
-            // The pid may have been recycled since the scan.
-            if is_same_alive(pid, ticks) {
-                signal(pid, libc::SIGKILL);
-            }
+        for (pid, _) in left {
+            signal(pid, libc::SIGKILL);
         }
         std::thread::sleep(POLL);
     }
