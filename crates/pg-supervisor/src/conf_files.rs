@@ -56,8 +56,19 @@ pub fn render_node_conf(cfg: &InstanceConfig) -> String {
         ("full_page_writes".into(), "on".into()),
         ("recovery_target_timeline".into(), "latest".into()),
         ("wal_retrieve_retry_interval".into(), "1s".into()),
-        ("wal_sender_timeout".into(), "10s".into()),
-        ("wal_receiver_timeout".into(), "10s".into()),
+        // A silent network cut (no RST, no FIN) is noticed within seconds
+        // on both ends of a replication connection: by the replication
+        // protocol's own timeouts, and by TCP keepalives and
+        // tcp_user_timeout (ms: unacknowledged data) for a peer that is gone.
+        ("wal_sender_timeout".into(), "5s".into()),
+        ("wal_receiver_timeout".into(), "5s".into()),
+        // Feedback well within the sender's timeout, so a slow but healthy
+        // standby is never dropped.
+        ("wal_receiver_status_interval".into(), "1s".into()),
+        ("tcp_keepalives_idle".into(), "2".into()),
+        ("tcp_keepalives_interval".into(), "1".into()),
+        ("tcp_keepalives_count".into(), "3".into()),
+        ("tcp_user_timeout".into(), "3000".into()),
         ("password_encryption".into(), "scram-sha-256".into()),
         ("logging_collector".into(), "off".into()),
     ];
@@ -179,6 +190,22 @@ mod tests {
         assert!(text.contains("port = '5433'"));
         assert!(text.contains("wal_level = 'replica'"));
         assert!(text.trim_end().ends_with("fsync = 'off'"));
+    }
+
+    #[test]
+    fn node_conf_notices_a_silent_network_cut_within_seconds() {
+        let text = render_node_conf(&cfg());
+        for line in [
+            "wal_receiver_timeout = '5s'",
+            "wal_sender_timeout = '5s'",
+            "wal_receiver_status_interval = '1s'",
+            "tcp_keepalives_idle = '2'",
+            "tcp_keepalives_interval = '1'",
+            "tcp_keepalives_count = '3'",
+            "tcp_user_timeout = '3000'",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
     }
 
     #[test]
