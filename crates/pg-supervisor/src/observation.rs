@@ -105,6 +105,15 @@ pub struct WalReceiver {
     pub slot_name: Option<String>,
     /// Timeline being received.
     pub received_tli: Option<u32>,
+    /// Milliseconds since the last message from the upstream arrived,
+    /// computed by the server on its own clock when the probe ran: unlike
+    /// a timestamp it needs no clock comparison, and a copy of the
+    /// observation cannot make an old message look recent.
+    #[serde(default)]
+    pub last_msg_receipt_age_ms: Option<u64>,
+    /// Last WAL position flushed to disk by the receiver.
+    #[serde(default)]
+    pub flushed_lsn: Option<Lsn>,
 }
 
 /// One row of `pg_stat_replication` on a primary.
@@ -163,6 +172,10 @@ pub struct Observation {
     pub standbys: Vec<StandbyReplication>,
     /// Database system identifier.
     pub system_identifier: Option<u64>,
+    /// On a primary: `synchronous_standby_names` in force (`""` when
+    /// asynchronous). `None` on a replica, where it has no effect.
+    #[serde(default)]
+    pub synchronous_standby_names: Option<String>,
 }
 
 impl Observation {
@@ -205,9 +218,41 @@ mod tests {
             replication_lag_bytes: None,
             standbys: vec![],
             system_identifier: Some(u64::MAX),
+            synchronous_standby_names: Some("ANY 1 (\"b\")".into()),
         };
         let json = serde_json::to_string(&o).unwrap();
         assert_eq!(serde_json::from_str::<Observation>(&json).unwrap(), o);
         assert!(o.is_healthy());
+    }
+
+    #[test]
+    fn wal_receiver_json_round_trip() {
+        let w = WalReceiver {
+            status: "streaming".into(),
+            sender_host: Some("10.0.0.1".into()),
+            sender_port: Some(5432),
+            slot_name: Some("pgq_b".into()),
+            received_tli: Some(3),
+            last_msg_receipt_age_ms: Some(250),
+            flushed_lsn: Some(Lsn(0x16_B374_D848)),
+        };
+        let json = serde_json::to_string(&w).unwrap();
+        assert!(json.contains("\"flushed_lsn\":\"16/B374D848\""), "{json}");
+        assert_eq!(serde_json::from_str::<WalReceiver>(&json).unwrap(), w);
+    }
+
+    #[test]
+    fn json_of_older_peers_still_parses() {
+        // Written before the receipt age, flushed LSN and sync names existed.
+        let json = r#"{"observed_at_unix_ms":1,"postmaster":{"state":"not_running"},
+            "accepts_connections":false,"probe_error":null,"probe_ms":0,"role":"replica",
+            "timeline":1,"current_lsn":null,"received_lsn":"0/10","replayed_lsn":"0/10",
+            "wal_receiver":{"status":"streaming","sender_host":"h","sender_port":1,
+            "slot_name":null,"received_tli":1},"replication_lag_bytes":0,"standbys":[],
+            "system_identifier":7}"#;
+        let o: Observation = serde_json::from_str(json).unwrap();
+        assert_eq!(o.synchronous_standby_names, None);
+        let w = o.wal_receiver.unwrap();
+        assert_eq!((w.last_msg_receipt_age_ms, w.flushed_lsn), (None, None));
     }
 }

@@ -17,9 +17,15 @@ const STATE_SQL: &str = "SELECT pg_is_in_recovery(), \
     CASE WHEN pg_is_in_recovery() THEN NULL \
          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
     (SELECT timeline_id FROM pg_control_checkpoint()), \
-    (SELECT system_identifier FROM pg_control_system())";
+    (SELECT system_identifier FROM pg_control_system()), \
+    CASE WHEN pg_is_in_recovery() THEN NULL \
+         ELSE current_setting('synchronous_standby_names') END";
 
-const RECEIVER_SQL: &str = "SELECT status, sender_host, sender_port, slot_name, received_tli \
+/// The receipt age is computed here, on the server's clock, so that it
+/// never depends on ours; a clock stepped back yields 0, not a negative age.
+const RECEIVER_SQL: &str = "SELECT status, sender_host, sender_port, slot_name, received_tli, \
+    GREATEST(0, (EXTRACT(EPOCH FROM (clock_timestamp() - last_msg_receipt_time)) * 1000))::bigint, \
+    flushed_lsn \
     FROM pg_stat_wal_receiver";
 
 const STANDBYS_SQL: &str = "SELECT application_name, client_addr::text, state, sync_state, \
@@ -47,6 +53,8 @@ pub struct SqlFacts {
     pub standbys: Vec<StandbyReplication>,
     /// System identifier.
     pub system_identifier: u64,
+    /// `synchronous_standby_names` in force, on a primary.
+    pub synchronous_standby_names: Option<String>,
 }
 
 /// Runs the probe queries; the caller bounds the whole call in time.
@@ -68,6 +76,7 @@ pub async fn probe_sql(
         wal_receiver: None,
         standbys: Vec::new(),
         system_identifier: 0,
+        synchronous_standby_names: None,
     };
     if let Some(r) = rows.first() {
         let in_recovery: bool = r.try_get(0).unwrap_or(false);
@@ -84,6 +93,7 @@ pub async fn probe_sql(
         facts.timeline = insert_tli.or(checkpoint_tli).map(|t| t as u32);
         let sysid: Option<i64> = r.try_get(6).ok().flatten();
         facts.system_identifier = sysid.unwrap_or(0) as u64;
+        facts.synchronous_standby_names = r.try_get(7).ok().flatten();
     }
     if facts.role == Role::Replica {
         let rows = s
@@ -103,6 +113,12 @@ pub async fn probe_sql(
                 .ok()
                 .flatten()
                 .map(|t| t as u32),
+            last_msg_receipt_age_ms: r
+                .try_get::<_, Option<i64>>(5)
+                .ok()
+                .flatten()
+                .map(|ms| ms.max(0) as u64),
+            flushed_lsn: lsn(r.try_get(6).ok().flatten()),
         });
         // The checkpoint timeline lags a timeline switch; the receiver's
         // does not.

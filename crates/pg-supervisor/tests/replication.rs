@@ -153,3 +153,68 @@ async fn rejoin_reclones_when_rewind_is_impossible() {
         n.fence().await.unwrap();
     }
 }
+
+/// A replica's observation carries evidence that cannot go stale: the age
+/// of the last message from its upstream, computed on the replica's own
+/// clock when the probe runs, and what it has flushed. A primary reports
+/// the synchronous_standby_names in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observation_carries_receipt_age_and_flushed_lsn() {
+    let dir = test_dir();
+    let mut a = started_primary(dir.path(), "a").await;
+    let a_up = a.as_upstream();
+    let mut b = started_replica(dir.path(), "b", &a_up).await;
+    sql(&a_up, "INSERT INTO t VALUES ('one')").await.unwrap();
+    let written = a.observe().await.current_lsn.unwrap();
+    assert_eq!(
+        a.observe().await.synchronous_standby_names.as_deref(),
+        Some("")
+    );
+    wait_until(
+        "replica flushed the write",
+        Duration::from_secs(30),
+        || async {
+            let obs = b.observe().await;
+            obs.synchronous_standby_names.is_none()
+                && matches!(&obs.wal_receiver, Some(w)
+                if w.flushed_lsn.is_some_and(|f| f >= written)
+                    && w.last_msg_receipt_age_ms.is_some_and(|age| age < 4000))
+        },
+    )
+    .await;
+
+    // Silence the primary's WAL sender: the age keeps growing, probe
+    // after probe, with no new message to refresh it.
+    let rows = sql(
+        &a_up,
+        "SELECT pid FROM pg_stat_replication WHERE application_name = 'b'",
+    )
+    .await
+    .unwrap();
+    let walsender: i32 = rows[0].get(0);
+    assert!(unsafe { libc::kill(walsender, libc::SIGSTOP) } == 0);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut ages = Vec::new();
+    loop {
+        let age = b
+            .observe()
+            .await
+            .wal_receiver
+            .and_then(|w| w.last_msg_receipt_age_ms);
+        ages.push(age);
+        if age.is_some_and(|a| a >= 1500) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "receipt age did not grow: {ages:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(unsafe { libc::kill(walsender, libc::SIGCONT) } == 0);
+    eprintln!("FIGURE receipt ages while the WAL sender was stopped: {ages:?}");
+
+    for n in [&mut a, &mut b] {
+        assert!(n.fence().await.unwrap().verified_gone);
+    }
+}

@@ -139,6 +139,7 @@ impl Instance {
             replication_lag_bytes: None,
             standbys: Vec::new(),
             system_identifier: None,
+            synchronous_standby_names: None,
         };
         if !postmaster.is_running() {
             obs.probe_error = Some("postmaster is not running".into());
@@ -167,6 +168,7 @@ impl Instance {
                 obs.wal_receiver = f.wal_receiver;
                 obs.standbys = f.standbys;
                 obs.system_identifier = Some(f.system_identifier);
+                obs.synchronous_standby_names = f.synchronous_standby_names;
             }
             Ok(Err(e)) => obs.probe_error = Some(e.to_string()),
             Err(_) => obs.probe_error = Some(format!("probe timed out after {:?}", t.probe)),
