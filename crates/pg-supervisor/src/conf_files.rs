@@ -1,6 +1,8 @@
 //! Rendering of the configuration files pgquorum manages. Pure text; the
 //! data directory module writes them.
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{InstanceConfig, Upstream};
 use crate::conninfo::{primary_conninfo, slot_name_for};
 
@@ -9,8 +11,56 @@ use crate::conninfo::{primary_conninfo, slot_name_for};
 pub const NODE_CONF: &str = "pgquorum.conf";
 /// Replication source; rewritten by `follow`, emptied by `promote`.
 pub const REPLICATION_CONF: &str = "pgquorum.replication.conf";
+/// `synchronous_standby_names`; written by `apply_synchronous_standbys`,
+/// reset to asynchronous by every clone and rewind (which copy the
+/// source's), kept across restarts. Included last, so it wins.
+pub const SYNC_CONF: &str = "pgquorum.sync.conf";
 
 const INCLUDE_MARKER: &str = "# pgquorum includes";
+
+/// Which standbys must confirm a commit: any `k` of `names` (quorum
+/// commit). `k == 0` or no names means asynchronous replication.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSpec {
+    /// How many of `names` must confirm each commit.
+    pub k: u32,
+    /// Standby `application_name`s, i.e. member names.
+    pub names: Vec<String>,
+}
+
+impl SyncSpec {
+    /// The asynchronous spec (empty `synchronous_standby_names`).
+    pub fn asynchronous() -> SyncSpec {
+        SyncSpec::default()
+    }
+
+    /// The `synchronous_standby_names` value: `ANY k ("a", "b")`, names
+    /// double-quoted (member names may hold characters the unquoted syntax
+    /// rejects), sorted and deduplicated so that equal sets render equally;
+    /// `""` when asynchronous.
+    pub fn render(&self) -> String {
+        if self.k == 0 || self.names.is_empty() {
+            return String::new();
+        }
+        let mut names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        let quoted: Vec<String> = names
+            .iter()
+            .map(|n| format!("\"{}\"", n.replace('"', "\"\"")))
+            .collect();
+        format!("ANY {} ({})", self.k, quoted.join(", "))
+    }
+}
+
+/// The contents of [`SYNC_CONF`] for `spec`.
+pub fn render_sync_conf(spec: &SyncSpec) -> String {
+    format!(
+        "# Managed by pgquorum; the synchronous standbys the sidecar committed.\n\
+         synchronous_standby_names = {}\n",
+        quote_setting(&spec.render())
+    )
+}
 
 /// Quotes a value for `postgresql.conf`.
 pub fn quote_setting(v: &str) -> String {
@@ -28,14 +78,26 @@ pub fn quote_setting(v: &str) -> String {
 }
 
 /// The include lines appended to `postgresql.conf`, or `None` if present.
+/// A data directory from before [`SYNC_CONF`] existed gets just that line,
+/// which still lands after the other two.
 pub fn includes_to_append(postgresql_conf: &str) -> Option<String> {
+    let sync_include = format!("include_if_exists = '{SYNC_CONF}'");
     if postgresql_conf.contains(INCLUDE_MARKER) {
-        return None;
+        if postgresql_conf.lines().any(|l| l.trim() == sync_include) {
+            return None;
+        }
+        let sep = if postgresql_conf.ends_with('\n') {
+            ""
+        } else {
+            "\n"
+        };
+        return Some(format!("{sep}{sync_include}\n"));
     }
     Some(format!(
         "\n{INCLUDE_MARKER} (managed by the sidecar; later lines win)\n\
          include_if_exists = '{NODE_CONF}'\n\
-         include_if_exists = '{REPLICATION_CONF}'\n"
+         include_if_exists = '{REPLICATION_CONF}'\n\
+         {sync_include}\n"
     ))
 }
 
@@ -213,6 +275,62 @@ mod tests {
         let add = includes_to_append("port = 1\n").unwrap();
         assert!(add.contains("include_if_exists = 'pgquorum.conf'"));
         assert!(includes_to_append(&format!("x\n{add}")).is_none());
+        let node = add.find(NODE_CONF).unwrap();
+        let repl = add.find(REPLICATION_CONF).unwrap();
+        let sync = add.find(SYNC_CONF).unwrap();
+        assert!(node < repl && repl < sync, "{add}");
+    }
+
+    #[test]
+    fn older_data_dirs_get_only_the_sync_include() {
+        let old = format!(
+            "port = 1\n\n{INCLUDE_MARKER} (managed by the sidecar; later lines win)\n\
+             include_if_exists = '{NODE_CONF}'\n\
+             include_if_exists = '{REPLICATION_CONF}'"
+        );
+        let add = includes_to_append(&old).unwrap();
+        assert_eq!(add, format!("\ninclude_if_exists = '{SYNC_CONF}'\n"));
+        let upgraded = format!("{old}{add}");
+        assert!(includes_to_append(&upgraded).is_none());
+        assert!(upgraded.trim_end().ends_with(&format!("'{SYNC_CONF}'")));
+    }
+
+    #[test]
+    fn sync_spec_renders_any_k_sorted_and_quoted() {
+        let spec = SyncSpec {
+            k: 2,
+            names: vec!["c".into(), "a\"b".into(), "B".into(), "c".into()],
+        };
+        assert_eq!(spec.render(), r#"ANY 2 ("B", "a""b", "c")"#);
+        let one = SyncSpec {
+            k: 1,
+            names: vec!["node-b".into()],
+        };
+        assert_eq!(one.render(), r#"ANY 1 ("node-b")"#);
+        assert_eq!(SyncSpec::asynchronous().render(), "");
+        let no_names = SyncSpec {
+            k: 1,
+            names: vec![],
+        };
+        assert_eq!(no_names.render(), "");
+        let k0 = SyncSpec {
+            k: 0,
+            names: vec!["a".into()],
+        };
+        assert_eq!(k0.render(), "");
+    }
+
+    #[test]
+    fn sync_conf_quotes_the_value() {
+        let spec = SyncSpec {
+            k: 1,
+            names: vec!["o'neil".into()],
+        };
+        assert!(
+            render_sync_conf(&spec).contains(r#"synchronous_standby_names = 'ANY 1 ("o''neil")'"#)
+        );
+        assert!(render_sync_conf(&SyncSpec::asynchronous())
+            .contains("synchronous_standby_names = ''\n"));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!   (never root).
 //! * [`Instance`] bootstraps (`init_primary`, `clone_from`), runs
 //!   (`start`, `start_in_recovery`, `stop`, `restart`, `reload`, `fence`),
-//!   changes roles (`promote`, `follow`, `rejoin_as_replica`) and observes
-//!   ([`Observation`]) one member's PostgreSQL.
+//!   changes roles (`promote`, `follow`, `rejoin_as_replica`), puts
+//!   synchronous standbys in force (`apply_synchronous_standbys`) and
+//!   observes ([`Observation`]) one member's PostgreSQL.
 //! * The [`guard`] (safety rule S4) is a separate process that owns the
 //!   postmaster and fences it when the sidecar stops renewing its [`Lease`].
 //! * [`FailureCounter`] turns probe results into a health verdict without
@@ -35,13 +36,16 @@ pub mod probe;
 pub mod session;
 
 pub use binaries::PgBinaries;
+pub use conf_files::SyncSpec;
 pub use config::{Credentials, GuardCommand, InstanceConfig, Timeouts, Upstream};
 pub use controldata::ControlData;
 pub use error::{Result, SupervisorError};
 pub use failure_counter::{FailureCounter, Health};
 pub use fence::FenceReport;
 pub use guard::{run_guard, Guard, GuardArgs};
-pub use instance::{FollowReport, Instance, PromoteReport, RejoinMethod, RejoinReport, StopMode};
+pub use instance::{
+    AppliedSync, FollowReport, Instance, PromoteReport, RejoinMethod, RejoinReport, StopMode,
+};
 pub use lease::Lease;
 pub use observation::{Lsn, Observation, PostmasterState, Role, StandbyReplication, WalReceiver};
 pub use os_user::OsUser;

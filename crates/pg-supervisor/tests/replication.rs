@@ -6,7 +6,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::*;
-use pg_supervisor::{PostmasterState, RejoinMethod, Role};
+use pg_supervisor::{PostmasterState, RejoinMethod, Role, SyncSpec};
 
 /// init primary, clone two replicas, replicate; promote one replica, the
 /// other follows it; kill -9 the old primary and rejoin it with pg_rewind.
@@ -78,7 +78,20 @@ async fn replicate_promote_follow_and_rewind() {
     })
     .await;
 
+    // pg_rewind copies the new primary's files, its synchronous standbys
+    // included; the rejoined replica must not carry them.
+    let on_b = b
+        .apply_synchronous_standbys(&SyncSpec {
+            k: 1,
+            names: vec!["c".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(on_b.rendered, r#"ANY 1 ("c")"#);
+
     let rejoin = a.rejoin_as_replica(&b_up).await.unwrap();
+    let names = sql(&a_up, "SHOW synchronous_standby_names").await.unwrap();
+    assert_eq!(names[0].get::<_, String>(0), "", "rewind kept b's names");
     eprintln!(
         "FIGURE rewind_ms={} (pg_rewind incl. its crash recovery; whole rejoin until streaming: {} ms)",
         rejoin.rewind_ms, rejoin.elapsed_ms

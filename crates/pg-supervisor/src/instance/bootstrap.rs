@@ -5,7 +5,10 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::Instance;
-use crate::conf_files::{render_bootstrap_sql, render_replication_conf, REPLICATION_CONF};
+use crate::conf_files::{
+    render_bootstrap_sql, render_replication_conf, render_sync_conf, SyncSpec, REPLICATION_CONF,
+    SYNC_CONF,
+};
 use crate::config::Upstream;
 use crate::conninfo::slot_name_for;
 use crate::data_dir::DataDir;
@@ -92,11 +95,20 @@ impl Instance {
         self.make_replica_files(dir, upstream)
     }
 
-    /// Node files, `primary_conninfo` towards `upstream`, `standby.signal`.
+    /// Node files, `primary_conninfo` towards `upstream`, asynchronous
+    /// `synchronous_standby_names`, `standby.signal`.
     pub(crate) fn make_replica_files(&self, dir: &DataDir, upstream: &Upstream) -> Result<()> {
         dir.write_file(
             REPLICATION_CONF,
             &render_replication_conf(&self.cfg, upstream),
+            &self.user,
+        )?;
+        // pg_basebackup and pg_rewind copy the source's file: a new replica
+        // must not carry the old primary's synchronous standbys into a later
+        // promotion. The sidecar applies the committed set before promoting.
+        dir.write_file(
+            SYNC_CONF,
+            &render_sync_conf(&SyncSpec::asynchronous()),
             &self.user,
         )?;
         self.write_node_files_in(dir)?;

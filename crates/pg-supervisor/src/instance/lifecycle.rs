@@ -4,7 +4,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
 use super::Instance;
-use crate::conf_files::{render_hba, render_node_conf, REPLICATION_CONF};
+use crate::conf_files::{
+    render_hba, render_node_conf, render_sync_conf, SyncSpec, REPLICATION_CONF, SYNC_CONF,
+};
 use crate::data_dir::DataDirContents;
 use crate::error::{Result, SupervisorError};
 use crate::fence::{fence_data_dir, FenceReport};
@@ -235,7 +237,9 @@ impl Instance {
     }
 
     /// Node settings and `pg_hba.conf`; clones and rewinds copy the
-    /// source's, so these are rewritten before every start.
+    /// source's, so these are rewritten before every start. The replication
+    /// and synchronous-standby files are only created when missing: a
+    /// restarted primary keeps its synchronous standbys.
     pub(crate) fn write_node_files_in(&self, dir: &crate::data_dir::DataDir) -> Result<()> {
         dir.write_file(
             crate::conf_files::NODE_CONF,
@@ -247,6 +251,13 @@ impl Instance {
             dir.write_file(
                 REPLICATION_CONF,
                 &crate::conf_files::render_no_replication_conf(),
+                &self.user,
+            )?;
+        }
+        if !dir.path().join(SYNC_CONF).exists() {
+            dir.write_file(
+                SYNC_CONF,
+                &render_sync_conf(&SyncSpec::asynchronous()),
                 &self.user,
             )?;
         }

@@ -4,6 +4,7 @@ mod bootstrap;
 mod lifecycle;
 mod roles;
 mod slots;
+mod sync;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,7 @@ use crate::probe::probe_sql;
 
 pub use lifecycle::StopMode;
 pub use roles::{FollowReport, PromoteReport, RejoinMethod, RejoinReport};
+pub use sync::AppliedSync;
 
 /// One member's PostgreSQL. The sidecar owns it and serialises operations
 /// on it (methods that change state take `&mut self`).
