@@ -577,6 +577,7 @@ impl Cluster for ClusterService {
                 priority: tags.priority,
                 nosync: tags.nosync,
             },
+            raft_heartbeat_ms: r.raft_heartbeat_ms,
         };
         let log_index = self.write(Command::RegisterMember(info)).await?;
         Ok(Response::new(proto::RegisterMemberReply { log_index }))
@@ -589,16 +590,17 @@ impl Cluster for ClusterService {
         let report: MemberReport = serde_json::from_slice(&req.into_inner().report)
             .map_err(|e| Status::invalid_argument(format!("malformed report: {e}")))?;
         // Never forwarded: a lease is only worth what its grantor's own clock and quorum say.
-        let Some(grant) = self.failover.on_report(report) else {
+        let Some(answer) = self.failover.on_report(report) else {
             return Err(not_leader(self.node_id, None));
         };
-        Ok(Response::new(match grant {
-            Some(g) => proto::ReportReply {
-                granted: true,
-                epoch: g.epoch,
-                lease_ms: g.lease_ms,
-            },
-            None => proto::ReportReply::default(),
+        let grant = answer.grant;
+        Ok(Response::new(proto::ReportReply {
+            granted: grant.is_some(),
+            epoch: grant.map_or(0, |g| g.epoch),
+            lease_ms: grant.map_or(0, |g| g.lease_ms),
+            leader_term: answer.stamp.term,
+            leader_at_ms: answer.stamp.at,
+            report_again: answer.report_again,
         }))
     }
 

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::dynamic_config::DynamicConfig;
+use crate::failover::lease::LeaseTerms;
 use crate::types::NodeId;
 
 /// How many role changes the history keeps; older ones are dropped first.
@@ -44,6 +45,11 @@ pub struct MemberInfo {
     pub pg_port: u16,
     /// Failover tags.
     pub tags: Tags,
+    /// The Raft heartbeat interval this member runs with (0: not said). Every member must run
+    /// the same one: a new leader's wait (S2) rests on its predecessor's quorum-contact bound,
+    /// which is three heartbeats.
+    #[serde(default)]
+    pub raft_heartbeat_ms: u64,
 }
 
 /// The committed primary: which member, in which epoch.
@@ -53,6 +59,49 @@ pub struct PrimaryAssignment {
     pub node: NodeId,
     /// The epoch of that assignment.
     pub epoch: Epoch,
+}
+
+/// A committed set of synchronous standbys: every acknowledged commit of the primary is on at
+/// least `k` of `members` (design rule S6). `k = 0` is asynchronous replication.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSet {
+    /// The standbys that may acknowledge commits.
+    pub members: BTreeSet<NodeId>,
+    /// How many of them acknowledge each commit.
+    pub k: u32,
+}
+
+impl SyncSet {
+    /// Asynchronous replication: no acknowledgement is waited for.
+    pub fn asynchronous() -> Self {
+        Self::default()
+    }
+
+    /// Whether commits wait for standbys.
+    pub fn is_synchronous(&self) -> bool {
+        self.k > 0
+    }
+}
+
+/// The synchronous replication of the current primary's epoch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// The epoch this state belongs to; a state of an older epoch says nothing.
+    pub epoch: Epoch,
+    /// What failover relies on: every acknowledged write is on `k` of these members.
+    pub committed: SyncSet,
+    /// A stronger set the primary is asked to apply and confirm before it is committed.
+    pub target: Option<SyncSet>,
+}
+
+/// The primary's WAL position, committed now and then so that a new leader still knows how far
+/// the primary had come when it judges replicas' lag.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedLsn {
+    /// The primary's epoch.
+    pub epoch: Epoch,
+    /// Its reported WAL position.
+    pub lsn: u64,
 }
 
 /// One committed change of primary.
@@ -94,7 +143,37 @@ pub enum Command {
         at_unix_ms: u64,
         /// WAL position of the candidate, when known.
         lsn: Option<u64>,
+        /// The synchronous standbys the new primary applies before it accepts writes: a target,
+        /// committed once they have caught up with it. Until then the previous committed set
+        /// carries over (the new primary, one of its members, holds every write acknowledged
+        /// so far).
+        #[serde(default)]
+        sync: SyncSet,
     },
+    /// Ask the primary of `epoch` to apply a stronger synchronous set; committed by
+    /// [`Command::CommitSync`] once the primary confirmed it.
+    SetSyncTarget {
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// The set to apply.
+        target: SyncSet,
+    },
+    /// Commit the synchronous set failover relies on (clears any target).
+    CommitSync {
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// The set.
+        set: SyncSet,
+    },
+    /// Record the primary's WAL position (kept only when it advances).
+    RecordPrimaryLsn {
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// Its WAL position.
+        lsn: u64,
+    },
+    /// Every lease granted under longer terms than the current ones has run out: forget them.
+    SettleLeaseCeiling,
     /// Stop or resume automatic failover.
     SetPaused {
         /// The new value of the flag.
@@ -127,6 +206,19 @@ pub struct ClusterState {
     pub config: DynamicConfig,
     /// Automatic failover is paused.
     pub paused: bool,
+    /// Synchronous replication of the current epoch.
+    #[serde(default)]
+    pub sync: SyncState,
+    /// The primary's WAL position as last recorded.
+    #[serde(default)]
+    pub primary_lsn: Option<RecordedLsn>,
+    /// Set when the lease was shortened: the longest terms a lease may still run under. A new
+    /// leader waits by these until a leader settles them.
+    #[serde(default)]
+    pub lease_ceiling: Option<LeaseTerms>,
+    /// The Raft heartbeat interval every member runs with, from the first registration.
+    #[serde(default)]
+    pub raft_heartbeat_ms: Option<u64>,
 }
 
 impl ClusterState {
@@ -166,14 +258,65 @@ impl ClusterState {
                         info.name, other.id, info.id
                     ));
                 }
+                match self.raft_heartbeat_ms {
+                    Some(hb) if info.raft_heartbeat_ms != 0 && info.raft_heartbeat_ms != hb => {
+                        return Err(format!(
+                            "node {} runs raft.heartbeat_ms = {} but the cluster runs {hb}; every \
+                             member must use the same Raft timings (set raft.heartbeat_ms = {hb} \
+                             in its config)",
+                            info.id, info.raft_heartbeat_ms
+                        ));
+                    }
+                    None if info.raft_heartbeat_ms != 0 => {
+                        self.raft_heartbeat_ms = Some(info.raft_heartbeat_ms)
+                    }
+                    _ => {}
+                }
                 self.members.insert(info.id, info.clone());
                 Ok(())
             }
             Command::SetConfig { changes } => {
-                self.config = self
+                let next = self
                     .config
                     .with_changes(changes)
                     .map_err(|e| e.to_string())?;
+                let (old, new) = (LeaseTerms::of(&self.config), LeaseTerms::of(&next));
+                if new.grantor_span() < old.grantor_span() {
+                    // Leases granted under the old terms still run; keep their bound.
+                    let ceiling = self.lease_ceiling.map_or(old, |c| c.longest(old));
+                    self.lease_ceiling = Some(ceiling);
+                }
+                self.config = next;
+                Ok(())
+            }
+            Command::SetSyncTarget { epoch, target } => {
+                self.check_sync_epoch(*epoch)?;
+                self.sync.target = Some(target.clone());
+                Ok(())
+            }
+            Command::CommitSync { epoch, set } => {
+                self.check_sync_epoch(*epoch)?;
+                self.sync.committed = set.clone();
+                self.sync.target = None;
+                Ok(())
+            }
+            Command::RecordPrimaryLsn { epoch, lsn } => {
+                if self.primary.map(|p| p.epoch) != Some(*epoch) {
+                    return Err(format!("stale epoch {epoch}: not the current primary's"));
+                }
+                if self
+                    .primary_lsn
+                    .is_none_or(|r| r.epoch != *epoch || r.lsn < *lsn)
+                {
+                    self.primary_lsn = Some(RecordedLsn {
+                        epoch: *epoch,
+                        lsn: *lsn,
+                    });
+                }
+                Ok(())
+            }
+            Command::SettleLeaseCeiling => {
+                self.lease_ceiling = None;
                 Ok(())
             }
             Command::Promote {
@@ -182,6 +325,7 @@ impl ClusterState {
                 reason,
                 at_unix_ms,
                 lsn,
+                sync,
             } => {
                 if !raft_members.contains(node) {
                     return Err(format!("cannot promote node {node}: not a cluster member"));
@@ -207,6 +351,16 @@ impl ClusterState {
                     node: *node,
                     epoch: *epoch,
                 });
+                let carried = if self.sync.committed.is_synchronous() {
+                    self.sync.committed.clone()
+                } else {
+                    SyncSet::asynchronous()
+                };
+                self.sync = SyncState {
+                    epoch: *epoch,
+                    committed: carried,
+                    target: sync.is_synchronous().then(|| sync.clone()),
+                };
                 Ok(())
             }
             Command::SetPaused { paused } => {
@@ -214,6 +368,28 @@ impl ClusterState {
                 Ok(())
             }
         }
+    }
+
+    fn check_sync_epoch(&self, epoch: Epoch) -> Result<(), String> {
+        match self.primary {
+            Some(p) if p.epoch == epoch && self.sync.epoch == epoch => Ok(()),
+            _ => Err(format!(
+                "stale epoch {epoch}: synchronous standbys belong to the current primary's epoch"
+            )),
+        }
+    }
+
+    /// The terms a new leader must assume its predecessor granted leases under.
+    pub fn longest_lease_terms(&self) -> LeaseTerms {
+        let now = LeaseTerms::of(&self.config);
+        self.lease_ceiling.map_or(now, |c| c.longest(now))
+    }
+
+    /// The committed synchronous set of the current primary, when it is synchronous.
+    pub fn synchronous_set(&self) -> Option<&SyncSet> {
+        let p = self.primary?;
+        (self.sync.epoch == p.epoch && self.sync.committed.is_synchronous())
+            .then_some(&self.sync.committed)
     }
 
     /// Follows a committed membership change: details of nodes that left are forgotten, so the
@@ -248,6 +424,7 @@ mod tests {
             reason: "test".into(),
             at_unix_ms: 1,
             lsn: Some(42),
+            sync: SyncSet::default(),
         }
     }
 
@@ -365,5 +542,100 @@ mod tests {
         let mut s = ClusterState::default();
         s.apply(&Command::SetPaused { paused: true }, &ids(&[1]));
         assert!(s.paused);
+    }
+
+    fn set(members: &[NodeId], k: u32) -> SyncSet {
+        SyncSet {
+            members: members.iter().copied().collect(),
+            k,
+        }
+    }
+
+    #[test]
+    fn sync_sets_belong_to_the_current_epoch() {
+        let mut s = ClusterState::default();
+        let m = ids(&[1, 2, 3]);
+        s.apply(&promote(1, 1), &m);
+        let target = Command::SetSyncTarget {
+            epoch: 1,
+            target: set(&[2], 1),
+        };
+        assert_eq!(s.apply(&target, &m), CommandOutcome::Applied);
+        assert_eq!(s.sync.target, Some(set(&[2], 1)));
+        assert_eq!(s.synchronous_set(), None, "a target is not committed yet");
+        let commit = Command::CommitSync {
+            epoch: 1,
+            set: set(&[2], 1),
+        };
+        assert_eq!(s.apply(&commit, &m), CommandOutcome::Applied);
+        assert_eq!(s.synchronous_set(), Some(&set(&[2], 1)));
+        assert_eq!(s.sync.target, None);
+        // A promotion carries the committed set over (its new primary holds every acknowledged
+        // write) and makes the new standbys a target; old-epoch changes are refused.
+        let mut p = promote(2, 2);
+        if let Command::Promote { sync, .. } = &mut p {
+            *sync = set(&[3], 1);
+        }
+        s.apply(&p, &m);
+        assert_eq!(s.synchronous_set(), Some(&set(&[2], 1)));
+        assert_eq!(s.sync.target, Some(set(&[3], 1)));
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&commit, &m),
+            CommandOutcome::Rejected { .. }
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn shortening_the_lease_keeps_the_old_terms_until_settled() {
+        let mut s = ClusterState::default();
+        let m = ids(&[1]);
+        let old = LeaseTerms::of(&s.config);
+        let shorter = Command::SetConfig {
+            changes: [("lease_ms".to_string(), "2000".to_string())].into(),
+        };
+        s.apply(&shorter, &m);
+        assert_eq!(s.longest_lease_terms(), old);
+        s.apply(&Command::SettleLeaseCeiling, &m);
+        assert_eq!(s.longest_lease_terms().lease_ms, 2000);
+    }
+
+    #[test]
+    fn members_must_agree_on_the_raft_heartbeat() {
+        let mut s = ClusterState::default();
+        let m = ids(&[1, 2]);
+        let mut a = info(1, "a");
+        a.raft_heartbeat_ms = 150;
+        assert_eq!(
+            s.apply(&Command::RegisterMember(a), &m),
+            CommandOutcome::Applied
+        );
+        let mut b = info(2, "b");
+        b.raft_heartbeat_ms = 300;
+        match s.apply(&Command::RegisterMember(b.clone()), &m) {
+            CommandOutcome::Rejected { reason } => assert!(reason.contains("heartbeat_ms = 150")),
+            other => panic!("{other:?}"),
+        }
+        b.raft_heartbeat_ms = 150;
+        assert_eq!(
+            s.apply(&Command::RegisterMember(b), &m),
+            CommandOutcome::Applied
+        );
+    }
+
+    #[test]
+    fn recorded_primary_lsn_only_advances_within_the_epoch() {
+        let mut s = ClusterState::default();
+        let m = ids(&[1, 2]);
+        s.apply(&promote(1, 1), &m);
+        let rec = |lsn| Command::RecordPrimaryLsn { epoch: 1, lsn };
+        s.apply(&rec(500), &m);
+        s.apply(&rec(400), &m);
+        assert_eq!(s.primary_lsn.map(|r| r.lsn), Some(500));
+        assert!(matches!(
+            s.apply(&Command::RecordPrimaryLsn { epoch: 7, lsn: 9 }, &m),
+            CommandOutcome::Rejected { .. }
+        ));
     }
 }

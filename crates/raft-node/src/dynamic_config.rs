@@ -22,8 +22,11 @@ pub struct DynamicConfig {
     pub failure_threshold: u32,
     /// A replica further behind than this many bytes of WAL is not a failover candidate.
     pub maximum_lag_on_failover: u64,
-    /// Synchronous replication: only members of the committed sync set may be promoted.
-    pub synchronous_mode: bool,
+    /// Synchronous replication (design rule S6): which acknowledgements a commit on the primary
+    /// waits for, and so which members a failover may promote.
+    pub synchronous_mode: SyncMode,
+    /// How many synchronous standbys acknowledge each commit (`ANY k` in Postgres' terms).
+    pub synchronous_node_count: u32,
     /// Restart a crashed primary in place once before failing over.
     pub restart_before_failover: bool,
 }
@@ -36,8 +39,83 @@ impl Default for DynamicConfig {
             drift_margin_ms: 200,
             failure_threshold: 3,
             maximum_lag_on_failover: 1024 * 1024,
-            synchronous_mode: false,
+            synchronous_mode: SyncMode::On,
+            synchronous_node_count: 1,
             restart_before_failover: false,
+        }
+    }
+}
+
+/// Synchronous replication modes, as Patroni's users know them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Asynchronous: a primary cut off by the network acknowledges writes until its lease ends,
+    /// and a failover loses them.
+    Off,
+    /// Each commit waits for `synchronous_node_count` standbys; when no standby qualifies the
+    /// cluster commits a fall-back to asynchronous replication rather than block writes.
+    On,
+    /// Like `on`, but never falls back: with too few standbys, writes block.
+    Strict,
+    /// Each commit waits for any `synchronous_node_count` of all eligible standbys
+    /// (`ANY k (...)`); a failover promotes the most advanced of enough of them to overlap every
+    /// possible set of acknowledgers. Never falls back to asynchronous.
+    Quorum,
+}
+
+impl SyncMode {
+    fn parse(key: &str, value: &str) -> Result<Self, ConfigError> {
+        Ok(match value.to_ascii_lowercase().as_str() {
+            "off" | "false" => SyncMode::Off,
+            "on" | "true" => SyncMode::On,
+            "strict" => SyncMode::Strict,
+            "quorum" => SyncMode::Quorum,
+            _ => {
+                return Err(ConfigError::BadValue {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                    expected: "one of off, on, strict, quorum",
+                })
+            }
+        })
+    }
+
+    /// Whether commits wait for standbys at all.
+    pub fn is_synchronous(self) -> bool {
+        self != SyncMode::Off
+    }
+
+    /// Whether the cluster may commit a fall-back to asynchronous replication.
+    pub fn may_fall_back(self) -> bool {
+        self == SyncMode::On
+    }
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncMode::Off => "off",
+            SyncMode::On => "on",
+            SyncMode::Strict => "strict",
+            SyncMode::Quorum => "quorum",
+        })
+    }
+}
+
+// Stored states written before the modes existed hold a bool: `false` stays off.
+impl<'de> Deserialize<'de> for SyncMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(b) => Ok(if b { SyncMode::On } else { SyncMode::Off }),
+            Raw::Text(t) => SyncMode::parse("synchronous_mode", &t)
+                .map_err(|e| serde::de::Error::custom(e.to_string())),
         }
     }
 }
@@ -86,6 +164,7 @@ pub const KEYS: &[&str] = &[
     "failure_threshold",
     "maximum_lag_on_failover",
     "synchronous_mode",
+    "synchronous_node_count",
     "restart_before_failover",
 ];
 
@@ -106,6 +185,7 @@ impl DynamicConfig {
             "failure_threshold" => self.failure_threshold.to_string(),
             "maximum_lag_on_failover" => self.maximum_lag_on_failover.to_string(),
             "synchronous_mode" => self.synchronous_mode.to_string(),
+            "synchronous_node_count" => self.synchronous_node_count.to_string(),
             "restart_before_failover" => self.restart_before_failover.to_string(),
             _ => return None,
         })
@@ -129,7 +209,11 @@ impl DynamicConfig {
                         u32::try_from(parse_u64(key, value)?).map_err(|_| bad(key, value))?
                 }
                 "maximum_lag_on_failover" => next.maximum_lag_on_failover = parse_u64(key, value)?,
-                "synchronous_mode" => next.synchronous_mode = parse_bool(key, value)?,
+                "synchronous_mode" => next.synchronous_mode = SyncMode::parse(key, value)?,
+                "synchronous_node_count" => {
+                    next.synchronous_node_count =
+                        u32::try_from(parse_u64(key, value)?).map_err(|_| bad(key, value))?
+                }
                 "restart_before_failover" => next.restart_before_failover = parse_bool(key, value)?,
                 _ => {
                     return Err(ConfigError::UnknownKey {
@@ -173,6 +257,13 @@ impl DynamicConfig {
                 "drift_margin_ms",
                 self.drift_margin_ms,
                 format!("must be below lease_ms ({})", self.lease_ms),
+            ));
+        }
+        if !(1..=6).contains(&self.synchronous_node_count) {
+            return Err(range(
+                "synchronous_node_count",
+                u64::from(self.synchronous_node_count),
+                "must be between 1 and 6 (a cluster has at most 7 members)".into(),
             ));
         }
         if !(1..=100).contains(&self.failure_threshold) {
@@ -235,7 +326,18 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(c.lease_ms, 3000);
-        assert!(c.synchronous_mode);
+        assert_eq!(c.synchronous_mode, SyncMode::On);
+        let q = c
+            .with_changes(&changes(&[
+                ("synchronous_mode", "quorum"),
+                ("synchronous_node_count", "2"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            (q.synchronous_mode, q.synchronous_node_count),
+            (SyncMode::Quorum, 2)
+        );
+        assert_eq!(q.to_map()["synchronous_mode"], "quorum");
         assert_eq!(c.to_map()["lease_ms"], "3000");
     }
 
@@ -258,7 +360,22 @@ mod tests {
             base.with_changes(&changes(&[("synchronous_mode", "maybe")])),
             Err(ConfigError::BadValue { .. })
         ));
+        assert!(matches!(
+            base.with_changes(&changes(&[("synchronous_node_count", "0")])),
+            Err(ConfigError::OutOfRange { .. })
+        ));
         assert_eq!(base.with_changes(&BTreeMap::new()), Err(ConfigError::Empty));
+    }
+
+    #[test]
+    fn new_clusters_are_synchronous_and_old_stored_bools_still_load() {
+        assert_eq!(DynamicConfig::default().synchronous_mode, SyncMode::On);
+        let old: DynamicConfig = serde_json::from_str(r#"{"synchronous_mode": false}"#).unwrap();
+        assert_eq!(old.synchronous_mode, SyncMode::Off);
+        let new: DynamicConfig = serde_json::from_str(r#"{"synchronous_mode": "strict"}"#).unwrap();
+        assert_eq!(new.synchronous_mode, SyncMode::Strict);
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<DynamicConfig>(&json).unwrap(), new);
     }
 
     #[test]

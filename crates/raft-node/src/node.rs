@@ -79,6 +79,9 @@ pub enum NodeError {
     /// The Postgres section cannot be used.
     #[error("postgres: {0}")]
     Postgres(#[from] pg_supervisor::SupervisorError),
+    /// The sidecar's failover memory can neither be read nor rebuilt.
+    #[error("{0}")]
+    Memory(#[from] crate::failover::sidecar::MemoryError),
 }
 
 /// A started node: its Raft handle and a view of the applied state.
@@ -163,9 +166,7 @@ pub async fn run(
         cfg.node_id,
         raft.clone(),
         state.clone(),
-        3 * cfg.raft.heartbeat_ms,
-        // openraft 0.9 uses election_timeout_max as the followers' leader lease.
-        cfg.raft.election_timeout_max_ms,
+        cfg.raft.heartbeat_ms,
         events.clone(),
     );
     let api = ClusterService::new(
@@ -216,7 +217,8 @@ pub async fn run(
                 instance,
                 memory,
                 events.clone(),
-            );
+            )
+            .await?;
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
         None => None,
@@ -349,6 +351,7 @@ fn own_details(cfg: &NodeConfig) -> MemberInfo {
         pg_host: cfg.postgres.host.clone(),
         pg_port: cfg.postgres.port,
         tags: cfg.tags.clone(),
+        raft_heartbeat_ms: cfg.raft.heartbeat_ms,
     }
 }
 
@@ -382,6 +385,7 @@ async fn publish_own_details(
                     priority: mine.tags.priority,
                     nosync: mine.tags.nosync,
                 }),
+                raft_heartbeat_ms: mine.raft_heartbeat_ms,
             };
             match client
                 .call(|mut c| {

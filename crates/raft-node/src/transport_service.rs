@@ -47,6 +47,36 @@ impl RaftTransport for RaftTransportService {
         encode(&self.raft.vote(rpc).await)
     }
 
+    async fn take_leadership(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        #[derive(serde::Deserialize)]
+        struct Ask {
+            from: crate::types::NodeId,
+            term: u64,
+        }
+        let ask: Ask = decode(req)?;
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(ask.from) || m.current_term != ask.term {
+            return Err(Status::failed_precondition(format!(
+                "member {} is not the leader of term {} here (leader {:?}, term {})",
+                ask.from, ask.term, m.current_leader, m.current_term
+            )));
+        }
+        tracing::info!(
+            from = ask.from,
+            term = ask.term,
+            "the leader runs the primary's node: standing for election"
+        );
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::internal(format!("cannot start an election: {e}")))?;
+        encode(&())
+    }
+
     async fn install_snapshot(
         &self,
         req: Request<RaftMessage>,

@@ -4,18 +4,33 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::ServerState;
 use tokio::sync::watch;
 
-use super::lease::Millis;
-use super::policy::{decide, may_grant_lease, GrantRecord, PolicyInput, Verdict};
-use super::report::{MemberReport, PgState, Received, ReportBook};
-use crate::cluster_state::{Command, CommandOutcome};
+use super::lease::{new_leader_wait, LeaseTerms, Millis};
+use super::policy::{
+    decide, leadership_handoff, may_grant_lease, sync_step, GrantRecord, PolicyInput, Verdict,
+};
+use super::report::{LeaderStamp, MemberReport, PgState, ReportBook};
+use super::sync::SyncStep;
+use crate::cluster_state::{Command, CommandOutcome, PrimaryAssignment, SyncSet};
 use crate::events::EventLog;
 use crate::store::state_machine::AppliedState;
 use crate::types::{NodeId, Raft};
+
+/// The primary's WAL position is committed at most this often (it bounds replicas' lag for a
+/// leader that never heard the primary).
+const LSN_RECORD_EVERY_MS: Millis = 2_000;
+/// A leader on the primary's node asks another member to take over at most this often.
+const HANDOFF_EVERY_MS: Millis = 2_000;
+
+/// Milliseconds of `CLOCK_BOOTTIME`: one clock for every lease computation of this host, which
+/// keeps counting while the host is suspended (so is the guard's).
+pub fn boot_clock_ms() -> Millis {
+    pg_supervisor::lease::clock_now_ns() / 1_000_000
+}
 
 /// A renewal granted to a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +39,17 @@ pub struct Grant {
     pub epoch: u64,
     /// Length, counted by the holder from when it sent the report.
     pub lease_ms: u64,
+}
+
+/// The leader's answer to a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportAnswer {
+    /// The lease renewal, if granted.
+    pub grant: Option<Grant>,
+    /// This leader's term and clock, for the member to echo in its next report.
+    pub stamp: LeaderStamp,
+    /// A failover waits for reports sent after the old primary stopped: report again now.
+    pub report_again: bool,
 }
 
 /// What the leader currently knows of one member, for the topology.
@@ -46,6 +72,16 @@ struct Book {
     reports: ReportBook,
     last_grant: Option<GrantRecord>,
     quorum_confirmed_at: Option<Millis>,
+    /// The log index the last quorum confirmation read at: an applied state older than it may
+    /// miss a promotion a predecessor committed.
+    read_index: Option<u64>,
+    /// A promotion this leader is committing.
+    pending: Option<PrimaryAssignment>,
+    ceiling_seen_at: Option<Millis>,
+    lsn_recorded_at: Option<Millis>,
+    handoff_at: Option<Millis>,
+    /// The last verdict waits for fresh reports.
+    awaiting_reports: bool,
     verdict: String,
 }
 
@@ -54,39 +90,58 @@ pub struct FailoverLeader {
     node_id: NodeId,
     raft: Raft,
     state: watch::Receiver<Arc<AppliedState>>,
-    base: Instant,
-    quorum_ack_max_ms: u64,
-    raft_leader_lease_ms: u64,
+    heartbeat_ms: u64,
     book: Mutex<Book>,
     events: EventLog,
 }
 
+/// Why this leader may neither grant nor promote right now, if it may not.
+pub fn duty_blocked(
+    state: &AppliedState,
+    read_index: Option<u64>,
+    heartbeat_ms: u64,
+) -> Option<String> {
+    if let Some(hb) = state.cluster.raft_heartbeat_ms {
+        if hb != heartbeat_ms {
+            return Some(format!(
+                "this leader runs raft.heartbeat_ms = {heartbeat_ms} but the cluster runs {hb}: \
+                 its lease arithmetic would not match its predecessors'; fix its config"
+            ));
+        }
+    }
+    let applied = state.last_applied.map(|l| l.index);
+    match read_index {
+        Some(ri) if applied.is_some_and(|a| a >= ri) => None,
+        _ => Some("waiting for the applied state to catch up with the committed log".into()),
+    }
+}
+
 impl FailoverLeader {
-    /// The duty of node `node_id`; leases are granted only while the last quorum confirmation
-    /// is at most `quorum_ack_max_ms` old; followers refuse votes for `raft_leader_lease_ms`
-    /// after hearing from their leader.
+    /// The duty of node `node_id`, which runs Raft with heartbeats every `heartbeat_ms`; leases
+    /// are granted only while the last quorum confirmation is at most three heartbeats old.
     pub fn new(
         node_id: NodeId,
         raft: Raft,
         state: watch::Receiver<Arc<AppliedState>>,
-        quorum_ack_max_ms: u64,
-        raft_leader_lease_ms: u64,
+        heartbeat_ms: u64,
         events: EventLog,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
             raft,
             state,
-            base: Instant::now(),
-            quorum_ack_max_ms,
-            raft_leader_lease_ms,
+            heartbeat_ms,
             book: Mutex::new(Book::default()),
             events,
         })
     }
 
     fn now(&self) -> Millis {
-        self.base.elapsed().as_millis() as Millis
+        boot_clock_ms()
+    }
+
+    fn quorum_ack_max_ms(&self) -> u64 {
+        3 * self.heartbeat_ms
     }
 
     /// This node's term if it leads now.
@@ -120,43 +175,72 @@ impl FailoverLeader {
     ) -> PolicyInput<'a> {
         PolicyInput {
             now,
+            term: book.term,
             leader_since: book.since,
-            quorum_ack_max_ms: self.quorum_ack_max_ms,
-            raft_leader_lease_ms: self.raft_leader_lease_ms,
+            quorum_ack_max_ms: self.quorum_ack_max_ms(),
             cluster: &state.cluster,
             members,
             reports: &book.reports,
             last_grant: book.last_grant,
+            pending: book.pending,
+        }
+    }
+
+    /// Forgets a pending promotion once the applied state shows it (or a later one).
+    fn settle_pending(book: &mut Book, state: &AppliedState) {
+        let applied_epoch = state.cluster.primary.map(|p| p.epoch).unwrap_or(0);
+        if book.pending.is_some_and(|p| applied_epoch >= p.epoch) {
+            book.pending = None;
         }
     }
 
     /// Handles a member's report; `None` when this node does not lead.
-    pub fn on_report(&self, report: MemberReport) -> Option<Option<Grant>> {
+    pub fn on_report(&self, report: MemberReport) -> Option<ReportAnswer> {
         let term = self.leading_term()?;
         let now = self.now();
         let state = self.state.borrow().clone();
         let members = state.member_ids();
         self.with_book(term, |book| {
-            book.reports.insert(
-                report.node,
-                Received {
-                    at: now,
-                    report: report.clone(),
-                },
-            );
-            let ack_age = book.quorum_confirmed_at.map(|t| now.saturating_sub(t));
-            let input = self.policy_input(book, now, &state, &members);
-            let epoch = may_grant_lease(&input, &report, ack_age)?;
-            book.last_grant = Some(GrantRecord {
-                node: report.node,
-                epoch,
-                received_at: now,
-                report_sent_at: report.sent_at,
-            });
-            Some(Grant {
-                epoch,
-                lease_ms: state.cluster.config.lease_ms,
-            })
+            let granted = book
+                .last_grant
+                .filter(|g| g.node == report.node)
+                .map(|g| g.report_sent_at);
+            super::report::record(&mut book.reports, report.clone(), now, granted);
+            Self::settle_pending(book, &state);
+            let grant = self.grant(book, now, &state, &members, &report);
+            ReportAnswer {
+                grant,
+                stamp: LeaderStamp { term, at: now },
+                report_again: book.awaiting_reports,
+            }
+        })
+    }
+
+    fn grant(
+        &self,
+        book: &mut Book,
+        now: Millis,
+        state: &AppliedState,
+        members: &std::collections::BTreeSet<NodeId>,
+        report: &MemberReport,
+    ) -> Option<Grant> {
+        if duty_blocked(state, book.read_index, self.heartbeat_ms).is_some() {
+            return None;
+        }
+        let ack_age = book.quorum_confirmed_at.map(|t| now.saturating_sub(t));
+        let input = self.policy_input(book, now, state, members);
+        let epoch = may_grant_lease(&input, report, ack_age)?;
+        let terms = LeaseTerms::of(&state.cluster.config);
+        book.last_grant = Some(GrantRecord {
+            node: report.node,
+            epoch,
+            received_at: now,
+            report_sent_at: report.sent_at,
+            terms,
+        });
+        Some(Grant {
+            epoch,
+            lease_ms: terms.lease_ms,
         })
     }
 
@@ -203,16 +287,142 @@ impl FailoverLeader {
             let Some(term) = self.leading_term() else {
                 continue;
             };
-            let verdict = self.decide(term);
-            if let Some(Verdict::Promote {
-                node,
-                epoch,
-                reason,
-                lsn,
-            }) = verdict
-            {
-                self.promote(node, epoch, reason, lsn).await;
+            match self.decide(term) {
+                Some(Verdict::Promote {
+                    node,
+                    epoch,
+                    reason,
+                    lsn,
+                    sync,
+                }) => self.promote(term, node, epoch, reason, lsn, sync).await,
+                Some(Verdict::Steady) => self.upkeep(term).await,
+                _ => {}
             }
+        }
+    }
+
+    /// The leader's chores while the primary is healthy: the synchronous standbys, the
+    /// recorded primary position, an old lease ceiling, and moving Raft leadership off the
+    /// primary's node.
+    async fn upkeep(&self, term: u64) {
+        let now = self.now();
+        let state = self.state.borrow().clone();
+        let members = state.member_ids();
+        let voters: std::collections::BTreeSet<NodeId> =
+            state.membership.membership().voter_ids().collect();
+        let Some(primary) = state.cluster.primary else {
+            return;
+        };
+        let Some((command, handoff)) = self.with_book(term, |book| {
+            let handoff_due = book.handoff_at.is_none_or(|t| now >= t + HANDOFF_EVERY_MS);
+            let (step, handoff) = {
+                let input = self.policy_input(book, now, &state, &members);
+                let handoff = handoff_due
+                    .then(|| leadership_handoff(&input, self.node_id, &voters))
+                    .flatten();
+                (sync_step(&input), handoff)
+            };
+            let command = if let Some(step) = step {
+                Some(match step {
+                    SyncStep::Commit(set) => Command::CommitSync {
+                        epoch: primary.epoch,
+                        set,
+                    },
+                    SyncStep::Target(target) => Command::SetSyncTarget {
+                        epoch: primary.epoch,
+                        target,
+                    },
+                })
+            } else if let Some(c) = state.cluster.lease_ceiling {
+                let seen = *book.ceiling_seen_at.get_or_insert(now);
+                let office = book.since + new_leader_wait(c, self.quorum_ack_max_ms());
+                (now >= office && now >= seen + c.grantor_span())
+                    .then_some(Command::SettleLeaseCeiling)
+            } else {
+                None
+            };
+            let command = command.or_else(|| {
+                let r = book.reports.get(&primary.node)?;
+                let recorded = state
+                    .cluster
+                    .primary_lsn
+                    .filter(|r| r.epoch == primary.epoch);
+                let due = book
+                    .lsn_recorded_at
+                    .is_none_or(|t| now >= t + LSN_RECORD_EVERY_MS);
+                let advanced = recorded.is_none_or(|rec| r.report.lsn > rec.lsn);
+                (due && advanced && r.report.pg == PgState::Primary).then(|| {
+                    book.lsn_recorded_at = Some(now);
+                    Command::RecordPrimaryLsn {
+                        epoch: primary.epoch,
+                        lsn: r.report.lsn,
+                    }
+                })
+            });
+            if handoff.is_some() {
+                book.handoff_at = Some(now);
+            }
+            (command, handoff)
+        }) else {
+            return;
+        };
+        if let Some(cmd) = command {
+            let what = format!("{cmd:?}");
+            match self.raft.client_write(cmd).await {
+                Ok(r) if r.data == CommandOutcome::Applied => {
+                    tracing::info!(epoch = primary.epoch, "committed {what}");
+                    if !what.starts_with("RecordPrimaryLsn") {
+                        self.events.record(
+                            "failover",
+                            format!("committed {what}"),
+                            primary.epoch,
+                            0,
+                        );
+                    }
+                }
+                Ok(r) => tracing::warn!(outcome = ?r.data, "{what} refused"),
+                Err(e) => tracing::warn!(error = %e, "{what} not committed"),
+            }
+        }
+        if let Some(target) = handoff {
+            self.hand_off(term, target, &state).await;
+        }
+    }
+
+    /// Asks `target` to stand for election: this node runs the primary, and a host crash here
+    /// would cost an election plus a new leader's wait before the lease question is even asked.
+    async fn hand_off(&self, term: u64, target: NodeId, state: &AppliedState) {
+        let Some(addr) = state
+            .membership
+            .membership()
+            .get_node(&target)
+            .map(|n| n.addr.clone())
+        else {
+            return;
+        };
+        tracing::info!(
+            term,
+            target,
+            "this node runs the primary: asking member {target} to take Raft leadership"
+        );
+        let payload = serde_json::json!({ "from": self.node_id, "term": term }).to_string();
+        let call = async {
+            let channel = crate::network::lazy_channel(&addr).ok()?;
+            let mut client = crate::proto::raft_transport_client::RaftTransportClient::new(channel);
+            client
+                .take_leadership(crate::proto::RaftMessage {
+                    payload: payload.into_bytes(),
+                })
+                .await
+                .ok()
+        };
+        if tokio::time::timeout(Duration::from_millis(500), call)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            tracing::warn!(target, "member {target} did not take the hand-off request");
         }
     }
 
@@ -230,11 +440,14 @@ impl FailoverLeader {
                 continue;
             }
             let asked = self.now();
-            let limit = Duration::from_millis(self.quorum_ack_max_ms);
+            let limit = Duration::from_millis(self.quorum_ack_max_ms());
             let confirm = tokio::time::timeout(limit, self.raft.get_read_log_id()).await;
-            if matches!(confirm, Ok(Ok(_))) {
+            if let Ok(Ok((read_log_id, _))) = confirm {
                 // Counted from before the heartbeats left: never younger than the real contact.
-                self.with_book(term, |b| b.quorum_confirmed_at = Some(asked));
+                self.with_book(term, |b| {
+                    b.quorum_confirmed_at = Some(asked);
+                    b.read_index = Some(read_log_id.map(|l| l.index).unwrap_or(0));
+                });
             }
         }
     }
@@ -244,11 +457,19 @@ impl FailoverLeader {
         let state = self.state.borrow().clone();
         let members = state.member_ids();
         self.with_book(term, |book| {
-            let verdict = decide(&self.policy_input(book, now, &state, &members));
+            Self::settle_pending(book, &state);
+            let verdict = match duty_blocked(&state, book.read_index, self.heartbeat_ms) {
+                // Nothing committed yet needs a current state to be judged.
+                Some(why) if state.cluster.primary.is_some() => Verdict::Wait { reason: why },
+                _ => decide(&self.policy_input(book, now, &state, &members)),
+            };
+            book.awaiting_reports = matches!(verdict, Verdict::AwaitReports { .. });
             let text = match &verdict {
                 Verdict::Steady => String::new(),
                 Verdict::Promote { reason, node, .. } => format!("promoting {node}: {reason}"),
-                Verdict::Wait { reason } | Verdict::NoCandidate { reason } => reason.clone(),
+                Verdict::Wait { reason }
+                | Verdict::AwaitReports { reason }
+                | Verdict::NoCandidate { reason } => reason.clone(),
             };
             if text != book.verdict && !text.is_empty() {
                 let epoch = state.cluster.primary.map(|p| p.epoch).unwrap_or(0);
@@ -264,7 +485,15 @@ impl FailoverLeader {
         })
     }
 
-    async fn promote(&self, node: NodeId, epoch: u64, reason: String, lsn: u64) {
+    async fn promote(
+        &self,
+        term: u64,
+        node: NodeId,
+        epoch: u64,
+        reason: String,
+        lsn: u64,
+        sync: SyncSet,
+    ) {
         let at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -275,10 +504,23 @@ impl FailoverLeader {
             reason: reason.clone(),
             at_unix_ms,
             lsn: Some(lsn),
+            sync: sync.clone(),
         };
-        match self.raft.client_write(cmd).await {
+        // From here until the applied state shows the promotion, the demoted primary gets no
+        // lease: one granted now would outlive the decision.
+        self.with_book(term, |b| {
+            b.pending = Some(PrimaryAssignment { node, epoch })
+        });
+        let outcome = self.raft.client_write(cmd).await;
+        if let Ok(r) = &outcome {
+            if r.data != CommandOutcome::Applied {
+                // Applied and refused: nothing changed, nothing pending.
+                self.with_book(term, |b| b.pending = None);
+            }
+        }
+        match outcome {
             Ok(r) if r.data == CommandOutcome::Applied => {
-                tracing::info!(node, epoch, lsn, %reason, "committed new primary");
+                tracing::info!(node, epoch, lsn, sync = ?sync.members, k = sync.k, %reason, "committed new primary");
                 self.events.record(
                     "failover",
                     format!("committed member {node} as primary: {reason}"),

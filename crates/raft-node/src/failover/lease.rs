@@ -45,47 +45,80 @@ impl HeldLease {
     }
 }
 
-/// The end of a granted lease as the grantor must assume it: receipt time plus lease plus drift
-/// margin, on the grantor's clock. Before this instant nobody else may be made primary.
-pub fn grantor_safe_after(received_at: Millis, cfg: &DynamicConfig) -> Millis {
-    received_at
-        .saturating_add(cfg.lease_ms)
-        .saturating_add(cfg.drift_margin_ms)
+/// The length of a lease and the drift margin its grantor adds: every grant records the terms it
+/// was given under, and is judged by them, never by the configuration of the moment (an operator
+/// may shorten the lease while an old grant still runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTerms {
+    /// Lease length, counted by the holder from when it sent the renewal.
+    pub lease_ms: u64,
+    /// What the grantor adds for clock-rate differences.
+    pub drift_margin_ms: u64,
+}
+
+impl LeaseTerms {
+    /// The terms a grant made now would carry.
+    pub fn of(cfg: &DynamicConfig) -> Self {
+        Self {
+            lease_ms: cfg.lease_ms,
+            drift_margin_ms: cfg.drift_margin_ms,
+        }
+    }
+
+    /// Lease plus margin: how long after receipt the grantor must assume the lease runs.
+    pub fn grantor_span(&self) -> u64 {
+        self.lease_ms.saturating_add(self.drift_margin_ms)
+    }
+
+    /// The longer of two sets of terms (by grantor span).
+    pub fn longest(self, other: LeaseTerms) -> LeaseTerms {
+        if other.grantor_span() > self.grantor_span() {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// The largest relative clock-rate error (e.g. 0.04 = 4 %) between two parties that the
+    /// margin covers: the holder's lease, measured slow, must end before the grantor's, measured
+    /// fast: `L / (1 - r) <= (L + m) / (1 + r)`, so `r <= m / (2L + m)`.
+    pub fn max_clock_rate_error(&self) -> f64 {
+        let l = self.lease_ms as f64;
+        let m = self.drift_margin_ms as f64;
+        m / (2.0 * l + m)
+    }
+}
+
+/// The end of a granted lease as the grantor must assume it: receipt time plus the granted lease
+/// plus its drift margin, on the grantor's clock. Before this instant nobody else may be made
+/// primary.
+pub fn grantor_safe_after(received_at: Millis, terms: LeaseTerms) -> Millis {
+    received_at.saturating_add(terms.grantor_span())
 }
 
 /// How long a newly elected Raft leader waits from taking office before it promotes anyone
-/// (S2, with the refinement of the design brief). It cannot know what its predecessor granted,
-/// but:
+/// (S2). It cannot know what its predecessor granted, but:
 /// - the predecessor granted a lease only while its last quorum confirmation (counted from when
 ///   the heartbeats left) was at most `quorum_ack_max_ms` old;
-/// - every member of that quorum refreshed its Raft leader lease when the heartbeat arrived,
-///   and refuses to vote for anyone for `raft_leader_lease_ms` after (openraft 0.9.25);
-/// - this leader's voters intersect that quorum.
+/// - that confirmation was acknowledged by a majority in the old term, and one member of it also
+///   voted for this leader, after acknowledging (a voter refuses the old term once it voted), so
+///   the confirmation left before this leader took office.
 ///
-/// So every lease the predecessor granted ends (grantor's bound) no later than
-/// `election + lease + margin + quorum_ack_max - raft_leader_lease`; the drift term covers clock
-/// rates differing by up to [`max_clock_rate_error`] on the two intervals measured on other
-/// members' clocks.
-pub fn new_leader_wait(
-    cfg: &DynamicConfig,
-    quorum_ack_max_ms: u64,
-    raft_leader_lease_ms: u64,
-) -> u64 {
-    let drift = (2.0
-        * max_clock_rate_error(cfg)
-        * (quorum_ack_max_ms + raft_leader_lease_ms) as f64)
-        .ceil() as u64;
-    (cfg.lease_ms + cfg.drift_margin_ms + quorum_ack_max_ms + drift)
-        .saturating_sub(raft_leader_lease_ms)
+/// So every lease the predecessor granted ends, by its grantor's bound, within
+/// `quorum_ack_max + lease + margin` of this leader taking office, measured on the
+/// predecessor's clock; scaled by `(1 + r) / (1 - r)` it holds on this leader's clock too. The
+/// wait does not subtract the Raft leader lease: in openraft 0.9.25 a leader refreshes its own
+/// vote time only on incoming RPCs, so it may itself vote for a successor, and the quorums of the
+/// two terms need not share a member that refused votes.
+pub fn new_leader_wait(terms: LeaseTerms, quorum_ack_max_ms: u64) -> u64 {
+    let r = terms.max_clock_rate_error();
+    let span = (quorum_ack_max_ms + terms.grantor_span()) as f64;
+    (span * (1.0 + r) / (1.0 - r)).ceil() as u64
 }
 
-/// The largest relative clock-rate error (e.g. 0.04 = 4 %) between holder and grantor that the
-/// margin covers: the holder's lease, measured slow, must end before the grantor's, measured
-/// fast: `L / (1 - r) <= (L + m) / (1 + r)`, so `r <= m / (2L + m)`.
+/// The clock-rate error the configured margin covers ([`LeaseTerms::max_clock_rate_error`]).
 pub fn max_clock_rate_error(cfg: &DynamicConfig) -> f64 {
-    let l = cfg.lease_ms as f64;
-    let m = cfg.drift_margin_ms as f64;
-    m / (2.0 * l + m)
+    LeaseTerms::of(cfg).max_clock_rate_error()
 }
 
 #[cfg(test)]
@@ -99,7 +132,7 @@ mod tests {
         assert!(held.valid_at(1_000 + cfg.lease_ms - 1));
         assert!(!held.valid_at(1_000 + cfg.lease_ms));
         // Same clock, receipt later than send: the grantor's bound is strictly later.
-        assert!(grantor_safe_after(1_005, &cfg) > held.expires_at);
+        assert!(grantor_safe_after(1_005, LeaseTerms::of(&cfg)) > held.expires_at);
     }
 
     #[test]
@@ -121,5 +154,35 @@ mod tests {
         let l = cfg.lease_ms as f64;
         let m = cfg.drift_margin_ms as f64;
         assert!(l / (1.0 - r) <= (l + m) / (1.0 + r) + 1e-9);
+    }
+
+    #[test]
+    fn a_grant_is_judged_by_the_terms_it_was_given_under() {
+        // Granted under a 10 s lease; the operator then lowers it to 2 s. The grant still runs
+        // 10 s plus its margin.
+        let granted = LeaseTerms {
+            lease_ms: 10_000,
+            drift_margin_ms: 200,
+        };
+        let lowered = LeaseTerms {
+            lease_ms: 2_000,
+            drift_margin_ms: 100,
+        };
+        assert_eq!(grantor_safe_after(1_000, granted), 11_200);
+        assert_eq!(granted.longest(lowered), granted);
+        assert_eq!(lowered.longest(granted), granted);
+    }
+
+    #[test]
+    fn new_leader_waits_at_least_ack_bound_plus_lease_plus_margin_with_drift() {
+        let cfg = DynamicConfig::default();
+        let terms = LeaseTerms::of(&cfg);
+        let w = new_leader_wait(terms, 450);
+        let floor = 450 + cfg.lease_ms + cfg.drift_margin_ms;
+        assert!(w > floor, "{w} <= {floor}");
+        // With clocks at the edge of the covered rate error, the predecessor's bound (measured
+        // fast) still ends before this leader's wait (measured slow).
+        let r = terms.max_clock_rate_error();
+        assert!(w as f64 * (1.0 - r) >= floor as f64 * (1.0 + r) - 1e-6);
     }
 }

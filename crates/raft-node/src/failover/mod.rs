@@ -3,9 +3,11 @@
 //! transition table ([`reconcile`]). Their I/O edges: the leader's duty ([`leader`]) and the
 //! member's loop ([`sidecar`]).
 
+pub mod assess;
 pub mod leader;
 pub mod lease;
 pub mod policy;
 pub mod reconcile;
 pub mod report;
 pub mod sidecar;
+pub mod sync;

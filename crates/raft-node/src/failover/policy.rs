@@ -2,11 +2,12 @@
 //! the leader's clock. It decides whether the primary is healthy, whether and when another member
 //! may be promoted, and whether the primary's lease may be renewed. No I/O, no hidden clock.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::lease::{grantor_safe_after, new_leader_wait, Millis};
+use super::lease::{grantor_safe_after, new_leader_wait, LeaseTerms, Millis};
 use super::report::{MemberReport, PgState, ReportBook};
-use crate::cluster_state::{ClusterState, Epoch};
+use super::sync::{self, SyncStep};
+use crate::cluster_state::{ClusterState, Epoch, PrimaryAssignment, SyncSet};
 use crate::types::NodeId;
 
 /// The last lease the current leader granted, as the grantor recorded it.
@@ -20,6 +21,9 @@ pub struct GrantRecord {
     pub received_at: Millis,
     /// Holder's clock when it sent the granted report ([`MemberReport::sent_at`]).
     pub report_sent_at: Millis,
+    /// The lease and margin granted; the grant is judged by these, never by the configuration
+    /// of the moment.
+    pub terms: LeaseTerms,
 }
 
 /// Everything the policy looks at.
@@ -27,13 +31,12 @@ pub struct GrantRecord {
 pub struct PolicyInput<'a> {
     /// Leader's clock now.
     pub now: Millis,
+    /// The leader's Raft term (reports echo stamps of it).
+    pub term: u64,
     /// Leader's clock when it took office.
     pub leader_since: Millis,
     /// A leader grants leases only while its last quorum acknowledgement is at most this old.
     pub quorum_ack_max_ms: u64,
-    /// How long a Raft follower refuses to vote after hearing from its leader (openraft's
-    /// leader lease: `election_timeout_max`).
-    pub raft_leader_lease_ms: u64,
     /// The committed cluster state.
     pub cluster: &'a ClusterState,
     /// Ids of the Raft members (voters and learners).
@@ -42,6 +45,9 @@ pub struct PolicyInput<'a> {
     pub reports: &'a ReportBook,
     /// The last lease this leader granted to the committed primary, if any.
     pub last_grant: Option<GrantRecord>,
+    /// A promotion this leader decided and is still committing: the member it demotes gets no
+    /// lease in the meantime.
+    pub pending: Option<PrimaryAssignment>,
 }
 
 /// What the leader should do now.
@@ -59,9 +65,18 @@ pub enum Verdict {
         reason: String,
         /// The candidate's reported WAL position.
         lsn: u64,
+        /// The synchronous standbys of the new epoch.
+        sync: SyncSet,
     },
     /// A failover is due but not allowed yet; the reason says until when and why.
     Wait {
+        /// Why, in an operator's words.
+        reason: String,
+    },
+    /// A failover is due; it waits for members to report again, after the old primary
+    /// stopped, so that their WAL positions say all they hold. Members are asked to report at
+    /// once.
+    AwaitReports {
         /// Why, in an operator's words.
         reason: String,
     },
@@ -77,6 +92,56 @@ impl PolicyInput<'_> {
         let r = self.reports.get(&node)?;
         (self.now.saturating_sub(r.at) <= self.cluster.config.lease_ms).then_some(&r.report)
     }
+
+    /// Whether `r` was sent after the leader's instant `since` (it echoes a stamp of this term
+    /// taken no earlier).
+    fn sent_after(&self, r: &MemberReport, since: Millis) -> bool {
+        r.leader_stamp
+            .is_some_and(|s| s.term == self.term && s.at >= since)
+    }
+
+    fn tags(&self, node: NodeId) -> crate::cluster_state::Tags {
+        self.cluster
+            .members
+            .get(&node)
+            .map(|m| m.tags.clone())
+            .unwrap_or_default()
+    }
+
+    /// Members that could ever acknowledge commits of `primary`.
+    fn possible_standbys(&self, primary: NodeId) -> BTreeSet<NodeId> {
+        self.members
+            .iter()
+            .copied()
+            .filter(|n| *n != primary && !self.tags(*n).nosync)
+            .collect()
+    }
+
+    /// Standbys fit to acknowledge commits of `primary`, best first: a member of `current`
+    /// stays while it is a live replica; a new one must stream from `primary` now (any live
+    /// replica when `primary` is about to be promoted and nobody streams from it yet).
+    fn fit_standbys(&self, primary: NodeId, current: &SyncSet, promoting: bool) -> Vec<NodeId> {
+        let cfg = &self.cluster.config;
+        let mut fit: Vec<&MemberReport> = self
+            .possible_standbys(primary)
+            .into_iter()
+            .filter_map(|n| self.fresh(n))
+            .filter(|r| {
+                let live =
+                    r.pg == PgState::Replica && r.consecutive_failures < cfg.failure_threshold;
+                let streams = r.upstream == Some(primary) && r.receives_wal_now(wal_fresh_ms(cfg));
+                live && (current.members.contains(&r.node) || streams || promoting)
+            })
+            .collect();
+        fit.sort_by(|a, b| b.lsn.cmp(&a.lsn).then(a.node.cmp(&b.node)));
+        fit.into_iter().map(|r| r.node).collect()
+    }
+}
+
+/// How recent a replica's last message from its upstream must be to count as evidence that the
+/// upstream is alive (the primary writes a heartbeat every tick).
+pub fn wal_fresh_ms(cfg: &crate::dynamic_config::DynamicConfig) -> u64 {
+    (cfg.lease_ms / 2).max(4 * cfg.tick_ms)
 }
 
 /// Whether the leader may renew the lease of `from` now. It may when `from` is the committed
@@ -90,6 +155,10 @@ pub fn may_grant_lease(
 ) -> Option<Epoch> {
     let primary = input.cluster.primary?;
     if primary.node != from.node {
+        return None;
+    }
+    // A promotion on its way demotes this primary: a lease now would outlive the decision.
+    if input.pending.is_some_and(|p| p.epoch > primary.epoch) {
         return None;
     }
     if quorum_ack_age_ms.is_none_or(|age| age > input.quorum_ack_max_ms) {
@@ -133,10 +202,14 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             reason: format!("{why}, but automatic failover is paused"),
         };
     }
+    if input.pending.is_some() {
+        return Verdict::Wait {
+            reason: format!("{why}; a promotion is being committed"),
+        };
+    }
     let office_wait_until = input.leader_since.saturating_add(new_leader_wait(
-        cfg,
+        input.cluster.longest_lease_terms(),
         input.quorum_ack_max_ms,
-        input.raft_leader_lease_ms,
     ));
     if input.now < office_wait_until {
         return Verdict::Wait {
@@ -158,29 +231,40 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         (None, _) => false,
     };
     let fenced = primary_report.is_some_and(|r| r.pg == PgState::Fenced);
-    if !fenced_after_last_grant {
+    // From this instant on (leader's clock) the old primary acknowledges nothing: its fenced
+    // report arrived, or every lease it may hold has run out.
+    let down_since = if fenced_after_last_grant {
+        input
+            .reports
+            .get(&primary.node)
+            .map_or(input.now, |r| r.fenced_since.unwrap_or(r.at))
+    } else {
+        let mut until = office_wait_until;
         if let Some(g) = input.last_grant.filter(|g| g.node == primary.node) {
-            let until = grantor_safe_after(g.received_at, cfg);
+            until = until.max(grantor_safe_after(g.received_at, g.terms));
             if input.now < until {
                 return Verdict::Wait {
                     reason: format!("{why}; its lease may run {} ms more", until - input.now),
                 };
             }
         }
-    }
+        until
+    };
     let mut excluded = Vec::new();
+    let mut awaiting = Vec::new();
     let mut candidates: Vec<(&MemberReport, i32)> = Vec::new();
     for &node in input.members.iter().filter(|n| **n != primary.node) {
         let Some(r) = input.fresh(node) else {
             excluded.push(format!("{node}: no recent report"));
             continue;
         };
-        let tags = input
-            .cluster
-            .members
-            .get(&node)
-            .map(|m| m.tags.clone())
-            .unwrap_or_default();
+        if !input.sent_after(r, down_since) {
+            // Sent before the old primary stopped, its WAL position may miss writes it
+            // acknowledged since (a frozen sidecar's Postgres keeps receiving).
+            awaiting.push(node);
+            continue;
+        }
+        let tags = input.tags(node);
         if tags.nofailover {
             excluded.push(format!("{node}: tagged nofailover"));
             continue;
@@ -189,7 +273,10 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             excluded.push(format!("{node}: not a healthy replica ({:?})", r.pg));
             continue;
         }
-        if r.streaming && !fenced {
+        // The status word `streaming` outlives a silent cut by a timeout; only a recent message
+        // from the old primary shows it alive.
+        let from_old_primary = r.upstream.is_none_or(|u| u == primary.node);
+        if from_old_primary && r.receives_wal_now(wal_fresh_ms(cfg)) && !fenced {
             // The old primary still ships WAL: it is alive and would win this race a moment
             // later, and its guard has not fenced it yet. Never promote beside a live writer.
             return Verdict::Wait {
@@ -200,27 +287,74 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         }
         candidates.push((r, tags.priority));
     }
-    // Lag is measured against the most advanced position any member reported, the old
-    // primary's last report included even when it is stale.
-    let best_lsn = input
-        .members
-        .iter()
-        .filter_map(|n| input.reports.get(n))
-        .map(|r| r.report.lsn)
-        .max()
-        .unwrap_or(0);
-    candidates.retain(|(r, _)| {
-        let lag = best_lsn.saturating_sub(r.lsn);
-        if lag > cfg.maximum_lag_on_failover {
-            excluded.push(format!(
-                "{}: {lag} bytes behind (maximum_lag_on_failover = {})",
-                r.node, cfg.maximum_lag_on_failover
-            ));
-            false
-        } else {
-            true
+    if !awaiting.is_empty() {
+        // pg_auto_failover's lesson: never promote before every reachable member has said how
+        // far it got, or the most advanced one may lose the race.
+        return Verdict::AwaitReports {
+            reason: format!(
+                "{why}; waiting for members {awaiting:?} to report after the old primary stopped"
+            ),
+        };
+    }
+    match input.cluster.synchronous_set() {
+        Some(set) => {
+            // Only a member known to hold every acknowledged write; lag does not matter then.
+            let reported: BTreeMap<NodeId, u64> = set
+                .members
+                .iter()
+                .filter_map(|n| input.fresh(*n))
+                .filter(|r| r.pg == PgState::Replica && input.sent_after(r, down_since))
+                .map(|r| (r.node, r.lsn))
+                .collect();
+            match sync::holders_of_every_ack(set, &reported) {
+                Ok(holders) => candidates.retain(|(r, _)| {
+                    let holds = holders.contains(&r.node);
+                    if !holds {
+                        excluded.push(format!(
+                            "{}: not known to hold every acknowledged write (synchronous set \
+                             {:?}, most advanced {holders:?})",
+                            r.node, set.members
+                        ));
+                    }
+                    holds
+                }),
+                Err(why_not) => {
+                    excluded.push(why_not);
+                    candidates.clear();
+                }
+            }
         }
-    });
+        None => {
+            // Lag is measured against the most advanced position known: any member's report,
+            // the old primary's last one included even when it is stale, and the position
+            // last committed for the primary (a new leader has no older reports).
+            let recorded = input
+                .cluster
+                .primary_lsn
+                .filter(|r| r.epoch == primary.epoch)
+                .map(|r| r.lsn);
+            let best_lsn = input
+                .members
+                .iter()
+                .filter_map(|n| input.reports.get(n))
+                .map(|r| r.report.lsn)
+                .chain(recorded)
+                .max()
+                .unwrap_or(0);
+            candidates.retain(|(r, _)| {
+                let lag = best_lsn.saturating_sub(r.lsn);
+                if lag > cfg.maximum_lag_on_failover {
+                    excluded.push(format!(
+                        "{}: {lag} bytes behind (maximum_lag_on_failover = {})",
+                        r.node, cfg.maximum_lag_on_failover
+                    ));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
     candidates.sort_by(|(a, pa), (b, pb)| {
         b.timeline
             .cmp(&a.timeline)
@@ -229,16 +363,64 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             .then(a.node.cmp(&b.node))
     });
     match candidates.first() {
-        Some((best, _)) => Verdict::Promote {
-            node: best.node,
-            epoch: primary.epoch + 1,
-            reason: why,
-            lsn: best.lsn,
-        },
+        Some((best, _)) => {
+            // The new primary's standbys: the old set's other members first, then live replicas.
+            let mut keep = input.cluster.sync.committed.clone();
+            keep.members.remove(&best.node);
+            let fit = input.fit_standbys(best.node, &keep, true);
+            let possible = input.possible_standbys(best.node);
+            Verdict::Promote {
+                node: best.node,
+                epoch: primary.epoch + 1,
+                reason: why,
+                lsn: best.lsn,
+                sync: sync::desired(cfg, &keep, &fit, &possible),
+            }
+        }
         None => Verdict::NoCandidate {
             reason: format!("{why}; no candidate: {}", excluded.join("; ")),
         },
     }
+}
+
+/// The next change of the synchronous standbys of the running primary, if any: only while the
+/// primary reports as a primary and no promotion is under way.
+pub fn sync_step(input: &PolicyInput<'_>) -> Option<SyncStep> {
+    let primary = input.cluster.primary?;
+    if input.pending.is_some() || input.cluster.sync.epoch != primary.epoch {
+        return None;
+    }
+    let report = input.fresh(primary.node)?;
+    if report.pg != PgState::Primary {
+        return None;
+    }
+    let state = &input.cluster.sync;
+    let current = sync::to_apply(state);
+    let fit = input.fit_standbys(primary.node, current, false);
+    let possible = input.possible_standbys(primary.node);
+    let want = sync::desired(&input.cluster.config, current, &fit, &possible);
+    sync::next_step(state, &want, report.sync_applied.as_ref(), primary.node)
+}
+
+/// Whom the leader `me` should ask to take Raft leadership, if anyone: when `me` runs the
+/// committed primary and another voter is a healthy replica (the most advanced), so that a
+/// crash of the primary's host costs one lease and not an election on top of it.
+pub fn leadership_handoff(
+    input: &PolicyInput<'_>,
+    me: NodeId,
+    voters: &BTreeSet<NodeId>,
+) -> Option<NodeId> {
+    let primary = input.cluster.primary?;
+    if primary.node != me || input.pending.is_some() || !voters.contains(&me) {
+        return None;
+    }
+    voters
+        .iter()
+        .filter(|n| **n != me)
+        .filter_map(|n| input.fresh(*n))
+        .filter(|r| r.healthy_replica())
+        .max_by(|a, b| a.lsn.cmp(&b.lsn).then(b.node.cmp(&a.node)))
+        .map(|r| r.node)
 }
 
 /// A new cluster's first primary: chosen once every member has reported, preferring a member
@@ -278,11 +460,14 @@ fn choose_first_primary(input: &PolicyInput<'_>) -> Verdict {
                 .then(b.node.cmp(&a.node))
         });
     match best {
+        // The first primary starts asynchronous: its standbys do not exist yet; they are added
+        // once they stream from it.
         Some(r) => Verdict::Promote {
             node: r.node,
             epoch: 1,
             reason: "first primary of the cluster".into(),
             lsn: r.lsn,
+            sync: SyncSet::asynchronous(),
         },
         None => Verdict::NoCandidate {
             reason: "every member is tagged nofailover; no first primary can be chosen".into(),
@@ -304,6 +489,14 @@ mod tests {
             timeline: 1,
             lsn,
             streaming: false,
+            wal_receipt_age_ms: None,
+            upstream: None,
+            sync_applied: None,
+            // Stamped late enough to count in every test that does not say otherwise.
+            leader_stamp: Some(super::super::report::LeaderStamp {
+                term: 1,
+                at: 1_000_000,
+            }),
             epoch_seen: 1,
             sent_at: 0,
         }
@@ -322,6 +515,11 @@ mod tests {
                 primary: Some(PrimaryAssignment { node: 1, epoch: 1 }),
                 config: crate::dynamic_config::DynamicConfig {
                     lease_ms: 2_000,
+                    synchronous_mode: crate::dynamic_config::SyncMode::Off,
+                    ..Default::default()
+                },
+                sync: crate::cluster_state::SyncState {
+                    epoch: 1,
                     ..Default::default()
                 },
                 ..Default::default()
@@ -332,6 +530,7 @@ mod tests {
                 Received {
                     at: 10_000,
                     report: report(1, PgState::Primary, 500),
+                    fenced_since: None,
                 },
             );
             reports.insert(
@@ -339,6 +538,7 @@ mod tests {
                 Received {
                     at: 10_000,
                     report: report(2, PgState::Replica, 490),
+                    fenced_since: None,
                 },
             );
             reports.insert(
@@ -346,6 +546,7 @@ mod tests {
                 Received {
                     at: 10_000,
                     report: report(3, PgState::Replica, 480),
+                    fenced_since: None,
                 },
             );
             Self {
@@ -357,9 +558,9 @@ mod tests {
         fn input(&self, now: Millis) -> PolicyInput<'_> {
             PolicyInput {
                 now,
+                term: 1,
                 leader_since: 0,
                 quorum_ack_max_ms: 300,
-                raft_leader_lease_ms: 800,
                 cluster: &self.cluster,
                 members: &self.members,
                 reports: &self.reports,
@@ -368,7 +569,9 @@ mod tests {
                     epoch: 1,
                     received_at: 10_000,
                     report_sent_at: 0,
+                    terms: LeaseTerms::of(&self.cluster.config),
                 }),
+                pending: None,
             }
         }
     }
@@ -444,7 +647,7 @@ mod tests {
             Verdict::Wait { reason } => assert!(reason.contains("new Raft leader"), "{reason}"),
             v => panic!("{v:?}"),
         }
-        let later = 12_000 + new_leader_wait(&f.cluster.config, 300, 800);
+        let later = 12_000 + new_leader_wait(LeaseTerms::of(&f.cluster.config), 300);
         for n in [2, 3] {
             f.reports.get_mut(&n).unwrap().at = later;
         }
@@ -485,6 +688,7 @@ mod tests {
             Received {
                 at: now,
                 report: report(4, PgState::Primary, 10_000_000),
+                fenced_since: None,
             },
         );
         f.members.insert(4);
@@ -539,8 +743,204 @@ mod tests {
         for n in [2, 3] {
             f.reports.get_mut(&n).unwrap().at = now;
         }
-        f.reports.get_mut(&3).unwrap().report.streaming = true;
+        let r = &mut f.reports.get_mut(&3).unwrap().report;
+        r.streaming = true;
+        r.wal_receipt_age_ms = Some(100);
         assert!(matches!(decide(&f.input(now)), Verdict::Wait { .. }));
+    }
+
+    #[test]
+    fn reports_sent_before_the_old_primary_stopped_do_not_count() {
+        // Member 3's sidecar froze while its Postgres kept receiving (and acknowledging) WAL:
+        // its last report understates what it holds. Nobody is promoted on it.
+        let mut f = Fixture::new();
+        f.reports.remove(&1);
+        let now = 20_000;
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = now;
+        }
+        let stale = super::super::report::LeaderStamp {
+            term: 1,
+            at: 11_000,
+        };
+        f.reports.get_mut(&3).unwrap().report.leader_stamp = Some(stale);
+        match decide(&f.input(now)) {
+            Verdict::AwaitReports { reason } => assert!(reason.contains("[3]"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+        // A stamp of an earlier leader's term proves nothing either.
+        let other_term = super::super::report::LeaderStamp {
+            term: 0,
+            at: 99_999,
+        };
+        f.reports.get_mut(&3).unwrap().report.leader_stamp = Some(other_term);
+        assert!(matches!(
+            decide(&f.input(now)),
+            Verdict::AwaitReports { .. }
+        ));
+    }
+
+    #[test]
+    fn a_stale_streaming_status_does_not_block_promotion() {
+        // After a silent cut the receiver still says `streaming`, but it has heard nothing for
+        // longer than the old primary's lease: that is no evidence of a live primary.
+        let mut f = Fixture::new();
+        let now = 20_000;
+        f.reports.remove(&1);
+        for n in [2, 3] {
+            let r = f.reports.get_mut(&n).unwrap();
+            r.at = now;
+            r.report.streaming = true;
+            r.report.upstream = Some(1);
+            r.report.wal_receipt_age_ms = Some(8_000);
+        }
+        assert!(matches!(
+            decide(&f.input(now)),
+            Verdict::Promote { node: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_grant_is_judged_by_its_own_lease_not_a_shorter_one_set_later() {
+        // Granted under a 10 s lease at 10_000; the operator lowers the lease to 2 s during the
+        // partition. The old primary's guard still allows writes until about 20_000.
+        let mut f = Fixture::new();
+        let mut input_terms = LeaseTerms::of(&f.cluster.config);
+        input_terms.lease_ms = 10_000;
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = 13_000;
+        }
+        let mut input = f.input(13_000);
+        input.last_grant = input.last_grant.map(|g| GrantRecord {
+            terms: input_terms,
+            ..g
+        });
+        assert!(
+            matches!(decide(&input), Verdict::Wait { ref reason } if reason.contains("lease")),
+            "{:?}",
+            decide(&input)
+        );
+    }
+
+    #[test]
+    fn a_new_leader_waits_by_the_longest_terms_still_in_force() {
+        let mut f = Fixture::new();
+        f.cluster.lease_ceiling = Some(LeaseTerms {
+            lease_ms: 10_000,
+            drift_margin_ms: 200,
+        });
+        f.reports.remove(&1);
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = 16_000;
+        }
+        let mut input = f.input(16_000);
+        input.leader_since = 12_000;
+        input.last_grant = None;
+        // 4 s in office: past a 2 s lease's wait, not past a 10 s one's.
+        assert!(matches!(decide(&input), Verdict::Wait { .. }));
+    }
+
+    #[test]
+    fn no_lease_for_a_primary_that_a_pending_promotion_demotes() {
+        let f = Fixture::new();
+        let mut input = f.input(10_100);
+        input.pending = Some(PrimaryAssignment { node: 2, epoch: 2 });
+        assert_eq!(
+            may_grant_lease(&input, &f.reports[&1].report, Some(100)),
+            None
+        );
+        assert!(matches!(
+            decide(&input),
+            Verdict::Steady | Verdict::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn committed_primary_lsn_bounds_lag_after_a_leader_change() {
+        // The new leader never heard the old primary; only the committed position shows that
+        // both replicas are far behind it.
+        let mut f = Fixture::new();
+        f.reports.remove(&1);
+        let now = 20_000;
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = now;
+        }
+        f.cluster.primary_lsn = Some(crate::cluster_state::RecordedLsn {
+            epoch: 1,
+            lsn: 490 + 10 * 1024 * 1024,
+        });
+        assert!(matches!(decide(&f.input(now)), Verdict::NoCandidate { .. }));
+    }
+
+    fn synchronous(f: &mut Fixture, members: &[NodeId]) {
+        f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::On;
+        f.cluster.sync.committed = SyncSet {
+            members: members.iter().copied().collect(),
+            k: 1,
+        };
+    }
+
+    #[test]
+    fn synchronous_mode_promotes_only_a_member_of_the_committed_set() {
+        let mut f = Fixture::new();
+        synchronous(&mut f, &[3]);
+        f.reports.remove(&1);
+        let now = 20_000;
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = now;
+        }
+        // Member 2 is further ahead but not synchronous; 3 holds every acknowledged write.
+        match decide(&f.input(now)) {
+            Verdict::Promote { node, sync, .. } => {
+                assert_eq!(node, 3);
+                assert_eq!(
+                    sync.members,
+                    [2].into(),
+                    "the other replica becomes its standby"
+                );
+            }
+            v => panic!("{v:?}"),
+        }
+        // Without a report from the synchronous standby, nobody.
+        f.reports.remove(&3);
+        match decide(&f.input(now)) {
+            Verdict::NoCandidate { reason } => assert!(reason.contains("synchronous"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leader_on_the_primarys_node_hands_leadership_to_the_best_replica() {
+        let f = Fixture::new();
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        let input = f.input(10_100);
+        assert_eq!(leadership_handoff(&input, 1, &voters), Some(2));
+        assert_eq!(
+            leadership_handoff(&input, 2, &voters),
+            None,
+            "not the primary's node"
+        );
+        assert_eq!(
+            leadership_handoff(&input, 1, &[1].into()),
+            None,
+            "nobody to hand to"
+        );
+    }
+
+    #[test]
+    fn sync_step_adds_a_streaming_standby_through_a_target() {
+        let mut f = Fixture::new();
+        f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::On;
+        for n in [2, 3] {
+            let r = &mut f.reports.get_mut(&n).unwrap().report;
+            r.streaming = true;
+            r.upstream = Some(1);
+            r.wal_receipt_age_ms = Some(100);
+        }
+        match sync_step(&f.input(10_100)) {
+            Some(SyncStep::Target(set)) => assert_eq!(set.members, [2].into()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

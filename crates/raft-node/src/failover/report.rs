@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::lease::Millis;
+use crate::cluster_state::{Epoch, SyncSet};
 use crate::types::NodeId;
 
 /// The local Postgres as its sidecar last saw it.
@@ -40,8 +41,22 @@ pub struct MemberReport {
     pub timeline: u32,
     /// Primary: current WAL insert position; replica: highest WAL received or replayed.
     pub lsn: u64,
-    /// A replica's WAL receiver is streaming from the member it follows.
+    /// A replica's WAL receiver says `streaming`. After a silent network cut the word stays
+    /// until a timeout ends the connection: judge it with [`MemberReport::receives_wal_now`].
     pub streaming: bool,
+    /// Age of the last message the WAL receiver got from its upstream, on this member's clock.
+    #[serde(default)]
+    pub wal_receipt_age_ms: Option<u64>,
+    /// The member a replica streams from, when known.
+    #[serde(default)]
+    pub upstream: Option<NodeId>,
+    /// On a primary: the synchronous standbys in force, and whether they are confirmed.
+    #[serde(default)]
+    pub sync_applied: Option<SyncApplied>,
+    /// The latest stamp this member got back from a leader before sending this report: proof
+    /// that the report was sent after that leader's instant.
+    #[serde(default)]
+    pub leader_stamp: Option<LeaderStamp>,
     /// Highest committed epoch the sidecar has acted on.
     pub epoch_seen: u64,
     /// Sender's clock when the report left: the start of the lease it asks for. A sidecar whose
@@ -50,10 +65,41 @@ pub struct MemberReport {
     pub sent_at: Millis,
 }
 
+/// A leader's term and clock reading, returned with every report reply and echoed in the
+/// member's next report. A report echoing a stamp taken at or after some instant of the leader
+/// was sent after that instant, whatever the network did: what it says (the member's WAL
+/// position above all) is at least as new as that instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderStamp {
+    /// The leader's Raft term.
+    pub term: u64,
+    /// The leader's clock when it answered.
+    pub at: Millis,
+}
+
+/// The synchronous standbys a primary runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncApplied {
+    /// The epoch the primary applied them in.
+    pub epoch: Epoch,
+    /// The set in `synchronous_standby_names`.
+    pub set: SyncSet,
+    /// At least `k` members of the set have flushed past the WAL position at which the set
+    /// took effect, so every earlier acknowledged commit is on `k` of them too.
+    pub confirmed: bool,
+}
+
 impl MemberReport {
     /// Whether this member could serve as primary right now.
     pub fn healthy_replica(&self) -> bool {
         self.pg == PgState::Replica && self.consecutive_failures == 0
+    }
+
+    /// Evidence that cannot go stale: the WAL receiver says `streaming` *and* heard from its
+    /// upstream within `bound_ms` (the primary writes a heartbeat every tick, so a live link
+    /// delivers something well within it).
+    pub fn receives_wal_now(&self, bound_ms: u64) -> bool {
+        self.streaming && self.wal_receipt_age_ms.is_some_and(|age| age <= bound_ms)
     }
 }
 
@@ -64,7 +110,36 @@ pub struct Received {
     pub at: Millis,
     /// The report.
     pub report: MemberReport,
+    /// For a run of `Fenced` reports all sent after the last grant to this member: when the
+    /// first of them arrived. The member has written nothing since (it accepts no grant for a
+    /// report sent before a fenced one, and none was issued for a later one).
+    pub fenced_since: Option<Millis>,
 }
 
 /// The latest report of each member, as the leader knows them.
 pub type ReportBook = BTreeMap<NodeId, Received>;
+
+/// Files `report`, received at `at`, in `book`. `granted_sent_at`: the send time of the report
+/// behind the last lease granted to this member, if any.
+pub fn record(
+    book: &mut ReportBook,
+    report: MemberReport,
+    at: Millis,
+    granted_sent_at: Option<Millis>,
+) {
+    let after_grant = |r: &MemberReport| granted_sent_at.is_none_or(|g| r.sent_at > g);
+    let fenced_since = (report.pg == PgState::Fenced && after_grant(&report)).then(|| {
+        book.get(&report.node)
+            .filter(|prev| prev.report.pg == PgState::Fenced && after_grant(&prev.report))
+            .and_then(|prev| prev.fenced_since)
+            .unwrap_or(at)
+    });
+    book.insert(
+        report.node,
+        Received {
+            at,
+            report,
+            fenced_since,
+        },
+    );
+}

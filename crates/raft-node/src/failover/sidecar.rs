@@ -1,19 +1,25 @@
-//! The member's side of failover, at the I/O edge: every tick it observes its Postgres, reports
-//! to the Raft leader (whose reply renews the primary's lease and feeds the guard), and runs the
-//! reconcile table's action against Postgres through `pg-supervisor`.
+//! The member's side of failover, at the I/O edge: every tick it observes its Postgres, judges
+//! it ([`super::assess`]), reports to the Raft leader (whose reply renews the primary's lease and
+//! feeds the guard), runs the reconcile table's action against Postgres through `pg-supervisor`,
+//! and keeps a primary's synchronous standbys equal to what the cluster committed.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pg_supervisor::{Instance, Lease, PostmasterState, Role, Upstream};
+use pg_supervisor::{Instance, Lease, PostmasterState, Role, SyncSpec, Upstream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::leader::{FailoverLeader, Grant};
+use super::assess::{Assessor, Seen};
+use super::leader::{boot_clock_ms, FailoverLeader, Grant, ReportAnswer};
 use super::lease::{HeldLease, Millis};
 use super::reconcile::{plan, Action, LocalView};
-use super::report::{MemberReport, PgState};
+use super::report::{LeaderStamp, MemberReport, PgState, SyncApplied};
+use super::sync;
+use crate::cluster_state::{ClusterState, Epoch, SyncSet};
 use crate::events::EventLog;
 use crate::network::lazy_channel;
 use crate::proto::cluster_client::ClusterClient;
@@ -23,9 +29,76 @@ use crate::types::{NodeId, Raft};
 
 /// What the sidecar must remember across restarts about its data directory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Memory {
-    last_primary_epoch: Option<u64>,
-    epoch_seen: u64,
+pub struct Memory {
+    /// The last epoch this data directory served as primary in; `Some(0)` when it did in an
+    /// unknown epoch (rebuilt from the control file), which any committed epoch supersedes.
+    pub last_primary_epoch: Option<Epoch>,
+    /// The highest committed epoch the sidecar acted on.
+    pub epoch_seen: Epoch,
+}
+
+impl Memory {
+    /// Memory rebuilt from the control file's cluster state, for a data directory whose memory
+    /// file is missing or unreadable: a directory that was not in recovery may have accepted
+    /// writes, so it must rejoin (rewind) before it follows anyone.
+    pub fn rebuilt_from_cluster_state(cluster_state: &str) -> Self {
+        let in_recovery = cluster_state.contains("recovery");
+        Memory {
+            last_primary_epoch: (!in_recovery).then_some(0),
+            epoch_seen: 0,
+        }
+    }
+
+    /// Writes `self` to `path` so that a crash leaves either the old or the new file, never a
+    /// torn one: write a sibling, fsync it, rename it over, fsync the directory.
+    pub fn persist(&self, path: &Path) -> std::io::Result<()> {
+        let raw = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&raw)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// The deadline to feed the guard for a held lease, on the guard's own clock: the sidecar counts
+/// leases in [`boot_clock_ms`], the same `CLOCK_BOOTTIME` the guard reads, so nothing is
+/// converted between clocks (a suspend between two readings cannot stretch a lease).
+pub fn guard_deadline(lease: Option<HeldLease>) -> Lease {
+    Lease::Until(lease.map_or(0, |l| l.expires_at.saturating_mul(1_000_000)))
+}
+
+/// Postgres as one probe saw it.
+#[derive(Debug, Clone, Default)]
+struct Observed {
+    seen: Option<Seen>,
+    timeline: u32,
+    lsn: u64,
+    streaming: bool,
+    receipt_age_ms: Option<u64>,
+    upstream_addr: Option<String>,
+    /// On a primary: each standby's flushed position, by `application_name`.
+    flushed: BTreeMap<String, u64>,
+}
+
+/// When the next round runs.
+enum Pace {
+    Now,
+    Soon,
+    Tick,
+}
+
+/// The synchronous standbys this sidecar applied to its primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AppliedSync {
+    epoch: Epoch,
+    set: SyncSet,
+    switch_lsn: u64,
+    at: Millis,
 }
 
 /// The member-side failover loop of one sidecar.
@@ -37,19 +110,31 @@ pub struct Sidecar {
     instance: Instance,
     memory_path: PathBuf,
     memory: Memory,
-    base: Instant,
     lease: Option<HeldLease>,
-    /// Grants for reports sent before this instant (ms) are ignored: set while fenced.
-    fence_cutoff: Option<Millis>,
-    fenced: bool,
-    saw_running: bool,
-    failures: u32,
+    assessor: Assessor,
+    applied_sync: Option<AppliedSync>,
+    /// The latest stamp a leader answered with, echoed in the next report.
+    leader_stamp: Option<LeaderStamp>,
     events: EventLog,
 }
 
+/// Why the failover memory could not be loaded or rebuilt.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "failover memory {path} is unreadable ({why}) and cannot be rebuilt from pg_controldata: \
+     {rebuild}; check the data directory, then delete the file to start afresh"
+)]
+pub struct MemoryError {
+    path: String,
+    why: String,
+    rebuild: String,
+}
+
 impl Sidecar {
-    /// A loop driving `instance`; its memory lives in `memory_path`.
-    pub fn new(
+    /// A loop driving `instance`; its memory lives in `memory_path`. A missing or corrupt memory
+    /// file with a data directory present is rebuilt from the control file.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn new(
         node_id: NodeId,
         raft: Raft,
         state: watch::Receiver<Arc<AppliedState>>,
@@ -57,12 +142,9 @@ impl Sidecar {
         instance: Instance,
         memory_path: PathBuf,
         events: EventLog,
-    ) -> Self {
-        let memory = std::fs::read(&memory_path)
-            .ok()
-            .and_then(|raw| serde_json::from_slice(&raw).ok())
-            .unwrap_or_default();
-        Self {
+    ) -> Result<Self, MemoryError> {
+        let memory = load_memory(&memory_path, &instance).await?;
+        Ok(Self {
             node_id,
             raft,
             state,
@@ -70,18 +152,12 @@ impl Sidecar {
             instance,
             memory_path,
             memory,
-            base: Instant::now(),
             lease: None,
-            fence_cutoff: None,
-            fenced: false,
-            saw_running: false,
-            failures: 0,
+            assessor: Assessor::default(),
+            applied_sync: None,
+            leader_stamp: None,
             events,
-        }
-    }
-
-    fn now(&self) -> Millis {
-        self.base.elapsed().as_millis() as Millis
+        })
     }
 
     fn remember(&mut self, memory: Memory) {
@@ -89,16 +165,8 @@ impl Sidecar {
             return;
         }
         self.memory = memory;
-        match serde_json::to_vec(&memory) {
-            Ok(raw) => {
-                let tmp = self.memory_path.with_extension("tmp");
-                let written = std::fs::write(&tmp, raw)
-                    .and_then(|_| std::fs::rename(&tmp, &self.memory_path));
-                if let Err(e) = written {
-                    tracing::warn!(error = %e, "cannot persist failover memory");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot encode failover memory"),
+        if let Err(e) = memory.persist(&self.memory_path) {
+            tracing::warn!(error = %e, path = %self.memory_path.display(), "cannot persist failover memory");
         }
     }
 
@@ -107,12 +175,12 @@ impl Sidecar {
         loop {
             let tick = Duration::from_millis(self.state.borrow().cluster.config.tick_ms);
             let started = Instant::now();
-            let acted = self.tick().await;
-            // After a change, look and report again at once so the leader's view catches up.
-            let rest = if acted {
-                Duration::ZERO
-            } else {
-                tick.saturating_sub(started.elapsed())
+            // After a change, look and report again at once so the leader's view catches up;
+            // a leader waiting for fresh reports gets them within a fraction of a tick.
+            let rest = match self.tick().await {
+                Pace::Now => Duration::ZERO,
+                Pace::Soon => (tick / 5).saturating_sub(started.elapsed()),
+                Pace::Tick => tick.saturating_sub(started.elapsed()),
             };
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
@@ -129,20 +197,26 @@ impl Sidecar {
         }
     }
 
-    async fn observe(&mut self) -> (PgState, u32, u64, bool, Option<String>) {
+    async fn observe(&mut self) -> Observed {
         let has_data = matches!(
             self.instance.data_dir().contents(),
             Ok(pg_supervisor::data_dir::DataDirContents::Cluster)
         );
         if !has_data {
-            return (PgState::NoData, 0, 0, false, None);
+            return Observed {
+                seen: Some(Seen::NoData),
+                ..Default::default()
+            };
         }
         // The lease renewal waits for this probe, so a hanging Postgres must not make the
         // sidecar miss renewals: past a quarter lease the probe counts as a failure.
         let lease_ms = self.state.borrow().cluster.config.lease_ms;
         let cap = Duration::from_millis(lease_ms / 4);
         let Ok(obs) = tokio::time::timeout(cap, self.instance.observe()).await else {
-            return (PgState::Unresponsive, 0, 0, false, None);
+            return Observed {
+                seen: Some(Seen::Unresponsive),
+                ..Default::default()
+            };
         };
         let running = matches!(obs.postmaster, PostmasterState::Running { .. });
         let lsn = [obs.current_lsn, obs.received_lsn, obs.replayed_lsn]
@@ -151,23 +225,27 @@ impl Sidecar {
             .map(|l| l.0)
             .max()
             .unwrap_or(0);
-        let timeline = obs.timeline.unwrap_or(0);
-        let streaming = obs
-            .wal_receiver
-            .as_ref()
-            .is_some_and(|w| w.status == "streaming");
-        let upstream = obs
-            .wal_receiver
-            .as_ref()
-            .and_then(|w| Some(format!("{}:{}", w.sender_host.as_ref()?, w.sender_port?)));
-        let pg = match (running, obs.accepts_connections, obs.role) {
-            (false, _, _) if self.fenced => PgState::Fenced,
-            (false, _, _) => PgState::Stopped,
-            (true, true, Some(Role::Primary)) => PgState::Primary,
-            (true, true, Some(Role::Replica)) => PgState::Replica,
-            (true, _, _) => PgState::Unresponsive,
+        let receiver = obs.wal_receiver.as_ref();
+        let seen = match (running, obs.accepts_connections, obs.role) {
+            (false, _, _) => Seen::Down,
+            (true, true, Some(Role::Primary)) => Seen::Primary,
+            (true, true, Some(Role::Replica)) => Seen::Replica,
+            (true, _, _) => Seen::Unresponsive,
         };
-        (pg, timeline, lsn, streaming, upstream)
+        Observed {
+            seen: Some(seen),
+            timeline: obs.timeline.unwrap_or(0),
+            lsn,
+            streaming: receiver.is_some_and(|w| w.status == "streaming"),
+            receipt_age_ms: receiver.and_then(|w| w.last_msg_receipt_age_ms),
+            upstream_addr: receiver
+                .and_then(|w| Some(format!("{}:{}", w.sender_host.as_ref()?, w.sender_port?))),
+            flushed: obs
+                .standbys
+                .iter()
+                .filter_map(|s| Some((s.name.clone(), s.flush_lsn?.0)))
+                .collect(),
+        }
     }
 
     fn leader_addr(&self) -> Option<(NodeId, String)> {
@@ -177,10 +255,10 @@ impl Sidecar {
         Some((id, addr))
     }
 
-    async fn send_report(&self, report: &MemberReport, timeout: Duration) -> Option<Grant> {
+    async fn send_report(&self, report: &MemberReport, timeout: Duration) -> Option<ReportAnswer> {
         let (leader, addr) = self.leader_addr()?;
         if leader == self.node_id {
-            return self.leader.on_report(report.clone()).flatten();
+            return self.leader.on_report(report.clone());
         }
         let payload = serde_json::to_vec(report).ok()?;
         let mut client = ClusterClient::new(lazy_channel(&addr).ok()?);
@@ -189,9 +267,16 @@ impl Sidecar {
             .ok()?
             .ok()?
             .into_inner();
-        reply.granted.then_some(Grant {
-            epoch: reply.epoch,
-            lease_ms: reply.lease_ms,
+        Some(ReportAnswer {
+            grant: reply.granted.then_some(Grant {
+                epoch: reply.epoch,
+                lease_ms: reply.lease_ms,
+            }),
+            stamp: LeaderStamp {
+                term: reply.leader_term,
+                at: reply.leader_at_ms,
+            },
+            report_again: reply.report_again,
         })
     }
 
@@ -205,64 +290,119 @@ impl Sidecar {
     }
 
     fn guard_lease(&self) -> Lease {
-        match self.lease {
-            Some(l) => {
-                let remaining = l.expires_at.saturating_sub(self.now());
-                Lease::expires_in(Duration::from_millis(remaining))
-            }
-            None => Lease::expires_in(Duration::ZERO),
-        }
+        guard_deadline(self.lease)
     }
 
-    /// One round; returns whether an action ran.
-    async fn tick(&mut self) -> bool {
+    /// What a primary reports about its synchronous standbys: the set it applied in the current
+    /// epoch, confirmed once `k` of them flushed past where it took effect. Walsenders re-read
+    /// the setting on their own after a reload, so a tick passes before confirming.
+    fn sync_report(
+        &self,
+        cluster: &ClusterState,
+        obs: &Observed,
+        now: Millis,
+    ) -> Option<SyncApplied> {
+        let applied = self.applied_sync.as_ref()?;
+        let epoch = cluster.primary.filter(|p| p.node == self.node_id)?.epoch;
+        if applied.epoch != epoch {
+            return None;
+        }
+        let flushed: BTreeMap<NodeId, u64> = cluster
+            .members
+            .values()
+            .filter_map(|m| Some((m.id, *obs.flushed.get(&m.name)?)))
+            .collect();
+        let settled = now >= applied.at + cluster.config.tick_ms;
+        Some(SyncApplied {
+            epoch,
+            set: applied.set.clone(),
+            confirmed: settled && sync::confirmed(&applied.set, applied.switch_lsn, &flushed),
+        })
+    }
+
+    /// Makes `synchronous_standby_names` say what the committed state asks of this member as
+    /// the primary of `epoch` (before promotion too: the new primary must never acknowledge a
+    /// write without its synchronous standbys).
+    async fn apply_sync(&mut self, cluster: &ClusterState, epoch: Epoch) -> Result<(), String> {
+        if cluster.sync.epoch != epoch {
+            return Ok(());
+        }
+        let want = sync::to_apply(&cluster.sync).clone();
+        if self
+            .applied_sync
+            .as_ref()
+            .is_some_and(|a| a.epoch == epoch && a.set == want)
+        {
+            return Ok(());
+        }
+        let spec = sync_spec(cluster, &want);
+        let applied = self
+            .instance
+            .apply_synchronous_standbys(&spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(epoch, standbys = %applied.rendered, switch_lsn = %applied.switch_lsn, "synchronous standbys applied");
+        self.events.record(
+            "transition",
+            format!("synchronous_standby_names = '{}'", applied.rendered),
+            epoch,
+            applied.switch_lsn.0,
+        );
+        self.applied_sync = Some(AppliedSync {
+            epoch,
+            set: want,
+            switch_lsn: applied.switch_lsn.0,
+            at: boot_clock_ms(),
+        });
+        Ok(())
+    }
+
+    /// One round; says when to run the next.
+    async fn tick(&mut self) -> Pace {
         let state = self.state.borrow().clone();
         let cfg = state.cluster.config.clone();
-        let (mut pg, timeline, lsn, streaming, upstream_addr) = self.observe().await;
-        let now = self.now();
-        if matches!(pg, PgState::Primary | PgState::Replica) {
-            self.saw_running = true;
-            self.fenced = false;
-        }
-        // The guard fenced a primary whose lease ran out: that is a fence, not a crash.
-        if pg == PgState::Stopped
-            && self.memory.last_primary_epoch.is_some()
-            && self.saw_running
-            && !self.lease.is_some_and(|l| l.valid_at(now))
-        {
-            self.fenced = true;
-            pg = PgState::Fenced;
-        }
-        let crashed = pg == PgState::Stopped && self.saw_running;
-        // A primary fenced after a crash keeps counting, so the leader can say why.
-        let fenced_after_failures = pg == PgState::Fenced && self.failures > 0;
-        self.failures = if crashed || pg == PgState::Unresponsive || fenced_after_failures {
-            self.failures + 1
-        } else {
-            0
-        };
-        let holds_lease = self.lease.is_some_and(|l| l.valid_at(now));
-        if pg == PgState::Fenced && holds_lease {
-            pg = PgState::Stopped;
-        }
-        if pg == PgState::Fenced {
-            self.fence_cutoff = Some(now);
-        }
+        let obs = self.observe().await;
+        let now = boot_clock_ms();
+        let judged = self.assessor.assess(
+            obs.seen.unwrap_or(Seen::Unresponsive),
+            self.memory.last_primary_epoch.is_some(),
+            self.lease,
+            now,
+        );
+        let pg = judged.pg;
+        let upstream = obs.upstream_addr.as_ref().and_then(|addr| {
+            state
+                .cluster
+                .members
+                .values()
+                .find(|m| &format!("{}:{}", m.pg_host, m.pg_port) == addr)
+                .map(|m| m.id)
+        });
         let report = MemberReport {
             node: self.node_id,
             pg,
-            consecutive_failures: self.failures,
-            timeline,
-            lsn,
-            streaming,
+            consecutive_failures: judged.failures,
+            timeline: obs.timeline,
+            lsn: obs.lsn,
+            streaming: obs.streaming,
+            wal_receipt_age_ms: obs.receipt_age_ms,
+            upstream,
+            sync_applied: (pg == PgState::Primary)
+                .then(|| self.sync_report(&state.cluster, &obs, now))
+                .flatten(),
+            leader_stamp: self.leader_stamp,
             epoch_seen: self.memory.epoch_seen,
             sent_at: now,
         };
-        let grant = self
+        let answer = self
             .send_report(&report, Duration::from_millis(cfg.tick_ms))
             .await;
-        if let Some(g) = grant {
-            if self.fence_cutoff.is_none_or(|c| now >= c) {
+        let report_again = answer.is_some_and(|a| a.report_again);
+        if let Some(a) = answer {
+            self.leader_stamp = Some(a.stamp);
+        }
+        if let Some(g) = answer.and_then(|a| a.grant) {
+            if self.assessor.accepts_grant_for(now) {
                 let new = HeldLease::from_grant(g.epoch, now, g.lease_ms);
                 self.lease = Some(self.lease.map_or(new, |old| old.extend(new)));
                 if pg == PgState::Primary {
@@ -273,31 +413,30 @@ impl Sidecar {
                 }
             }
         }
-        let upstream = upstream_addr.and_then(|addr| {
-            state
-                .cluster
-                .members
-                .values()
-                .find(|m| format!("{}:{}", m.pg_host, m.pg_port) == addr)
-                .map(|m| m.id)
-        });
         let view = LocalView {
             pg,
             upstream,
             last_primary_epoch: self.memory.last_primary_epoch,
-            crashed,
-            failures: self.failures,
+            crashed: judged.crashed,
+            failures: judged.failures,
             epoch_seen: self.memory.epoch_seen,
         };
         let assigned = state.cluster.primary;
-        let step = plan(self.node_id, &view, assigned, self.lease, self.now(), &cfg);
+        let step = plan(
+            self.node_id,
+            &view,
+            assigned,
+            self.lease,
+            boot_clock_ms(),
+            &cfg,
+        );
         let epoch = assigned.map(|a| a.epoch).unwrap_or(0);
         if step.action != Action::Nothing {
-            tracing::info!(action = ?step.action, epoch, lsn, "{}", step.reason);
+            tracing::info!(action = ?step.action, epoch, lsn = obs.lsn, "{}", step.reason);
         }
         let mut memory = self.memory;
         memory.epoch_seen = memory.epoch_seen.max(epoch);
-        let result = self.execute(step.action, epoch, &mut memory).await;
+        let result = self.execute(step.action, &state.cluster, &mut memory).await;
         if let Err(e) = &result {
             tracing::warn!(action = ?step.action, epoch, error = %e, "action failed; retrying next tick");
         }
@@ -310,19 +449,32 @@ impl Sidecar {
                 "transition",
                 format!("{:?}: {} ({outcome})", step.action, step.reason),
                 epoch,
-                lsn,
+                obs.lsn,
             );
         }
         self.remember(memory);
-        step.action != Action::Nothing && result.is_ok()
+        let primary_here = assigned.is_some_and(|a| a.node == self.node_id);
+        if step.action == Action::Nothing && pg == PgState::Primary && primary_here {
+            if let Err(e) = self.apply_sync(&state.cluster, epoch).await {
+                tracing::warn!(epoch, error = %e, "cannot apply the synchronous standbys; retrying next tick");
+            }
+        }
+        if step.action != Action::Nothing && result.is_ok() {
+            Pace::Now
+        } else if report_again {
+            Pace::Soon
+        } else {
+            Pace::Tick
+        }
     }
 
     async fn execute(
         &mut self,
         action: Action,
-        epoch: u64,
+        cluster: &ClusterState,
         memory: &mut Memory,
     ) -> Result<(), String> {
+        let epoch = cluster.primary.map(|a| a.epoch).unwrap_or(0);
         let up = |s: &Self, n: NodeId| {
             s.upstream_of(n)
                 .ok_or_else(|| format!("member {n} has not registered its Postgres address"))
@@ -344,6 +496,7 @@ impl Sidecar {
                     .start(self.guard_lease())
                     .await
                     .map_err(|e| e.to_string())?;
+                self.assessor.started();
                 memory.last_primary_epoch = Some(epoch);
             }
             Action::Clone { from } => {
@@ -353,6 +506,7 @@ impl Sidecar {
                     .await
                     .map_err(|e| e.to_string())?;
                 self.instance.follow(&u).await.map_err(|e| e.to_string())?;
+                self.assessor.started();
                 memory.last_primary_epoch = None;
             }
             Action::StartPrimary => {
@@ -360,7 +514,7 @@ impl Sidecar {
                     .start(self.guard_lease())
                     .await
                     .map_err(|e| e.to_string())?;
-                self.fenced = false;
+                self.assessor.started();
                 memory.last_primary_epoch = Some(epoch);
             }
             Action::StartReplica { upstream } => {
@@ -369,15 +523,20 @@ impl Sidecar {
                         let u = up(self, n)?;
                         self.instance.follow(&u).await.map_err(|e| e.to_string())?;
                     }
+                    // Never without standby.signal: a data directory that starts out of
+                    // recovery is writable, and only a lease may make it so.
                     None => self
                         .instance
-                        .start(Lease::NotRequired)
+                        .start_in_recovery()
                         .await
                         .map_err(|e| e.to_string())?,
                 }
-                self.fenced = false;
+                self.assessor.started();
             }
             Action::Promote { epoch } => {
+                // The new primary's first acknowledged write already waits for its committed
+                // synchronous standbys.
+                self.apply_sync(cluster, epoch).await?;
                 let lease = self.guard_lease();
                 self.instance
                     .feed_lease(lease)
@@ -405,16 +564,159 @@ impl Sidecar {
                     .map_err(|e| e.to_string())?;
                 tracing::info!(method = ?r.method, elapsed_ms = r.elapsed_ms, epoch, "rejoined as a replica");
                 memory.last_primary_epoch = None;
-                self.fenced = false;
+                self.applied_sync = None;
+                self.assessor.started();
             }
             Action::Fence => {
                 let r = self.instance.fence().await.map_err(|e| e.to_string())?;
                 tracing::info!(elapsed_ms = r.elapsed_ms, epoch, "fenced Postgres");
-                self.fenced = true;
                 self.lease = None;
-                self.fence_cutoff = Some(self.now());
+                self.assessor.fenced_at(boot_clock_ms());
+                if !r.verified_gone {
+                    return Err(format!(
+                        "fence could not verify that every process of the data directory is \
+                         gone: {r:?}"
+                    ));
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// `synchronous_standby_names` for `set`: the members' names (their `application_name`). A
+/// member without registered details, or a set smaller than `k` (strict and quorum modes with
+/// too few standbys), is stood in for by a name no standby uses, so writes wait rather than
+/// count an acknowledgement from outside the set.
+pub fn sync_spec(cluster: &ClusterState, set: &SyncSet) -> SyncSpec {
+    let mut names: Vec<String> = set
+        .members
+        .iter()
+        .map(|id| {
+            cluster
+                .members
+                .get(id)
+                .map(|m| m.name.clone())
+                .unwrap_or_else(|| format!("pgquorum-unregistered-{id}"))
+        })
+        .collect();
+    let mut filler = 0;
+    while set.k as usize > names.len() {
+        filler += 1;
+        names.push(format!("pgquorum-no-standby-{filler}"));
+    }
+    SyncSpec { k: set.k, names }
+}
+
+async fn load_memory(path: &Path, instance: &Instance) -> Result<Memory, MemoryError> {
+    let why = match std::fs::read(path) {
+        Ok(raw) => match serde_json::from_slice::<Memory>(&raw) {
+            Ok(m) => return Ok(m),
+            Err(e) => format!("corrupt: {e}"),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let has_data = matches!(
+        instance.data_dir().contents(),
+        Ok(pg_supervisor::data_dir::DataDirContents::Cluster)
+    );
+    if !has_data {
+        return Ok(Memory::default());
+    }
+    let control = instance.control_data().await.map_err(|e| MemoryError {
+        path: path.display().to_string(),
+        why: why.clone(),
+        rebuild: e.to_string(),
+    })?;
+    let memory = Memory::rebuilt_from_cluster_state(&control.cluster_state);
+    tracing::warn!(
+        path = %path.display(),
+        why = %why,
+        cluster_state = %control.cluster_state,
+        rebuilt = ?memory,
+        "failover memory rebuilt from pg_controldata"
+    );
+    memory.persist(path).map_err(|e| MemoryError {
+        path: path.display().to_string(),
+        why,
+        rebuild: format!("cannot write the rebuilt memory: {e}"),
+    })?;
+    Ok(memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_gets_the_held_deadline_on_the_same_clock() {
+        let held = HeldLease {
+            epoch: 3,
+            expires_at: 123_456,
+        };
+        assert_eq!(guard_deadline(Some(held)), Lease::Until(123_456_000_000));
+        assert!(guard_deadline(None).is_expired());
+        // The sidecar's clock is the guard's: a deadline a second out is a second out there.
+        let soon = HeldLease {
+            epoch: 1,
+            expires_at: boot_clock_ms() + 1_000,
+        };
+        let left = guard_deadline(Some(soon)).remaining().unwrap_or_default();
+        assert!(left > Duration::from_millis(900) && left <= Duration::from_millis(1_000));
+    }
+
+    #[test]
+    fn memory_is_written_whole_and_rebuilt_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("failover.json");
+        let m = Memory {
+            last_primary_epoch: Some(4),
+            epoch_seen: 5,
+        };
+        m.persist(&path).unwrap();
+        let back: Memory = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert!(!path.with_extension("tmp").exists());
+        // A data directory that was not in recovery may hold writes nobody else has: it is
+        // treated as a former primary, which rewinds before following.
+        assert_eq!(
+            Memory::rebuilt_from_cluster_state("in production").last_primary_epoch,
+            Some(0)
+        );
+        assert_eq!(
+            Memory::rebuilt_from_cluster_state("shut down").last_primary_epoch,
+            Some(0)
+        );
+        assert_eq!(
+            Memory::rebuilt_from_cluster_state("shut down in recovery").last_primary_epoch,
+            None
+        );
+        assert_eq!(
+            Memory::rebuilt_from_cluster_state("in archive recovery").last_primary_epoch,
+            None
+        );
+    }
+
+    #[test]
+    fn sync_spec_stands_in_for_missing_standbys() {
+        let mut cluster = ClusterState::default();
+        cluster.members.insert(
+            2,
+            crate::cluster_state::MemberInfo {
+                id: 2,
+                name: "b".into(),
+                ..Default::default()
+            },
+        );
+        let set = SyncSet {
+            members: [2, 3].into(),
+            k: 3,
+        };
+        let spec = sync_spec(&cluster, &set);
+        assert_eq!(spec.k, 3);
+        assert_eq!(spec.names.len(), 3);
+        assert!(spec.names.contains(&"b".to_string()));
+        assert!(spec.names.iter().all(|n| n != "c"));
     }
 }
