@@ -176,6 +176,9 @@ pub struct Observation {
     /// asynchronous). `None` on a replica, where it has no effect.
     #[serde(default)]
     pub synchronous_standby_names: Option<String>,
+    /// On a primary: why the per-probe heartbeat write failed, if it did.
+    #[serde(default)]
+    pub heartbeat_error: Option<String>,
 }
 
 impl Observation {
@@ -219,6 +222,7 @@ mod tests {
             standbys: vec![],
             system_identifier: Some(u64::MAX),
             synchronous_standby_names: Some("ANY 1 (\"b\")".into()),
+            heartbeat_error: None,
         };
         let json = serde_json::to_string(&o).unwrap();
         assert_eq!(serde_json::from_str::<Observation>(&json).unwrap(), o);

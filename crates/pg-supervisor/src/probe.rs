@@ -28,6 +28,13 @@ const RECEIVER_SQL: &str = "SELECT status, sender_host, sender_port, slot_name, 
     flushed_lsn \
     FROM pg_stat_wal_receiver";
 
+/// The primary's heartbeat: a tiny transactional WAL record committed with a local flush only
+/// (it never waits for synchronous standbys). Replicas receive WAL every tick even when
+/// clients write nothing, so the age of their last message is evidence that cannot go stale;
+/// and a primary that cannot write shows it here.
+const HEARTBEAT_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = local; \
+    SELECT pg_logical_emit_message(true, 'pgquorum', 'heartbeat'); COMMIT";
+
 const STANDBYS_SQL: &str = "SELECT application_name, client_addr::text, state, sync_state, \
     sent_lsn, write_lsn, flush_lsn, replay_lsn, \
     CASE WHEN pg_is_in_recovery() OR replay_lsn IS NULL THEN NULL \
@@ -55,6 +62,8 @@ pub struct SqlFacts {
     pub system_identifier: u64,
     /// `synchronous_standby_names` in force, on a primary.
     pub synchronous_standby_names: Option<String>,
+    /// On a primary: why the heartbeat write failed, if it did.
+    pub heartbeat_error: Option<String>,
 }
 
 /// Runs the probe queries; the caller bounds the whole call in time.
@@ -77,6 +86,7 @@ pub async fn probe_sql(
         standbys: Vec::new(),
         system_identifier: 0,
         synchronous_standby_names: None,
+        heartbeat_error: None,
     };
     if let Some(r) = rows.first() {
         let in_recovery: bool = r.try_get(0).unwrap_or(false);
@@ -94,6 +104,11 @@ pub async fn probe_sql(
         let sysid: Option<i64> = r.try_get(6).ok().flatten();
         facts.system_identifier = sysid.unwrap_or(0) as u64;
         facts.synchronous_standby_names = r.try_get(7).ok().flatten();
+    }
+    if facts.role == Role::Primary {
+        if let Err(e) = s.execute("probe heartbeat", HEARTBEAT_SQL, limit).await {
+            facts.heartbeat_error = Some(e.to_string());
+        }
     }
     if facts.role == Role::Replica {
         let rows = s

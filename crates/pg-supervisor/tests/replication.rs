@@ -231,3 +231,37 @@ async fn observation_carries_receipt_age_and_flushed_lsn() {
         assert!(n.fence().await.unwrap().verified_gone);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probing_an_idle_primary_keeps_its_replicas_hearing_from_it() {
+    // With nobody writing, a replica hears nothing from its primary for seconds (keepalives
+    // only flow when the sender misses replies), so a silent cut and an idle primary would
+    // look alike. The primary's probe writes a heartbeat, and the receipt age stays low.
+    let dir = test_dir();
+    let mut a = started_primary(dir.path(), "a").await;
+    let a_up = a.as_upstream();
+    let mut b = started_replica(dir.path(), "b", &a_up).await;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut ages = Vec::new();
+    while Instant::now() < deadline {
+        let p = a.observe().await;
+        assert_eq!(p.heartbeat_error, None);
+        let age = b
+            .observe()
+            .await
+            .wal_receiver
+            .and_then(|w| w.last_msg_receipt_age_ms);
+        ages.push(age);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The first seconds may predate the first heartbeat; the last ones may not.
+    let recent = &ages[ages.len() - 4..];
+    assert!(
+        recent.iter().all(|a| a.is_some_and(|ms| ms < 1_000)),
+        "receipt ages while the primary is probed: {ages:?}"
+    );
+    eprintln!("FIGURE receipt ages on an idle, probed primary: {ages:?}");
+    for n in [&mut a, &mut b] {
+        assert!(n.fence().await.unwrap().verified_gone);
+    }
+}

@@ -142,6 +142,7 @@ impl Instance {
             standbys: Vec::new(),
             system_identifier: None,
             synchronous_standby_names: None,
+            heartbeat_error: None,
         };
         if !postmaster.is_running() {
             obs.probe_error = Some("postmaster is not running".into());
@@ -171,6 +172,7 @@ impl Instance {
                 obs.standbys = f.standbys;
                 obs.system_identifier = Some(f.system_identifier);
                 obs.synchronous_standby_names = f.synchronous_standby_names;
+                obs.heartbeat_error = f.heartbeat_error;
             }
             Ok(Err(e)) => obs.probe_error = Some(e.to_string()),
             Err(_) => obs.probe_error = Some(format!("probe timed out after {:?}", t.probe)),
