@@ -50,6 +50,13 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 "paused": t.paused,
                 "primary": t.primary.as_ref().map(|p| json!({"node_id": p.node_id, "epoch": p.epoch})),
                 "failover_status": t.failover_status,
+                "sync": t.sync.as_ref().map(|y| json!({
+                    "mode": y.mode,
+                    "standbys": y.members,
+                    "k": y.k,
+                    "target": y.target,
+                    "target_k": y.target_k,
+                })),
                 "history": history_json(t),
                 "members": members,
             });
@@ -119,12 +126,36 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 if t.paused { " · PAUSED" } else { "" }
             );
             s.push_str(&table(&rows));
+            if let Some(line) = t.sync.as_ref().map(sync_line) {
+                s.push_str(&line);
+            }
             if !t.failover_status.is_empty() {
                 s.push_str(&format!("failover: {}\n", t.failover_status));
             }
             s
         }
     }
+}
+
+/// One line on synchronous replication: which standbys acknowledge commits.
+fn sync_line(y: &proto::SyncStandbys) -> String {
+    let names = |ids: &[u64]| {
+        ids.iter()
+            .map(|i| format!("n{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let now = if y.k == 0 {
+        "asynchronous".to_string()
+    } else {
+        format!("{} of [{}] acknowledge each commit", y.k, names(&y.members))
+    };
+    let target = if y.target.is_empty() {
+        String::new()
+    } else {
+        format!(" · applying {} of [{}]", y.target_k, names(&y.target))
+    };
+    format!("synchronous_mode {}: {now}{target}\n", y.mode)
 }
 
 /// The configuration as `key  value` lines or a JSON object.

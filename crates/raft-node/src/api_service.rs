@@ -309,6 +309,19 @@ pub fn build_topology(
             })
             .collect(),
         failover_status: String::new(),
+        sync: Some(proto::SyncStandbys {
+            mode: state.cluster.config.synchronous_mode.to_string(),
+            members: state.cluster.sync.committed.members.iter().copied().collect(),
+            k: state.cluster.sync.committed.k,
+            target: state
+                .cluster
+                .sync
+                .target
+                .as_ref()
+                .map(|t| t.members.iter().copied().collect())
+                .unwrap_or_default(),
+            target_k: state.cluster.sync.target.as_ref().map_or(0, |t| t.k),
+        }),
     }
 }
 

@@ -336,6 +336,9 @@ impl ClusterState {
                         "stale epoch {epoch}: the committed epoch is already {current}"
                     ));
                 }
+                // Whoever holds the writes acknowledged so far keeps counting until the new
+                // primary's standbys have caught up with it.
+                let carried = self.failover_set().unwrap_or_default();
                 self.history.push_back(RoleChange {
                     epoch: *epoch,
                     from: self.primary.map(|p| p.node),
@@ -351,11 +354,6 @@ impl ClusterState {
                     node: *node,
                     epoch: *epoch,
                 });
-                let carried = if self.sync.committed.is_synchronous() {
-                    self.sync.committed.clone()
-                } else {
-                    SyncSet::asynchronous()
-                };
                 self.sync = SyncState {
                     epoch: *epoch,
                     committed: carried,
@@ -390,6 +388,20 @@ impl ClusterState {
         let p = self.primary?;
         (self.sync.epoch == p.epoch && self.sync.committed.is_synchronous())
             .then_some(&self.sync.committed)
+    }
+
+    /// The set a failover relies on: the committed set, joined with a target the primary may
+    /// already run (a write acknowledged under either is on at least the smaller `k` of the
+    /// union). `None` while replication is asynchronous.
+    pub fn failover_set(&self) -> Option<SyncSet> {
+        let committed = self.synchronous_set()?;
+        Some(match &self.sync.target {
+            Some(t) => SyncSet {
+                members: committed.members.union(&t.members).copied().collect(),
+                k: committed.k.min(t.k),
+            },
+            None => committed.clone(),
+        })
     }
 
     /// Follows a committed membership change: details of nodes that left are forgotten, so the
@@ -579,6 +591,16 @@ mod tests {
         s.apply(&p, &m);
         assert_eq!(s.synchronous_set(), Some(&set(&[2], 1)));
         assert_eq!(s.sync.target, Some(set(&[3], 1)));
+        // Until the target is committed, a failover counts on both.
+        assert_eq!(s.failover_set(), Some(set(&[2, 3], 1)));
+        // A promotion before that carries the union: writes the last primary acknowledged
+        // through its target are on those members.
+        let mut p = promote(3, 3);
+        if let Command::Promote { sync, .. } = &mut p {
+            *sync = set(&[1], 1);
+        }
+        s.apply(&p, &m);
+        assert_eq!(s.synchronous_set(), Some(&set(&[2, 3], 1)));
         let before = s.clone();
         assert!(matches!(
             s.apply(&commit, &m),

@@ -1066,7 +1066,12 @@ impl Sim {
                 .collect();
             held.sort_unstable_by(|a, b| b.cmp(a));
             if let Some(&acked) = held.get(set.k as usize - 1) {
-                self.acked_sync_high = self.acked_sync_high.max(acked);
+                // The promise (S6) covers what is acknowledged while a synchronous set is
+                // committed; before the first one (a new cluster) or after `on` fell back, a
+                // write is acknowledged synchronously but nothing relies on it.
+                if self.committed.synchronous_set().is_some() {
+                    self.acked_sync_high = self.acked_sync_high.max(acked);
+                }
                 self.acked_high = self.acked_high.max(acked);
             }
         }

@@ -310,6 +310,19 @@ impl FailoverLeader {
         let members = state.member_ids();
         let voters: std::collections::BTreeSet<NodeId> =
             state.membership.membership().voter_ids().collect();
+        let metrics = self.raft.metrics().borrow().clone();
+        let last_index = metrics.last_log_index;
+        let caught_up: std::collections::BTreeSet<NodeId> = metrics
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, matched)| matched.map(|m| m.index) == last_index)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let raft_leader_lease_ms = self.raft.config().election_timeout_max;
         let Some(primary) = state.cluster.primary else {
             return;
         };
@@ -318,7 +331,15 @@ impl FailoverLeader {
             let (step, handoff) = {
                 let input = self.policy_input(book, now, &state, &members);
                 let handoff = handoff_due
-                    .then(|| leadership_handoff(&input, self.node_id, &voters))
+                    .then(|| {
+                        leadership_handoff(
+                            &input,
+                            self.node_id,
+                            &voters,
+                            &caught_up,
+                            raft_leader_lease_ms,
+                        )
+                    })
                     .flatten();
                 (sync_step(&input), handoff)
             };

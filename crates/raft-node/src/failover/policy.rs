@@ -296,7 +296,7 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             ),
         };
     }
-    match input.cluster.synchronous_set() {
+    match input.cluster.failover_set().as_ref() {
         Some(set) => {
             // Only a member known to hold every acknowledged write; lag does not matter then.
             let reported: BTreeMap<NodeId, u64> = set
@@ -405,18 +405,32 @@ pub fn sync_step(input: &PolicyInput<'_>) -> Option<SyncStep> {
 /// Whom the leader `me` should ask to take Raft leadership, if anyone: when `me` runs the
 /// committed primary and another voter is a healthy replica (the most advanced), so that a
 /// crash of the primary's host costs one lease and not an election on top of it.
+///
+/// The target wins only with this leader's vote, which openraft 0.9.25 gives once
+/// `raft_leader_lease_ms` has passed since this leader's election (its own vote time is not
+/// refreshed while it leads), and only if the target's log has caught up (`caught_up`). The
+/// other followers refuse within their lease, so with more than three voters the target
+/// cannot win and its failed campaign would depose this leader: no hand-off then.
 pub fn leadership_handoff(
     input: &PolicyInput<'_>,
     me: NodeId,
     voters: &BTreeSet<NodeId>,
+    caught_up: &BTreeSet<NodeId>,
+    raft_leader_lease_ms: u64,
 ) -> Option<NodeId> {
     let primary = input.cluster.primary?;
-    if primary.node != me || input.pending.is_some() || !voters.contains(&me) {
+    let settled = input.now >= input.leader_since + raft_leader_lease_ms + input.quorum_ack_max_ms;
+    if primary.node != me
+        || input.pending.is_some()
+        || !voters.contains(&me)
+        || voters.len() > 3
+        || !settled
+    {
         return None;
     }
     voters
         .iter()
-        .filter(|n| **n != me)
+        .filter(|n| **n != me && caught_up.contains(n))
         .filter_map(|n| input.fresh(*n))
         .filter(|r| r.healthy_replica())
         .max_by(|a, b| a.lsn.cmp(&b.lsn).then(b.node.cmp(&a.node)))
@@ -914,16 +928,35 @@ mod tests {
         let f = Fixture::new();
         let voters: BTreeSet<NodeId> = [1, 2, 3].into();
         let input = f.input(10_100);
-        assert_eq!(leadership_handoff(&input, 1, &voters), Some(2));
+        let all = &voters;
+        assert_eq!(leadership_handoff(&input, 1, &voters, all, 800), Some(2));
         assert_eq!(
-            leadership_handoff(&input, 2, &voters),
+            leadership_handoff(&input, 1, &voters, &[3].into(), 800),
+            Some(3),
+            "only a member whose log caught up"
+        );
+        assert_eq!(
+            leadership_handoff(&input, 2, &voters, all, 800),
             None,
             "not the primary's node"
         );
         assert_eq!(
-            leadership_handoff(&input, 1, &[1].into()),
+            leadership_handoff(&input, 1, &[1].into(), all, 800),
             None,
             "nobody to hand to"
+        );
+        let five: BTreeSet<NodeId> = [1, 2, 3, 4, 5].into();
+        assert_eq!(
+            leadership_handoff(&input, 1, &five, &five, 800),
+            None,
+            "cannot win with five voters"
+        );
+        let mut young = f.input(10_100);
+        young.leader_since = 10_000;
+        assert_eq!(
+            leadership_handoff(&young, 1, &voters, all, 800),
+            None,
+            "a new leader still refuses votes itself"
         );
     }
 
