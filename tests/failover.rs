@@ -254,7 +254,10 @@ async fn host_crash_fails_over_and_keeps_replicated_writes() {
     assert_eq!(most, 1, "two writable members at once: {who:?}");
     let (new, t) = c.wait_postgres(FAILOVER).await;
     assert_ne!(new, old);
-    assert!(sync.contains(&new), "promoted {new}, not of the synchronous set {sync:?}");
+    assert!(
+        sync.contains(&new),
+        "promoted {new}, not of the synchronous set {sync:?}"
+    );
     assert_eq!(t.primary.map(|p| p.epoch), Some(2));
     // S6: not one acknowledged write is missing, up to the instant of the crash.
     let lost = missing_on(&c, new, &acked).await;
@@ -651,7 +654,10 @@ async fn walreceiver_pid(c: &TestCluster, id: u64) -> i32 {
             .ok()?;
         tokio::spawn(conn);
         let rows = client
-            .query("SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'", &[])
+            .query(
+                "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                &[],
+            )
             .await
             .ok()?;
         rows.first().map(|r| r.get::<_, i32>(0))
@@ -758,22 +764,24 @@ async fn a_torn_failover_memory_is_rebuilt_and_the_former_primary_rewinds() {
     .await;
     // Its memory of having been primary is torn on disk. Read as "never primary", the old
     // data directory would follow the new primary without a rewind, on a diverged history.
-    std::fs::write(
-        c.data_dir(old).join("failover.json"),
-        b"{\"last_primary_ep",
-    )
-    .expect("tear the memory file");
+    std::fs::write(c.data_dir(old).join("failover.json"), b"{\"last_primary_ep")
+        .expect("tear the memory file");
     c.start(old);
     let (primary, t) = c.wait_postgres(FAILOVER).await;
     assert_ne!(primary, old);
     assert_eq!(
-        t.members.iter().find(|m| m.id == old).map(|m| m.pg_role.as_str()),
+        t.members
+            .iter()
+            .find(|m| m.id == old)
+            .map(|m| m.pg_role.as_str()),
         Some("replica")
     );
     let acked = writer.stop().await;
     let last = acked.last().expect("acknowledged writes").0;
-    wait_for("the rebuilt member has the newest row", FAILOVER, || async {
-        rows_on(&c, old).await.contains(&last).then_some(())
-    })
+    wait_for(
+        "the rebuilt member has the newest row",
+        FAILOVER,
+        || async { rows_on(&c, old).await.contains(&last).then_some(()) },
+    )
     .await;
 }

@@ -27,8 +27,9 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Write outage of a client writing every 100 ms through a multi-host URL, on fresh local
-    /// 3-member clusters with real Postgres, for each fault.
+    /// Write outage and lost acknowledged writes of a client writing every 100 ms through a
+    /// multi-host URL, on fresh local 3-member clusters with real Postgres, for each fault; and
+    /// the commit latency before the fault.
     Failover {
         /// Runs per fault.
         #[arg(long, default_value_t = 5)]
@@ -36,6 +37,13 @@ pub enum BenchCmd {
         /// Faults to inject (default: all).
         #[arg(long, value_enum, value_delimiter = ',')]
         faults: Vec<Fault>,
+        /// synchronous_mode of the clusters: off, on, strict or quorum.
+        #[arg(long, default_value = "on")]
+        sync: String,
+        /// Keep Raft leadership on the primary's node (leader_handoff = false): a host crash
+        /// then costs an election and a new leader's wait besides the lease.
+        #[arg(long)]
+        leader_on_primary: bool,
     },
 }
 
@@ -52,25 +60,56 @@ pub enum Fault {
 
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Failover { runs, faults } => {
+        BenchCmd::Failover {
+            runs,
+            faults,
+            sync,
+            leader_on_primary,
+        } => {
+            if runs == 0 {
+                bail!("--runs must be at least 1");
+            }
             let faults = if faults.is_empty() {
                 vec![Fault::HostCrash, Fault::PostgresCrash, Fault::SidecarFreeze]
             } else {
                 faults
             };
+            let setup = Setup {
+                sync,
+                leader_on_primary,
+            };
             for fault in faults {
-                let mut outages = Vec::new();
+                let (mut outages, mut commits) = (Vec::new(), Vec::new());
+                let (mut lost, mut acked) = (0, 0);
                 for run in 1..=runs {
                     let dir = std::env::temp_dir()
                         .join(format!("pgquorum-bench-{}-{run}", std::process::id()));
-                    let r = failover_run(&dir, fault).await;
+                    let r = failover_run(&dir, fault, &setup).await;
                     let _ = local::stop_all(&dir, true);
                     let _ = std::fs::remove_dir_all(&dir);
-                    let ms = r?;
-                    println!("{fault:?} run {run}: write outage {ms:.0} ms");
-                    outages.push(ms);
+                    let f = r?;
+                    println!(
+                        "{fault:?} run {run}: write outage {:.0} ms, {} of {} acknowledged \
+                         writes lost, commit latency median {:.2} ms",
+                        f.outage_ms, f.lost, f.acked, f.commit_ms
+                    );
+                    outages.push(f.outage_ms);
+                    commits.push(f.commit_ms);
+                    lost += f.lost;
+                    acked += f.acked;
                 }
-                println!("{fault:?}: write outage {}", summary(outages));
+                println!(
+                    "{fault:?} (synchronous_mode {}, leader {}): write outage {}; lost {lost} of \
+                     {acked} acknowledged writes; commit latency {}",
+                    setup.sync,
+                    if setup.leader_on_primary {
+                        "on the primary's node"
+                    } else {
+                        "apart from the primary"
+                    },
+                    summary(outages),
+                    summary(commits)
+                );
             }
             Ok(())
         }
@@ -266,8 +305,31 @@ async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
     Ok(())
 }
 
-/// Acknowledged writes of the bench's writer: (id, when).
-type Acks = std::sync::Arc<std::sync::Mutex<Vec<Instant>>>;
+/// How the bench's clusters run.
+struct Setup {
+    sync: String,
+    leader_on_primary: bool,
+}
+
+/// What one failover run measured.
+struct RunFigures {
+    outage_ms: f64,
+    lost: usize,
+    acked: usize,
+    /// Median INSERT round trip before the fault.
+    commit_ms: f64,
+}
+
+/// One acknowledged write of the bench's writer.
+#[derive(Clone, Copy)]
+struct Ack {
+    id: i64,
+    at: Instant,
+    took: Duration,
+}
+
+/// Acknowledged writes of the bench's writer.
+type Acks = std::sync::Arc<std::sync::Mutex<Vec<Ack>>>;
 
 fn spawn_writer(url: String, acks: Acks, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::Ordering;
@@ -288,11 +350,16 @@ fn spawn_writer(url: String, acks: Acks, stop: std::sync::Arc<std::sync::atomic:
             }
             if let Some(c) = &client {
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                let sent = Instant::now();
                 let insert = c.execute("INSERT INTO bench VALUES ($1)", &params);
                 match tokio::time::timeout(Duration::from_secs(2), insert).await {
                     Ok(Ok(_)) => {
                         if let Ok(mut a) = acks.lock() {
-                            a.push(Instant::now());
+                            a.push(Ack {
+                                id,
+                                at: Instant::now(),
+                                took: sent.elapsed(),
+                            });
                         }
                     }
                     _ => client = None,
@@ -303,13 +370,91 @@ fn spawn_writer(url: String, acks: Acks, stop: std::sync::Arc<std::sync::atomic:
     });
 }
 
-async fn failover_run(dir: &std::path::Path, fault: Fault) -> Result<f64> {
+/// Commits `key = value` through any member.
+async fn set_key(client: &raft_node::client::ApiClient, key: &str, value: &str) -> Result<()> {
+    let changes = HashMap::from([(key.to_string(), value.to_string())]);
+    client
+        .call(|mut c| {
+            let changes = changes.clone();
+            async move { c.set_config(proto::SetConfigRequest { changes }).await }
+        })
+        .await
+        .with_context(|| format!("config set {key}={value}"))?;
+    Ok(())
+}
+
+/// Polls the topology until `ready` holds, for at most `limit`.
+async fn wait_topology(
+    client: &raft_node::client::ApiClient,
+    what: &str,
+    limit: Duration,
+    ready: impl Fn(&proto::Topology) -> bool,
+) -> Result<proto::Topology> {
+    let started = Instant::now();
+    loop {
+        let t = client
+            .call(|mut c| async move {
+                c.get_topology(proto::GetTopologyRequest { local: false })
+                    .await
+            })
+            .await;
+        if let Ok(t) = t {
+            if ready(&t) {
+                return Ok(t);
+            }
+        }
+        if started.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Result<RunFigures> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     let layout = local::load_or_create(3, dir, true)?;
     local::start_missing(&layout, true)?;
     let topo = local::wait_ready(&layout, Duration::from_secs(90)).await?;
     let primary = topo.primary.as_ref().context("no primary")?.node_id;
+    let api = raft_node::client::ApiClient::new(layout.endpoints())?
+        .with_patience(Duration::from_secs(2));
+    set_key(&api, "synchronous_mode", &setup.sync).await?;
+    set_key(
+        &api,
+        "leader_handoff",
+        if setup.leader_on_primary {
+            "false"
+        } else {
+            "true"
+        },
+    )
+    .await?;
+    let limit = Duration::from_secs(30);
+    if setup.sync != "off" {
+        wait_topology(&api, "a committed synchronous standby", limit, |t| {
+            t.sync
+                .as_ref()
+                .is_some_and(|y| y.k > 0 && y.target.is_empty())
+        })
+        .await?;
+    }
+    if setup.leader_on_primary {
+        // Bootstrap puts leadership on member 1, usually the first primary too.
+        let t = wait_topology(&api, "a leader", limit, |t| t.leader_id != 0).await?;
+        if t.leader_id != primary {
+            bail!(
+                "--leader-on-primary: the leader ({}) is not the primary's node ({primary}) in \
+                 this cluster; run again",
+                t.leader_id
+            );
+        }
+    } else {
+        wait_topology(&api, "leadership apart from the primary", limit, |t| {
+            t.leader_id != 0 && t.leader_id != primary
+        })
+        .await?;
+    }
     let node = layout
         .nodes
         .iter()
@@ -321,9 +466,10 @@ async fn failover_run(dir: &std::path::Path, fault: Fault) -> Result<f64> {
     c.batch_execute("CREATE TABLE bench (id bigint PRIMARY KEY)")
         .await?;
     drop(c);
+    let writer_url = url.clone();
     let acks: Acks = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    spawn_writer(url, acks.clone(), stop.clone());
+    spawn_writer(writer_url, acks.clone(), stop.clone());
     let count = |a: &Acks| a.lock().map(|v| v.len()).unwrap_or(0);
     let started = Instant::now();
     while count(&acks) < 20 {
@@ -361,8 +507,7 @@ async fn failover_run(dir: &std::path::Path, fault: Fault) -> Result<f64> {
     }
     // Done once another member is the committed primary and writes have flowed for a second
     // since; the outage is the largest gap between acknowledged writes from the fault on.
-    let client = raft_node::client::ApiClient::new(layout.endpoints())?
-        .with_patience(Duration::from_secs(2));
+    let client = api;
     let changed_at = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if fault_at.elapsed() > Duration::from_secs(60) {
@@ -382,7 +527,10 @@ async fn failover_run(dir: &std::path::Path, fault: Fault) -> Result<f64> {
     };
     let outage = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let times: Vec<Instant> = acks.lock().map(|v| v.clone()).unwrap_or_default();
+        let times: Vec<Instant> = acks
+            .lock()
+            .map(|v| v.iter().map(|a| a.at).collect())
+            .unwrap_or_default();
         if times
             .last()
             .is_some_and(|l| *l > changed_at + Duration::from_secs(1))
@@ -402,9 +550,39 @@ async fn failover_run(dir: &std::path::Path, fault: Fault) -> Result<f64> {
         }
     };
     stop.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     if fault == Fault::SidecarFreeze {
         // SAFETY: as above.
         unsafe { libc::kill(sidecar, libc::SIGCONT) };
     }
-    Ok(outage.as_secs_f64() * 1000.0)
+    let acked: Vec<Ack> = acks.lock().map(|v| v.clone()).unwrap_or_default();
+    // Every acknowledged write must be on the new primary.
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let present: std::collections::BTreeSet<i64> = c
+        .query("SELECT id FROM bench", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost = acked.iter().filter(|a| !present.contains(&a.id)).count();
+    let before: Vec<f64> = acked
+        .iter()
+        .filter(|a| a.at < fault_at)
+        .map(|a| a.took.as_secs_f64() * 1000.0)
+        .collect();
+    Ok(RunFigures {
+        outage_ms: outage.as_secs_f64() * 1000.0,
+        lost,
+        acked: acked.len(),
+        commit_ms: median(before),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }

@@ -311,7 +311,14 @@ pub fn build_topology(
         failover_status: String::new(),
         sync: Some(proto::SyncStandbys {
             mode: state.cluster.config.synchronous_mode.to_string(),
-            members: state.cluster.sync.committed.members.iter().copied().collect(),
+            members: state
+                .cluster
+                .sync
+                .committed
+                .members
+                .iter()
+                .copied()
+                .collect(),
             k: state.cluster.sync.committed.k,
             target: state
                 .cluster

@@ -29,6 +29,9 @@ pub struct DynamicConfig {
     pub synchronous_node_count: u32,
     /// Restart a crashed primary in place once before failing over.
     pub restart_before_failover: bool,
+    /// A Raft leader on the primary's node hands leadership to another member, so that a crash
+    /// of that host costs one lease and not an election plus a new leader's wait on top.
+    pub leader_handoff: bool,
 }
 
 impl Default for DynamicConfig {
@@ -42,6 +45,7 @@ impl Default for DynamicConfig {
             synchronous_mode: SyncMode::On,
             synchronous_node_count: 1,
             restart_before_failover: false,
+            leader_handoff: true,
         }
     }
 }
@@ -166,6 +170,7 @@ pub const KEYS: &[&str] = &[
     "synchronous_mode",
     "synchronous_node_count",
     "restart_before_failover",
+    "leader_handoff",
 ];
 
 impl DynamicConfig {
@@ -187,6 +192,7 @@ impl DynamicConfig {
             "synchronous_mode" => self.synchronous_mode.to_string(),
             "synchronous_node_count" => self.synchronous_node_count.to_string(),
             "restart_before_failover" => self.restart_before_failover.to_string(),
+            "leader_handoff" => self.leader_handoff.to_string(),
             _ => return None,
         })
     }
@@ -215,6 +221,7 @@ impl DynamicConfig {
                         u32::try_from(parse_u64(key, value)?).map_err(|_| bad(key, value))?
                 }
                 "restart_before_failover" => next.restart_before_failover = parse_bool(key, value)?,
+                "leader_handoff" => next.leader_handoff = parse_bool(key, value)?,
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key: key.clone(),

@@ -421,6 +421,7 @@ pub fn leadership_handoff(
     let primary = input.cluster.primary?;
     let settled = input.now >= input.leader_since + raft_leader_lease_ms + input.quorum_ack_max_ms;
     if primary.node != me
+        || !input.cluster.config.leader_handoff
         || input.pending.is_some()
         || !voters.contains(&me)
         || voters.len() > 3
