@@ -25,6 +25,17 @@ echo; echo "== writing through $url"
 psql "$url" -qc "CREATE TABLE demo (id serial PRIMARY KEY, at timestamptz DEFAULT now(), note text)"
 psql "$url" -qc "INSERT INTO demo (note) VALUES ('before the crash')"
 
+echo; echo "== waiting for a committed synchronous standby and Raft leadership apart from the primary"
+for _ in $(seq 1 200); do
+  if "$pgq" list --output json 2>/dev/null | python3 -c '
+import json, sys
+t = json.load(sys.stdin)
+ok = (t.get("sync") or {}).get("k", 0) > 0 and not (t.get("sync") or {}).get("target") \
+    and t["leader_id"] not in (None, t["primary"]["node_id"])
+sys.exit(0 if ok else 1)'; then break; fi
+  sleep 0.1
+done
+"$pgq" list
 primary=$("$pgq" list --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["primary"]["node_id"])')
 postmaster=$(head -1 "$dir/n$primary/pgdata/postmaster.pid")
 group=$(ps -o pgid= -p "$postmaster" | tr -d ' ')

@@ -592,7 +592,8 @@ impl Sim {
                     if let Some(ld) = self.leaders.get_mut(&l) {
                         ld.pending = Some(PrimaryAssignment { node, epoch });
                     }
-                    let latency = self.rng.gen_range(0..=300);
+                    // A commit waits for a quorum's fsync; a slow disk makes it long.
+                    let latency = self.rng.gen_range(0..=1_000);
                     self.log(format!(
                         "leader {l} decides Promote {{ {node}, epoch {epoch}, sync {sync:?} }}: {reason}"
                     ));
@@ -1184,7 +1185,7 @@ impl Sim {
         } else if self.rng.gen_bool(p) && self.cut_until == 0 {
             let until = t + self.rng.gen_range(500..10_000);
             let ids: Vec<NodeId> = self.members.iter().copied().collect();
-            let kind = self.rng.gen_range(0..3);
+            let kind = self.rng.gen_range(0..4);
             match kind {
                 0 => {
                     let groups: Vec<u8> = ids.iter().map(|_| self.rng.gen_range(0..2)).collect();
@@ -1202,6 +1203,19 @@ impl Sim {
                         self.cut.insert((id, b));
                     }
                     self.log(format!("packets from {id} dropped until {until}"));
+                }
+                3 => {
+                    // Arbitrary links, some one way: connectivity need not be transitive (A
+                    // reaches B, B reaches C, A does not reach C).
+                    for &a in &ids {
+                        for &b in &ids {
+                            if a != b && self.rng.gen_bool(0.3) {
+                                self.cut.insert((a, b));
+                            }
+                        }
+                    }
+                    let links: Vec<_> = self.cut.iter().copied().collect();
+                    self.log(format!("links cut {links:?} until {until}"));
                 }
                 _ => {
                     for &b in ids.iter().filter(|&&b| b != id) {
