@@ -92,6 +92,11 @@ pub struct SyncState {
     pub committed: SyncSet,
     /// A stronger set the primary is asked to apply and confirm before it is committed.
     pub target: Option<SyncSet>,
+    /// After `on` fell back to asynchronous replication: the last synchronous set. The writes
+    /// acknowledged before the fall-back are on `k` of its members, and a failover still relies
+    /// on it until a new synchronous set is confirmed (which then holds them too).
+    #[serde(default)]
+    pub legacy: Option<SyncSet>,
 }
 
 /// The primary's WAL position, committed now and then so that a new leader still knows how far
@@ -296,6 +301,15 @@ impl ClusterState {
             }
             Command::CommitSync { epoch, set } => {
                 self.check_sync_epoch(*epoch)?;
+                if set.is_synchronous() {
+                    // Only a confirmed target makes an asynchronous cluster synchronous again,
+                    // and it holds everything acknowledged before it took effect.
+                    if !self.sync.committed.is_synchronous() {
+                        self.sync.legacy = None;
+                    }
+                } else if self.sync.legacy.is_none() {
+                    self.sync.legacy = self.failover_set();
+                }
                 self.sync.committed = set.clone();
                 self.sync.target = None;
                 Ok(())
@@ -358,6 +372,7 @@ impl ClusterState {
                     epoch: *epoch,
                     committed: carried,
                     target: sync.is_synchronous().then(|| sync.clone()),
+                    legacy: None,
                 };
                 Ok(())
             }
@@ -394,13 +409,21 @@ impl ClusterState {
     /// already run (a write acknowledged under either is on at least the smaller `k` of the
     /// union). `None` while replication is asynchronous.
     pub fn failover_set(&self) -> Option<SyncSet> {
-        let committed = self.synchronous_set()?;
+        let p = self.primary?;
+        if self.sync.epoch != p.epoch {
+            return None;
+        }
+        let base = if self.sync.committed.is_synchronous() {
+            &self.sync.committed
+        } else {
+            self.sync.legacy.as_ref()?
+        };
         Some(match &self.sync.target {
             Some(t) => SyncSet {
-                members: committed.members.union(&t.members).copied().collect(),
-                k: committed.k.min(t.k),
+                members: base.members.union(&t.members).copied().collect(),
+                k: base.k.min(t.k),
             },
-            None => committed.clone(),
+            None => base.clone(),
         })
     }
 
@@ -607,6 +630,34 @@ mod tests {
             CommandOutcome::Rejected { .. }
         ));
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_fall_back_to_async_keeps_the_last_synchronous_set_for_failover() {
+        let mut s = ClusterState::default();
+        let m = ids(&[1, 2, 3]);
+        s.apply(&promote(1, 1), &m);
+        let commit = |set: SyncSet| Command::CommitSync { epoch: 1, set };
+        s.apply(&commit(set(&[2], 1)), &m);
+        s.apply(&commit(SyncSet::asynchronous()), &m);
+        assert_eq!(s.synchronous_set(), None);
+        assert_eq!(
+            s.failover_set(),
+            Some(set(&[2], 1)),
+            "writes acknowledged before"
+        );
+        // Back to synchronous through a confirmed target: it holds everything earlier.
+        s.apply(
+            &Command::SetSyncTarget {
+                epoch: 1,
+                target: set(&[3], 1),
+            },
+            &m,
+        );
+        assert_eq!(s.failover_set(), Some(set(&[2, 3], 1)));
+        s.apply(&commit(set(&[3], 1)), &m);
+        assert_eq!(s.failover_set(), Some(set(&[3], 1)));
+        assert_eq!(s.sync.legacy, None);
     }
 
     #[test]

@@ -244,6 +244,7 @@ mod tests {
             epoch: 1,
             committed,
             target,
+            legacy: None,
         }
     }
 
