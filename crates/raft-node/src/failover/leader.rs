@@ -23,6 +23,8 @@ use crate::types::{NodeId, Raft};
 /// The primary's WAL position is committed at most this often (it bounds replicas' lag for a
 /// leader that never heard the primary).
 const LSN_RECORD_EVERY_MS: Millis = 2_000;
+/// How often the leader re-evaluates while a failover is due.
+const FAILOVER_POLL: Duration = Duration::from_millis(50);
 /// A leader on the primary's node asks another member to take over at most this often.
 const HANDOFF_EVERY_MS: Millis = 2_000;
 
@@ -279,10 +281,14 @@ impl FailoverLeader {
         tokio::spawn(self.clone().confirm_quorum(confirm_every, stop.clone()));
         let mut stop = stop;
         loop {
+            // While a failover is due, look again every few tens of milliseconds: the moment a
+            // lease is known over should not wait for the next tick.
+            let due = self.book.lock().is_ok_and(|b| !b.verdict.is_empty());
             let tick = Duration::from_millis(self.state.borrow().cluster.config.tick_ms);
+            let pause = if due { FAILOVER_POLL.min(tick) } else { tick };
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             let Some(term) = self.leading_term() else {
                 continue;

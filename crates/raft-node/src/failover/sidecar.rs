@@ -172,7 +172,11 @@ impl Sidecar {
 
     /// Runs until `stop`; on exit the instance is dropped, which fences its Postgres.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        // A commit that concerns this member (a promotion above all) is acted on at once, not
+        // at the next tick.
+        let mut commits = self.state.clone();
         loop {
+            commits.borrow_and_update();
             let tick = Duration::from_millis(self.state.borrow().cluster.config.tick_ms);
             let started = Instant::now();
             // After a change, look and report again at once so the leader's view catches up;
@@ -185,6 +189,12 @@ impl Sidecar {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(rest) => {}
+                changed = commits.changed() => {
+                    if changed.is_err() {
+                        // The state machine is gone (shutting down): no more commits to wait for.
+                        tokio::time::sleep(rest).await;
+                    }
+                }
             }
         }
         if self.instance.guard().is_some() {
