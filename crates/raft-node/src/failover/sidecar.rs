@@ -186,15 +186,14 @@ impl Sidecar {
                 Pace::Soon => (tick / 5).saturating_sub(started.elapsed()),
                 Pace::Tick => tick.saturating_sub(started.elapsed()),
             };
-            tokio::select! {
+            let commits_gone = tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                _ = tokio::time::sleep(rest) => {}
-                changed = commits.changed() => {
-                    if changed.is_err() {
-                        // The state machine is gone (shutting down): no more commits to wait for.
-                        tokio::time::sleep(rest).await;
-                    }
-                }
+                _ = tokio::time::sleep(rest) => false,
+                changed = commits.changed() => changed.is_err(),
+            };
+            if commits_gone {
+                // The state machine is gone (shutting down): no more commits to wait for.
+                tokio::time::sleep(rest).await;
             }
         }
         if self.instance.guard().is_some() {
