@@ -97,6 +97,10 @@ pub struct SyncState {
     /// on it until a new synchronous set is confirmed (which then holds them too).
     #[serde(default)]
     pub legacy: Option<SyncSet>,
+    /// Grows with every change of this state: a primary's confirmation counts only for the
+    /// revision it applied.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// The primary's WAL position, committed now and then so that a new leader still knows how far
@@ -297,6 +301,7 @@ impl ClusterState {
             Command::SetSyncTarget { epoch, target } => {
                 self.check_sync_epoch(*epoch)?;
                 self.sync.target = Some(target.clone());
+                self.sync.revision += 1;
                 Ok(())
             }
             Command::CommitSync { epoch, set } => {
@@ -312,6 +317,7 @@ impl ClusterState {
                 }
                 self.sync.committed = set.clone();
                 self.sync.target = None;
+                self.sync.revision += 1;
                 Ok(())
             }
             Command::RecordPrimaryLsn { epoch, lsn } => {
@@ -373,6 +379,7 @@ impl ClusterState {
                     committed: carried,
                     target: sync.is_synchronous().then(|| sync.clone()),
                     legacy: None,
+                    revision: self.sync.revision + 1,
                 };
                 Ok(())
             }

@@ -76,6 +76,7 @@ enum Process {
 struct AppliedSync {
     epoch: u64,
     set: SyncSet,
+    revision: u64,
     switch_lsn: u64,
     at: Millis,
 }
@@ -615,6 +616,14 @@ impl Sim {
                     let epoch = self.committed.primary.map(|p| p.epoch).unwrap_or(0);
                     match step {
                         Some(SyncStep::Commit(set)) => {
+                            let ld = &self.leaders[&l];
+                            let seen = self
+                                .committed
+                                .primary
+                                .and_then(|p| ld.reports.get(&p.node))
+                                .map(|r| format!("{:?}", r.report.sync_applied))
+                                .unwrap_or_default();
+                            self.log(format!("leader {l} sees the primary run {seen}"));
                             self.commit(l, Command::CommitSync { epoch, set });
                         }
                         Some(SyncStep::Target(target)) => {
@@ -769,18 +778,22 @@ impl Sim {
             return;
         }
         let want = syncrules::to_apply(&n.applied.sync).clone();
-        if n.applied_sync
-            .as_ref()
-            .is_some_and(|a| a.epoch == epoch && a.set == want)
-        {
-            return;
-        }
+        let revision = n.applied.sync.revision;
         let switch_lsn = n.lsn;
         let n = self.node_mut(id);
+        if let Some(a) = n
+            .applied_sync
+            .as_mut()
+            .filter(|a| a.epoch == epoch && a.set == want)
+        {
+            a.revision = revision;
+            return;
+        }
         n.ssn = want.clone();
         n.applied_sync = Some(AppliedSync {
             epoch,
             set: want.clone(),
+            revision,
             switch_lsn,
             at: now,
         });
@@ -806,6 +819,7 @@ impl Sim {
             set: a.set.clone(),
             confirmed: now >= a.at + n.applied.config.tick_ms
                 && syncrules::confirmed(&a.set, a.switch_lsn, &flushed),
+            revision: a.revision,
         })
     }
 

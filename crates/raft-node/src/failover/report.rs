@@ -87,6 +87,9 @@ pub struct SyncApplied {
     /// At least `k` members of the set have flushed past the WAL position at which the set
     /// took effect, so every earlier acknowledged commit is on `k` of them too.
     pub confirmed: bool,
+    /// The revision of the committed synchronous state the primary applied this set for.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl MemberReport {

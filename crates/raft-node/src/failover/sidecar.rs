@@ -97,6 +97,8 @@ enum Pace {
 struct AppliedSync {
     epoch: Epoch,
     set: SyncSet,
+    /// The revision of the committed state it was (last) asked for by.
+    revision: u64,
     switch_lsn: u64,
     at: Millis,
 }
@@ -326,6 +328,7 @@ impl Sidecar {
             epoch,
             set: applied.set.clone(),
             confirmed: settled && sync::confirmed(&applied.set, applied.switch_lsn, &flushed),
+            revision: applied.revision,
         })
     }
 
@@ -337,11 +340,15 @@ impl Sidecar {
             return Ok(());
         }
         let want = sync::to_apply(&cluster.sync).clone();
-        if self
+        let revision = cluster.sync.revision;
+        if let Some(a) = self
             .applied_sync
-            .as_ref()
-            .is_some_and(|a| a.epoch == epoch && a.set == want)
+            .as_mut()
+            .filter(|a| a.epoch == epoch && a.set == want)
         {
+            // The same set asked for again: it has run without a break since it was applied,
+            // so its confirmation still holds.
+            a.revision = revision;
             return Ok(());
         }
         let spec = sync_spec(cluster, &want);
@@ -360,6 +367,7 @@ impl Sidecar {
         self.applied_sync = Some(AppliedSync {
             epoch,
             set: want,
+            revision,
             switch_lsn: applied.switch_lsn.0,
             at: boot_clock_ms(),
         });

@@ -125,8 +125,13 @@ pub fn next_step(
 ) -> Option<SyncStep> {
     let want = normalised(want);
     let committed = &state.committed;
-    let confirmed =
-        |t: &SyncSet| applied.is_some_and(|a| a.epoch == state.epoch && &a.set == t && a.confirmed);
+    // A confirmation counts only for the very revision that asks for this set: an older
+    // report about the same set may predate a weaker set applied since.
+    let confirmed = |t: &SyncSet| {
+        applied.is_some_and(|a| {
+            a.epoch == state.epoch && a.revision == state.revision && &a.set == t && a.confirmed
+        })
+    };
     if committed.members.contains(&primary) {
         // Carried over a promotion: the writes acknowledged so far are on the primary and on
         // the old set. A new set replaces it only once it has caught up (confirmed), and only
@@ -245,6 +250,7 @@ mod tests {
             committed,
             target,
             legacy: None,
+            revision: 0,
         }
     }
 
@@ -268,6 +274,7 @@ mod tests {
                 epoch: 1,
                 set: running.clone(),
                 confirmed: true,
+                revision: st.revision,
             };
             let Some(step) = next_step(&st, &want, Some(&applied), 99) else {
                 return steps;
@@ -278,10 +285,12 @@ mod tests {
                     assert!(covers(&running, s), "{running:?} does not cover {s:?}");
                     st.committed = s.clone();
                     st.target = None;
+                    st.revision += 1;
                 }
                 SyncStep::Target(t) => {
                     assert!(covers(t, &st.committed), "{t:?} weaker than committed");
                     st.target = Some(t.clone());
+                    st.revision += 1;
                 }
             }
             running = to_apply(&st).clone();
@@ -336,6 +345,7 @@ mod tests {
             epoch: 1,
             set: want.clone(),
             confirmed: false,
+            revision: 0,
         };
         assert_eq!(next_step(&st, &want, Some(&unconfirmed), 99), None);
         let old_epoch = SyncApplied {
@@ -350,8 +360,16 @@ mod tests {
         };
         assert_eq!(
             next_step(&st, &want, Some(&ok), 99),
-            Some(SyncStep::Commit(want))
+            Some(SyncStep::Commit(want.clone()))
         );
+        // A confirmation of an earlier revision of the same set proves nothing about now.
+        let older = SyncApplied {
+            revision: 7,
+            ..ok.clone()
+        };
+        let mut newer = st.clone();
+        newer.revision = 8;
+        assert_eq!(next_step(&newer, &want, Some(&older), 99), None);
     }
 
     #[test]
@@ -393,6 +411,7 @@ mod tests {
             epoch: 1,
             set: want.clone(),
             confirmed: true,
+            revision: 0,
         };
         assert_eq!(
             next_step(&carried, &want, Some(&caught_up), 2),
