@@ -79,9 +79,9 @@ fn the_backend_cuts_what_it_names_and_heals() {
     for id in 1..=3 {
         assert!(reaches(None, id), "the host reaches member {id}");
     }
-    // One way: 3's packets to 1 are dropped, so 3 gets no answer from 1; 1's SYN reaches 3,
-    // whose reset back is dropped, so 1 gets none either (TCP needs both directions), but the
-    // rule for 1 -> 3 does not exist.
+    // One way: 3's packets to 1 are dropped, so 3 gets no answer from 1. A probe cannot show
+    // the direction (1's SYN reaches 3, but 3's reset back is dropped, and TCP needs both), so
+    // the rules show it: 3 -> 1 is cut, 1 -> 3 is not.
     net.cut_one_way(3, 1).expect("cut one way");
     assert!(!reaches(Some(3), 1), "3 -> 1 after cut_one_way(3, 1)");
     let rules = net.rules();
@@ -167,12 +167,14 @@ async fn isolate_the_primary(cut: Cut, label: &str) {
     // Only with a committed synchronous standby does a cut-off primary stop acknowledging.
     let sync = wait_sync_committed(c).await;
     let majority = others(c, old);
+    let leader = topology(c).await.leader_id;
     let cut_at = Instant::now();
     for other in &majority {
         cut.apply(net, old, *other).expect("cut");
     }
     eprintln!(
-        "cut ({cut:?}) primary {old} from {majority:?}; synchronous set {sync:?}\n{}",
+        "cut ({cut:?}) primary {old} from {majority:?}; synchronous set {sync:?}; Raft leader \
+         {leader}\n{}",
         net.rules()
     );
     let new = wait_for("a new primary on the majority side", FAILOVER, || async {
@@ -193,6 +195,8 @@ async fn isolate_the_primary(cut: Cut, label: &str) {
         (cut_at + Duration::from_secs(20)).saturating_duration_since(Instant::now()),
     )
     .await;
+    // The counters show the cut dropped real traffic.
+    eprintln!("before the heal:\n{}", net.rules());
     net.heal().expect("heal");
     let healed_at = Instant::now();
     let (primary, t) = c.wait_postgres(REJOIN).await;
@@ -278,17 +282,57 @@ async fn raft_leader_isolated_while_not_the_primary_keeps_the_primary() {
     }
     eprintln!("cut Raft leader {leader} from {majority:?} (primary {primary})");
     // For the whole cut, the majority side's leader keeps the same primary in the same epoch.
+    // That side must elect a leader of its own, or the cut did not take.
     let heal_at = cut_at + Duration::from_secs(10);
-    while Instant::now() < heal_at {
-        if let Some(t) = topology_via(c, &majority).await {
-            assert_eq!(
-                t.primary.as_ref().map(|p| (p.node_id, p.epoch)),
-                Some((primary, epoch.expect("an epoch"))),
-                "the primary moved while only the Raft leader was cut off"
-            );
+    let watch_primary = async {
+        let mut answers = 0;
+        while Instant::now() < heal_at {
+            // Through the majority side's members; while they still forward to the old leader
+            // an answer may take seconds, or not come.
+            if let Some(t) = topology_via(c, &majority).await {
+                assert_eq!(
+                    t.primary.as_ref().map(|p| (p.node_id, p.epoch)),
+                    Some((primary, epoch.expect("an epoch"))),
+                    "the primary moved while only the Raft leader was cut off"
+                );
+                answers += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        answers
+    };
+    let watch_leader = async {
+        while Instant::now() < heal_at {
+            // Each majority member's own Raft view, so not held up by a forward to the
+            // unreachable old leader: both follow one of themselves.
+            let mut views = Vec::new();
+            for id in &majority {
+                views.extend(c.status(*id).await.map(|s| s.leader_id));
+            }
+            if views.len() == majority.len()
+                && majority.contains(&views[0])
+                && views.iter().all(|l| *l == views[0])
+            {
+                return Some((views[0], cut_at.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    };
+    let (answers, new_leader) = tokio::join!(watch_primary, watch_leader);
+    assert!(
+        answers > 0,
+        "the majority side never answered during the cut"
+    );
+    let (new_leader, elected_after) =
+        new_leader.expect("the majority side elected no leader of its own during the cut");
+    eprintln!(
+        "leader {new_leader} elected on the majority side {} ms after the cut; \
+         {answers} topology answers from that side, all with primary {primary}",
+        elected_after.as_millis()
+    );
+    // The counters show the cut dropped real traffic.
+    eprintln!("before the heal:\n{}", net.rules());
     net.heal().expect("heal");
     let healed_at = Instant::now();
     let (still, t) = c.wait_postgres(REJOIN).await;
@@ -302,8 +346,9 @@ async fn raft_leader_isolated_while_not_the_primary_keeps_the_primary() {
         .count();
     eprintln!(
         "FIGURE partition leader_isolated max_write_gap_ms={gap} acked_in_last_5s_of_cut={resumed} \
-         acked={} max_writable={most} checker_longest_interval_ms={}",
+         acked={} new_leader_ms={} max_writable={most} checker_longest_interval_ms={}",
         acked.len(),
+        elected_after.as_millis(),
         poll_interval.as_millis()
     );
     assert_eq!(most, 1, "two writable members at once: {who:?}");
