@@ -264,7 +264,7 @@ async fn raft_leader_isolated_while_not_the_primary_keeps_the_primary() {
         (writer.acked_count() >= 10).then_some(())
     })
     .await;
-    wait_sync_committed(c).await;
+    let sync = wait_sync_committed(c).await;
     // leader_handoff (on by default) moves Raft leadership off the primary's node within a
     // few seconds; wait for that rather than arrange it.
     let leader = wait_for("a Raft leader apart from the primary", FAILOVER, || async {
@@ -280,7 +280,11 @@ async fn raft_leader_isolated_while_not_the_primary_keeps_the_primary() {
     for other in &majority {
         net.cut(leader, *other).expect("cut");
     }
-    eprintln!("cut Raft leader {leader} from {majority:?} (primary {primary})");
+    // With the leader's node the synchronous standby, commits wait until the new leader
+    // commits another synchronous set: the write gap below shows how long.
+    eprintln!(
+        "cut Raft leader {leader} from {majority:?} (primary {primary}, synchronous set {sync:?})"
+    );
     // For the whole cut, the majority side's leader keeps the same primary in the same epoch.
     // That side must elect a leader of its own, or the cut did not take.
     let heal_at = cut_at + Duration::from_secs(10);
