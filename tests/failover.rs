@@ -5,174 +5,16 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use harness::workload::{
+    missing_on, outage_ms, rows_on, topology, wait_sync_committed, Checker, Writer,
+};
 use harness::{wait_for, TestCluster};
 use raft_node::proto;
 
 const START: Duration = Duration::from_secs(60);
 const FAILOVER: Duration = Duration::from_secs(60);
-
-/// Inserts increasing ids every 100 ms; remembers which were acknowledged and when.
-struct Writer {
-    acked: Arc<Mutex<Vec<(i64, Instant)>>>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    async fn start(url: String) -> Writer {
-        Self::start_at(url, 1).await
-    }
-
-    /// Starts writing ids from `first` up.
-    async fn start_at(url: String, first: i64) -> Writer {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("writer connects");
-        tokio::spawn(conn);
-        client
-            .batch_execute("CREATE TABLE IF NOT EXISTS w (id bigint PRIMARY KEY)")
-            .await
-            .expect("create table");
-        drop(client);
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (acked.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let mut client: Option<tokio_postgres::Client> = None;
-            let mut id = first - 1;
-            while !s.load(Ordering::Relaxed) {
-                id += 1;
-                if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    client = match tokio::time::timeout(
-                        Duration::from_secs(2),
-                        tokio_postgres::connect(&url, tokio_postgres::NoTls),
-                    )
-                    .await
-                    {
-                        Ok(Ok((c, conn))) => {
-                            tokio::spawn(conn);
-                            Some(c)
-                        }
-                        _ => None,
-                    };
-                }
-                if let Some(c) = &client {
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        c.execute("INSERT INTO w VALUES ($1)", &[&id]),
-                    )
-                    .await;
-                    match r {
-                        Ok(Ok(_)) => a.lock().unwrap().push((id, Instant::now())),
-                        _ => client = None,
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        Writer { acked, stop, task }
-    }
-
-    fn acked_after(&self, t: Instant) -> bool {
-        self.acked.lock().unwrap().iter().any(|(_, at)| *at > t)
-    }
-
-    async fn stop(self) -> Vec<(i64, Instant)> {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        let v = self.acked.lock().unwrap().clone();
-        v
-    }
-}
-
-/// Polls every member's `pg_is_in_recovery()` and records the worst moment: the most members
-/// writable at once.
-struct Checker {
-    max_writable: Arc<Mutex<(usize, Vec<u64>)>>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Checker {
-    fn start(c: &TestCluster) -> Checker {
-        let ports: Vec<(u64, u16)> = c.nodes.values().map(|n| (n.id, n.pg_port)).collect();
-        let max_writable = Arc::new(Mutex::new((0, Vec::new())));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (m, s) = (max_writable.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            while !s.load(Ordering::Relaxed) {
-                let mut writable = Vec::new();
-                for (id, port) in &ports {
-                    if harness::port_writable(*port).await == Some(true) {
-                        writable.push(*id);
-                    }
-                }
-                {
-                    let mut g = m.lock().unwrap();
-                    if writable.len() > g.0 {
-                        *g = (writable.len(), writable);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        Checker {
-            max_writable,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) -> (usize, Vec<u64>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        let v = self.max_writable.lock().unwrap().clone();
-        v
-    }
-}
-
-async fn topology(c: &TestCluster) -> proto::Topology {
-    c.client()
-        .call(|mut cl| async move {
-            cl.get_topology(proto::GetTopologyRequest { local: false })
-                .await
-        })
-        .await
-        .expect("topology")
-}
-
-/// Rows present on `id`'s Postgres.
-async fn rows_on(c: &TestCluster, id: u64) -> Vec<i64> {
-    let port = c.nodes[&id].pg_port;
-    let url = format!(
-        "postgresql://postgres:{}@127.0.0.1:{port}/postgres?connect_timeout=2",
-        harness::PG_PASSWORD
-    );
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .expect("connect for rows");
-    tokio::spawn(conn);
-    client
-        .query("SELECT id FROM w ORDER BY id", &[])
-        .await
-        .expect("select")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-/// Waits until a synchronous set is committed with no change pending; returns its members.
-async fn wait_sync_committed(c: &TestCluster) -> Vec<u64> {
-    wait_for("a committed synchronous standby", FAILOVER, || async {
-        let y = topology(c).await.sync?;
-        (y.k > 0 && y.target.is_empty()).then_some(y.members)
-    })
-    .await
-}
 
 /// One INSERT through `url`, bounded by `limit`.
 async fn try_insert(url: &str, table: &str, id: i64, limit: Duration) -> Result<(), String> {
@@ -190,34 +32,6 @@ async fn try_insert(url: &str, table: &str, id: i64, limit: Duration) -> Result<
     tokio::time::timeout(limit, work)
         .await
         .map_err(|_| format!("not acknowledged within {limit:?}"))?
-}
-
-/// Rows of table `w` missing from member `id`, of those in `acked`.
-async fn missing_on(c: &TestCluster, id: u64, acked: &[(i64, Instant)]) -> Vec<i64> {
-    let present = rows_on(c, id).await;
-    acked
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| !present.contains(id))
-        .collect()
-}
-
-/// The longest gap between two consecutive acknowledged writes around `t`.
-fn outage_ms(acked: &[(i64, Instant)], t: Instant) -> u128 {
-    let before = acked
-        .iter()
-        .filter(|(_, at)| *at <= t)
-        .map(|(_, at)| *at)
-        .max();
-    let after = acked
-        .iter()
-        .filter(|(_, at)| *at > t)
-        .map(|(_, at)| *at)
-        .min();
-    match (before, after) {
-        (Some(b), Some(a)) => (a - b).as_millis(),
-        _ => u128::MAX,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

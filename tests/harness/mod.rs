@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod workload;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
@@ -27,13 +29,43 @@ pub fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
+/// Where one member lives on the network, and how its sidecar is started.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Address of the gRPC listener and of Postgres (`listen_addr` host, `postgres.host`).
+    pub host: String,
+    /// gRPC port.
+    pub port: u16,
+    /// Postgres port.
+    pub pg_port: u16,
+    /// Program and arguments the sidecar command is appended to (e.g. `ip netns exec NS`);
+    /// empty to run it directly.
+    pub command_prefix: Vec<String>,
+}
+
+impl Placement {
+    /// On loopback with free ports, run directly: how every test ran before namespaces.
+    pub fn loopback() -> Self {
+        Placement {
+            host: "127.0.0.1".into(),
+            port: free_port(),
+            pg_port: free_port(),
+            command_prefix: Vec::new(),
+        }
+    }
+}
+
 /// One sidecar process of a test cluster.
 pub struct TestNode {
     pub id: u64,
     pub addr: String,
     pub dir: PathBuf,
+    /// Postgres address of this member (`postgres.host`).
+    pub pg_host: String,
     /// Postgres port of this member.
     pub pg_port: u16,
+    /// Prepended to the sidecar's command line (see [`Placement::command_prefix`]).
+    pub command_prefix: Vec<String>,
     /// Stopped with SIGSTOP by the test.
     pub frozen: bool,
     child: Option<Child>,
@@ -62,9 +94,12 @@ pub struct TestCluster {
     raft_toml: String,
     /// The sidecars manage real Postgres instances.
     pub postgres: bool,
+    /// `postgres.allowed_cidrs` of every member; empty for the product default (loopback).
+    pub allowed_cidrs: Vec<String>,
 }
 
-/// Superuser password of test clusters (they listen on loopback only).
+/// Superuser password of test clusters (they listen on loopback, or inside network namespaces
+/// of their own test, only).
 pub const PG_PASSWORD: &str = "test-superuser-secret";
 
 impl TestCluster {
@@ -78,7 +113,27 @@ impl TestCluster {
         Self::build(n, DEFAULT_RAFT, true)
     }
 
+    /// A cluster of members managing Postgres, member `id` placed at `placements[&id]` (e.g.
+    /// in a network namespace), their Postgres admitting clients from `allowed_cidrs`. Writes
+    /// configs; starts nothing.
+    pub fn with_postgres_placed(
+        placements: BTreeMap<u64, Placement>,
+        allowed_cidrs: Vec<String>,
+    ) -> Self {
+        Self::build_placed(placements, DEFAULT_RAFT, true, allowed_cidrs)
+    }
+
     fn build(n: u64, raft_toml: &str, postgres: bool) -> Self {
+        let placements = (1..=n).map(|id| (id, Placement::loopback())).collect();
+        Self::build_placed(placements, raft_toml, postgres, Vec::new())
+    }
+
+    fn build_placed(
+        placements: BTreeMap<u64, Placement>,
+        raft_toml: &str,
+        postgres: bool,
+        allowed_cidrs: Vec<String>,
+    ) -> Self {
         let root = tempfile::tempdir().expect("temp dir");
         // Postgres runs as the unprivileged `postgres` user when tests run as root.
         std::fs::set_permissions(
@@ -92,20 +147,12 @@ impl TestCluster {
             nodes: BTreeMap::new(),
             raft_toml: raft_toml.to_string(),
             postgres,
+            allowed_cidrs,
         };
-        let ids: Vec<u64> = (1..=n).collect();
-        for id in &ids {
-            c.nodes.insert(
-                *id,
-                TestNode {
-                    id: *id,
-                    addr: format!("127.0.0.1:{}", free_port()),
-                    dir: c.root.path().join(format!("n{id}")),
-                    pg_port: free_port(),
-                    frozen: false,
-                    child: None,
-                },
-            );
+        let ids: Vec<u64> = placements.keys().copied().collect();
+        for (id, p) in placements {
+            let node = c.node_at(id, p);
+            c.nodes.insert(id, node);
         }
         let initial: Vec<(u64, String)> =
             c.nodes.values().map(|n| (n.id, n.addr.clone())).collect();
@@ -123,6 +170,19 @@ impl TestCluster {
         c
     }
 
+    fn node_at(&self, id: u64, p: Placement) -> TestNode {
+        TestNode {
+            id,
+            addr: format!("{}:{}", p.host, p.port),
+            dir: self.root.path().join(format!("n{id}")),
+            pg_host: p.host,
+            pg_port: p.pg_port,
+            command_prefix: p.command_prefix,
+            frozen: false,
+            child: None,
+        }
+    }
+
     fn write_config(&self, id: u64, initial: &[(u64, String)]) {
         let node = &self.nodes[&id];
         std::fs::create_dir_all(&node.dir).expect("node dir");
@@ -133,9 +193,17 @@ impl TestCluster {
         .expect("chmod node dir");
         let mut s = format!(
             "cluster_name = \"{}\"\nnode_id = {id}\nname = \"n{id}\"\ndata_dir = \"data\"\n\
-             listen_addr = \"{}\"\n\n[postgres]\nhost = \"127.0.0.1\"\nport = {}\n",
-            self.cluster_name, node.addr, node.pg_port
+             listen_addr = \"{}\"\n\n[postgres]\nhost = \"{}\"\nport = {}\n",
+            self.cluster_name, node.addr, node.pg_host, node.pg_port
         );
+        if !self.allowed_cidrs.is_empty() {
+            let quoted: Vec<String> = self
+                .allowed_cidrs
+                .iter()
+                .map(|c| format!("\"{c}\""))
+                .collect();
+            s.push_str(&format!("allowed_cidrs = [{}]\n", quoted.join(", ")));
+        }
         if self.postgres {
             s.push_str(&format!(
                 "data_dir = \"pgdata\"\nsuperuser_password = \"{PG_PASSWORD}\"\n\
@@ -163,17 +231,8 @@ impl TestCluster {
 
     /// Adds the config of a node that will join the running cluster (empty initial_members).
     pub fn add_joiner(&mut self, id: u64) {
-        self.nodes.insert(
-            id,
-            TestNode {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                dir: self.root.path().join(format!("n{id}")),
-                pg_port: free_port(),
-                frozen: false,
-                child: None,
-            },
-        );
+        let node = self.node_at(id, Placement::loopback());
+        self.nodes.insert(id, node);
         self.write_config(id, &[]);
     }
 
@@ -193,7 +252,17 @@ impl TestCluster {
             .append(true)
             .open(node.log_path())
             .expect("log file");
-        let child = Command::new(BIN)
+        // `ip netns exec` execs the program in place, so the child's pid stays the sidecar's
+        // and kill9, stop and signal_sidecar reach it directly.
+        let mut cmd = match node.command_prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["node", "--config"])
             .arg(node.config_path())
             .env("PGQUORUM_LOG", "info,openraft=warn")
@@ -406,7 +475,7 @@ impl TestCluster {
         let hosts: Vec<String> = self
             .nodes
             .values()
-            .map(|n| format!("127.0.0.1:{}", n.pg_port))
+            .map(|n| format!("{}:{}", n.pg_host, n.pg_port))
             .collect();
         format!(
             "postgresql://postgres:{PG_PASSWORD}@{}/postgres?target_session_attrs=read-write&connect_timeout=1",
@@ -416,7 +485,14 @@ impl TestCluster {
 
     /// Whether member `id`'s Postgres answers and is not in recovery (None: no answer).
     pub async fn writable(&self, id: u64) -> Option<bool> {
-        port_writable(self.nodes[&id].pg_port).await
+        let n = &self.nodes[&id];
+        host_writable(&n.pg_host, n.pg_port).await
+    }
+
+    /// A libpq URL of member `id`'s Postgres alone, as the superuser.
+    pub fn pg_url_of(&self, id: u64) -> String {
+        let n = &self.nodes[&id];
+        pg_url_at(&n.pg_host, n.pg_port)
     }
 
     /// The pid of member `id`'s postmaster, from its `postmaster.pid`.
@@ -441,10 +517,19 @@ impl TestCluster {
     }
 }
 
-/// Whether the Postgres on `port` answers and is not in recovery (None: no answer).
+/// Whether the Postgres on loopback `port` answers and is not in recovery (None: no answer).
 pub async fn port_writable(port: u16) -> Option<bool> {
-    let url =
-        format!("postgresql://postgres:{PG_PASSWORD}@127.0.0.1:{port}/postgres?connect_timeout=1");
+    host_writable("127.0.0.1", port).await
+}
+
+/// A libpq URL of the Postgres at `host:port`, as the superuser.
+pub fn pg_url_at(host: &str, port: u16) -> String {
+    format!("postgresql://postgres:{PG_PASSWORD}@{host}:{port}/postgres?connect_timeout=1")
+}
+
+/// Whether the Postgres at `host:port` answers and is not in recovery (None: no answer).
+pub async fn host_writable(host: &str, port: u16) -> Option<bool> {
+    let url = pg_url_at(host, port);
     let fut = async {
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
