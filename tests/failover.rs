@@ -47,16 +47,7 @@ async fn host_crash_fails_over_and_keeps_replicated_writes() {
     .await;
     // New clusters replicate synchronously (`on`) once a standby is committed.
     let sync = wait_sync_committed(&c).await;
-    // Host crash: the sidecar, the guard, the postmaster and every backend die at once (the
-    // guard runs Postgres in its own process group).
-    let postmaster = c.postmaster_pid(old).expect("postmaster pid");
-    // SAFETY: getpgid has no preconditions.
-    let group = unsafe { libc::getpgid(postmaster) };
-    assert!(group > 1, "postmaster has a process group");
-    let crash = Instant::now();
-    c.kill9(old);
-    // SAFETY: killing the test's own Postgres process group.
-    unsafe { libc::kill(-group, libc::SIGKILL) };
+    let crash = c.crash_host(old);
     wait_for("a write on a new primary", FAILOVER, || async {
         writer
             .acked_after(crash + Duration::from_millis(50))
@@ -561,15 +552,7 @@ async fn a_torn_failover_memory_is_rebuilt_and_the_former_primary_rewinds() {
         (writer.acked.lock().unwrap().len() >= 5).then_some(())
     })
     .await;
-    // Host crash of the primary.
-    let postmaster = c.postmaster_pid(old).expect("postmaster pid");
-    // SAFETY: getpgid has no preconditions.
-    let group = unsafe { libc::getpgid(postmaster) };
-    assert!(group > 1);
-    let crash = Instant::now();
-    c.kill9(old);
-    // SAFETY: killing the test's own Postgres process group.
-    unsafe { libc::kill(-group, libc::SIGKILL) };
+    let crash = c.crash_host(old);
     wait_for("a write on a new primary", FAILOVER, || async {
         writer
             .acked_after(crash + Duration::from_millis(50))

@@ -502,6 +502,20 @@ impl TestCluster {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// A host crash of member `id`: its sidecar, guard, postmaster and every backend die at
+    /// once (the guard runs Postgres in its own process group). Returns when it happened.
+    pub fn crash_host(&mut self, id: u64) -> std::time::Instant {
+        let postmaster = self.postmaster_pid(id).expect("postmaster pid");
+        // SAFETY: getpgid has no preconditions.
+        let group = unsafe { libc::getpgid(postmaster) };
+        assert!(group > 1, "postmaster has a process group");
+        let at = std::time::Instant::now();
+        self.kill9(id);
+        // SAFETY: killing the test's own Postgres process group.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        at
+    }
+
     /// Sends `signal` to member `id`'s sidecar process (SIGSTOP marks it frozen, SIGCONT
     /// thawed).
     pub fn signal_sidecar(&mut self, id: u64, signal: i32) {

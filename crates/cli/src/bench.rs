@@ -44,6 +44,9 @@ pub enum BenchCmd {
         /// then costs an election and a new leader's wait besides the lease.
         #[arg(long)]
         leader_on_primary: bool,
+        /// Lease length of the clusters, in ms (default: the cluster default).
+        #[arg(long)]
+        lease_ms: Option<u64>,
     },
 }
 
@@ -65,6 +68,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             faults,
             sync,
             leader_on_primary,
+            lease_ms,
         } => {
             if runs == 0 {
                 bail!("--runs must be at least 1");
@@ -77,6 +81,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             let setup = Setup {
                 sync,
                 leader_on_primary,
+                lease_ms,
             };
             for fault in faults {
                 let (mut outages, mut commits) = (Vec::new(), Vec::new());
@@ -309,6 +314,7 @@ async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
 struct Setup {
     sync: String,
     leader_on_primary: bool,
+    lease_ms: Option<u64>,
 }
 
 /// What one failover run measured.
@@ -415,21 +421,22 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
     use std::sync::{Arc, Mutex};
     let layout = local::load_or_create(3, dir, true)?;
     local::start_missing(&layout, true)?;
+    let api = raft_node::client::ApiClient::new(layout.endpoints())?
+        .with_patience(Duration::from_secs(10));
+    // Before the first primary is chosen, so that leadership stays where bootstrap put it
+    // (member 1, which usually also becomes the first primary).
+    let handoff = if setup.leader_on_primary {
+        "false"
+    } else {
+        "true"
+    };
+    set_key(&api, "leader_handoff", handoff).await?;
+    if let Some(ms) = setup.lease_ms {
+        set_key(&api, "lease_ms", &ms.to_string()).await?;
+    }
     let topo = local::wait_ready(&layout, Duration::from_secs(90)).await?;
     let primary = topo.primary.as_ref().context("no primary")?.node_id;
-    let api = raft_node::client::ApiClient::new(layout.endpoints())?
-        .with_patience(Duration::from_secs(2));
     set_key(&api, "synchronous_mode", &setup.sync).await?;
-    set_key(
-        &api,
-        "leader_handoff",
-        if setup.leader_on_primary {
-            "false"
-        } else {
-            "true"
-        },
-    )
-    .await?;
     let limit = Duration::from_secs(30);
     if setup.sync != "off" {
         wait_topology(&api, "a committed synchronous standby", limit, |t| {

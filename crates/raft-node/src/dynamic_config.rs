@@ -13,8 +13,8 @@ pub struct DynamicConfig {
     /// How often each sidecar probes its Postgres and reports to the leader.
     pub tick_ms: u64,
     /// Length of the primary's lease; the primary fences itself when it runs out. It must
-    /// outlast a Raft election (about 1.6 s with the default Raft timings) plus a report, or a
-    /// leader change alone would fence a healthy primary.
+    /// outlast a Raft election (about 1.0-1.2 s with the default Raft timings) plus a quorum
+    /// confirmation and a report, or a leader change alone would fence a healthy primary.
     pub lease_ms: u64,
     /// Allowance for clock rate differences between holder and grantor of a lease.
     pub drift_margin_ms: u64,
@@ -38,7 +38,7 @@ impl Default for DynamicConfig {
     fn default() -> Self {
         Self {
             tick_ms: 250,
-            lease_ms: 3_000,
+            lease_ms: 2_500,
             drift_margin_ms: 200,
             failure_threshold: 3,
             maximum_lag_on_failover: 1024 * 1024,

@@ -124,8 +124,8 @@ impl Default for RaftTimings {
     fn default() -> Self {
         Self {
             heartbeat_ms: 150,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 800,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 600,
             snapshot_every: 1000,
             logs_to_keep: 200,
         }

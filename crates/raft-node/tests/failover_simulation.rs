@@ -48,9 +48,9 @@ use rand::{Rng, SeedableRng};
 /// Real milliseconds per simulation step.
 const STEP: u64 = 5;
 /// Raft timings of the product defaults.
-const RAFT_LEADER_LEASE: u64 = 800;
-const ELECTION_MIN: u64 = 500;
-const ELECTION_MAX: u64 = 800;
+const RAFT_LEADER_LEASE: u64 = 600;
+const ELECTION_MIN: u64 = 400;
+const ELECTION_MAX: u64 = 600;
 const HEARTBEAT: u64 = 150;
 /// A leader grants leases only while its quorum contact is at most this old (as the sidecar).
 const QUORUM_ACK_MAX: u64 = 3 * HEARTBEAT;

@@ -386,6 +386,9 @@ impl FailoverLeader {
                     }
                 })
             });
+            // A command written in this round would leave the target one entry behind the
+            // log it was judged caught up with; it would lose the election and depose us.
+            let handoff = handoff.filter(|_| command.is_none());
             if handoff.is_some() {
                 book.handoff_at = Some(now);
             }
@@ -558,5 +561,42 @@ impl FailoverLeader {
             Ok(r) => tracing::warn!(node, epoch, outcome = ?r.data, "promotion refused"),
             Err(e) => tracing::warn!(node, epoch, error = %e, "promotion not committed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied_at(index: u64) -> AppliedState {
+        AppliedState {
+            last_applied: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                index,
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_leader_neither_grants_nor_promotes_on_a_state_older_than_its_read_index() {
+        // A new leader whose applied state lags may not yet see a promotion its predecessor
+        // committed: it would renew the demoted primary's lease.
+        let state = applied_at(41);
+        assert!(duty_blocked(&state, Some(42), 150).is_some());
+        assert!(
+            duty_blocked(&state, None, 150).is_some(),
+            "no confirmation yet"
+        );
+        assert_eq!(duty_blocked(&applied_at(42), Some(42), 150), None);
+    }
+
+    #[test]
+    fn a_leader_with_other_raft_timings_than_the_cluster_neither_grants_nor_promotes() {
+        let mut state = applied_at(42);
+        state.cluster.raft_heartbeat_ms = Some(150);
+        assert_eq!(duty_blocked(&state, Some(42), 150), None);
+        let why = duty_blocked(&state, Some(42), 300).expect("blocked");
+        assert!(why.contains("heartbeat_ms"), "{why}");
     }
 }
