@@ -432,5 +432,6 @@ async fn bad_cli_input_fails_clearly() {
     assert!(err.contains("--endpoints"), "{err}");
     // The config is unchanged by all of the above.
     let cfg = c.local_config(1).await.unwrap();
-    assert_eq!(cfg.values["lease_ms"], "3000");
+    let default = raft_node::dynamic_config::DynamicConfig::default();
+    assert_eq!(cfg.values["lease_ms"], default.lease_ms.to_string());
 }
