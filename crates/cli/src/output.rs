@@ -126,7 +126,8 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 if t.paused { " · PAUSED" } else { "" }
             );
             s.push_str(&table(&rows));
-            if let Some(line) = t.sync.as_ref().map(sync_line) {
+            let primary = t.primary.as_ref().map(|p| p.node_id);
+            if let Some(line) = t.sync.as_ref().map(|y| sync_line(y, primary)) {
                 s.push_str(&line);
             }
             if !t.failover_status.is_empty() {
@@ -137,8 +138,10 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
     }
 }
 
-/// One line on synchronous replication: which standbys acknowledge commits.
-fn sync_line(y: &proto::SyncStandbys) -> String {
+/// One line on synchronous replication: which standbys acknowledge commits. Right after a
+/// failover the committed set still names the new primary (it holds every write acknowledged so
+/// far) until its own standbys have caught up.
+fn sync_line(y: &proto::SyncStandbys, primary: Option<u64>) -> String {
     let names = |ids: &[u64]| {
         ids.iter()
             .map(|i| format!("n{i}"))
@@ -147,6 +150,12 @@ fn sync_line(y: &proto::SyncStandbys) -> String {
     };
     let now = if y.k == 0 {
         "asynchronous".to_string()
+    } else if primary.is_some_and(|p| y.members.contains(&p)) {
+        format!(
+            "{} of [{}] hold every acknowledged write (carried over the last failover)",
+            y.k,
+            names(&y.members)
+        )
     } else {
         format!("{} of [{}] acknowledge each commit", y.k, names(&y.members))
     };
