@@ -149,8 +149,8 @@ impl Cut {
 }
 
 /// The primary is cut from both other members for 20 s, then the network heals. The majority
-/// side must promote a member of the synchronous set; no two members may be writable at once;
-/// no acknowledged write may be lost; the old primary must come back as a replica.
+/// side must promote a member holding every acknowledged write; no two members may be writable
+/// at once; no acknowledged write may be lost; the old primary must come back as a replica.
 async fn isolate_the_primary(cut: Cut, label: &str) {
     let Some(mut p) = Partitioned::new() else {
         return;
