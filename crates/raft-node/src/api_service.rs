@@ -21,7 +21,7 @@ use crate::cluster_state::{Command, CommandOutcome, MemberInfo, Tags};
 use crate::events::EventLog;
 use crate::failover::leader::{FailoverLeader, MemberHealth};
 use crate::failover::report::{MemberReport, PgState};
-use crate::network::lazy_channel;
+use crate::network::Dialer;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::cluster_server::Cluster;
 use crate::proto::{self, NodeStatus};
@@ -48,6 +48,7 @@ pub struct ClusterService {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     failover: Arc<FailoverLeader>,
     events: EventLog,
+    dialer: Dialer,
 }
 
 type TopologyStream = Pin<Box<dyn Stream<Item = Result<proto::Topology, Status>> + Send>>;
@@ -61,6 +62,7 @@ impl ClusterService {
         state: watch::Receiver<Arc<AppliedState>>,
         failover: Arc<FailoverLeader>,
         events: EventLog,
+        dialer: Dialer,
     ) -> Self {
         Self {
             node_id,
@@ -70,6 +72,7 @@ impl ClusterService {
             channels: Arc::default(),
             failover,
             events,
+            dialer,
         }
     }
 
@@ -81,7 +84,9 @@ impl ClusterService {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = lazy_channel(addr)
+        let c = self
+            .dialer
+            .channel(addr)
             .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?;
         map.insert(addr.to_string(), c.clone());
         Ok(c)

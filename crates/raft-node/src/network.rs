@@ -1,6 +1,8 @@
 //! openraft's network over tonic gRPC: one lazily connected channel per peer, every call bounded
 //! by openraft's own time-to-live, so a dead or frozen peer only slows its own replication stream.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -31,9 +33,56 @@ pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
+/// Where this node dials an address a peer advertised: that address itself, or the one the node
+/// config's `[dial_via]` table names for it (a NAT, a port forward, or a test's fault proxy
+/// that stands on one directed link between two members). Every outgoing connection to a peer,
+/// gRPC and Postgres alike, goes through [`Dialer::route`].
+#[derive(Clone, Debug, Default)]
+pub struct Dialer {
+    via: Arc<BTreeMap<String, String>>,
+}
+
+impl Dialer {
+    /// A dialer that reaches each `host:port` key through its value.
+    pub fn new(via: BTreeMap<String, String>) -> Self {
+        Self { via: Arc::new(via) }
+    }
+
+    /// The address to connect to for the advertised `addr`.
+    pub fn route<'a>(&'a self, addr: &'a str) -> &'a str {
+        self.via.get(addr).map(String::as_str).unwrap_or(addr)
+    }
+
+    /// A lazily connecting channel to the advertised `addr`.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        lazy_channel(self.route(addr))
+    }
+
+    /// The host and port to connect to for a Postgres a peer advertised at `host`:`port`.
+    pub fn postgres(&self, host: &str, port: u16) -> (String, u16) {
+        let advertised = format!("{host}:{port}");
+        match self.via.get(&advertised).and_then(|v| v.rsplit_once(':')) {
+            Some((h, p)) => match p.parse() {
+                Ok(p) => (h.to_string(), p),
+                Err(_) => (host.to_string(), port),
+            },
+            None => (host.to_string(), port),
+        }
+    }
+}
+
 /// Creates one [`PeerClient`] per replication target.
 #[derive(Clone, Default)]
-pub struct GrpcNetwork;
+pub struct GrpcNetwork {
+    dialer: Dialer,
+}
+
+impl GrpcNetwork {
+    /// Reaches peers through `dialer`.
+    pub fn new(dialer: Dialer) -> Self {
+        Self { dialer }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = PeerClient;
@@ -42,7 +91,11 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
         PeerClient {
             target,
             addr: node.addr.clone(),
-            client: lazy_channel(&node.addr).ok().map(RaftTransportClient::new),
+            client: self
+                .dialer
+                .channel(&node.addr)
+                .ok()
+                .map(RaftTransportClient::new),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::cluster_state::MemberInfo;
 use crate::events::EventLog;
 use crate::failover::leader::FailoverLeader;
 use crate::failover::sidecar::Sidecar;
-use crate::network::GrpcNetwork;
+use crate::network::{Dialer, GrpcNetwork};
 use crate::node_config::NodeConfig;
 use crate::proto::cluster_server::ClusterServer;
 use crate::proto::raft_transport_server::RaftTransportServer;
@@ -155,7 +155,9 @@ pub async fn run(
     })?;
     let sm = StateMachineStore::new(db.clone()).map_err(|e| NodeError::Raft(e.to_string()))?;
     let state = sm.subscribe();
-    let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, GrpcNetwork, log_store, sm)
+    let dialer = Dialer::new(cfg.dial_via.clone());
+    let network = GrpcNetwork::new(dialer.clone());
+    let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
@@ -168,6 +170,7 @@ pub async fn run(
         state.clone(),
         cfg.raft.heartbeat_ms,
         events.clone(),
+        dialer.clone(),
     );
     let api = ClusterService::new(
         cfg.node_id,
@@ -176,6 +179,7 @@ pub async fn run(
         state.clone(),
         failover.clone(),
         events.clone(),
+        dialer.clone(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_stop = stop_rx.clone();
@@ -217,6 +221,7 @@ pub async fn run(
                 instance,
                 memory,
                 events.clone(),
+                dialer.clone(),
             )
             .await?;
             Some(tokio::spawn(loop_.run(stop_rx.clone())))

@@ -1,7 +1,7 @@
 //! The sidecar's TOML configuration (`node.toml`), parsed and validated before anything touches
 //! the data dir or the network.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -43,6 +43,10 @@ pub struct NodeConfig {
     /// cluster through `pgquorum member add`.
     #[serde(default)]
     pub initial_members: Vec<InitialMember>,
+    /// Reach an address a peer advertises (`host:port`, its gRPC or its Postgres) through
+    /// another `host:port`: a NAT, a port forward, or a test's fault proxy on one directed link.
+    #[serde(default)]
+    pub dial_via: BTreeMap<String, String>,
 }
 
 /// This member's Postgres: where clients reach it and, when `data_dir` is set, how the sidecar
@@ -312,6 +316,16 @@ impl NodeConfig {
                 ));
             }
         }
+        for (advertised, via) in &self.dial_via {
+            check_host_port(advertised)
+                .and_then(|()| check_host_port(via))
+                .map_err(|p| {
+                    invalid(
+                        "dial_via",
+                        format!("{p}; write entries as \"advertised host:port\" = \"host:port to dial\""),
+                    )
+                })?;
+        }
         if !self.initial_members.is_empty() {
             match self.initial_members.iter().find(|m| m.id == self.node_id) {
                 None => {
@@ -438,5 +452,27 @@ addr = "127.0.0.1:7002"
         assert!(e.contains("cluster_name"), "{e}");
         let e = err(&GOOD.replace("node_id = 1", "node_id = 0"));
         assert!(e.contains("node_id"), "{e}");
+    }
+
+    #[test]
+    fn dial_via_routes_and_rejects_what_is_not_an_address() {
+        let c = parse(&format!(
+            "{GOOD}\n[dial_via]\n\"127.0.0.1:7002\" = \"127.0.0.1:17002\"\n"
+        ))
+        .unwrap();
+        let dialer = crate::network::Dialer::new(c.dial_via);
+        assert_eq!(dialer.route("127.0.0.1:7002"), "127.0.0.1:17002");
+        assert_eq!(dialer.route("127.0.0.1:7001"), "127.0.0.1:7001");
+        let c = parse(&format!(
+            "{GOOD}\n[dial_via]\n\"10.0.0.2:5432\" = \"127.0.0.1:15432\"\n"
+        ))
+        .unwrap();
+        let dialer = crate::network::Dialer::new(c.dial_via);
+        assert_eq!(dialer.postgres("10.0.0.2", 5432), ("127.0.0.1".into(), 15432));
+        assert_eq!(dialer.postgres("10.0.0.3", 5432), ("10.0.0.3".into(), 5432));
+        let e = err(&format!("{GOOD}\n[dial_via]\n\"127.0.0.1:7002\" = \"proxy\"\n"));
+        assert!(e.contains("dial_via") && e.contains("'proxy'"), "{e}");
+        let e = err(&format!("{GOOD}\n[dial_via]\n\"n2\" = \"127.0.0.1:1\"\n"));
+        assert!(e.contains("dial_via") && e.contains("'n2'"), "{e}");
     }
 }

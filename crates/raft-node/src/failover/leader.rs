@@ -17,6 +17,7 @@ use super::report::{LeaderStamp, MemberReport, PgState, ReportBook};
 use super::sync::SyncStep;
 use crate::cluster_state::{Command, CommandOutcome, PrimaryAssignment, SyncSet};
 use crate::events::EventLog;
+use crate::network::Dialer;
 use crate::store::state_machine::AppliedState;
 use crate::types::{NodeId, Raft};
 
@@ -95,6 +96,7 @@ pub struct FailoverLeader {
     heartbeat_ms: u64,
     book: Mutex<Book>,
     events: EventLog,
+    dialer: Dialer,
 }
 
 /// Why this leader may neither grant nor promote right now, if it may not.
@@ -127,6 +129,7 @@ impl FailoverLeader {
         state: watch::Receiver<Arc<AppliedState>>,
         heartbeat_ms: u64,
         events: EventLog,
+        dialer: Dialer,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -135,6 +138,7 @@ impl FailoverLeader {
             heartbeat_ms,
             book: Mutex::new(Book::default()),
             events,
+            dialer,
         })
     }
 
@@ -437,7 +441,7 @@ impl FailoverLeader {
         );
         let payload = serde_json::json!({ "from": self.node_id, "term": term }).to_string();
         let call = async {
-            let channel = crate::network::lazy_channel(&addr).ok()?;
+            let channel = self.dialer.channel(&addr).ok()?;
             let mut client = crate::proto::raft_transport_client::RaftTransportClient::new(channel);
             client
                 .take_leadership(crate::proto::RaftMessage {

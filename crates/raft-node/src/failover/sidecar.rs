@@ -21,7 +21,7 @@ use super::report::{LeaderStamp, MemberReport, PgState, SyncApplied};
 use super::sync;
 use crate::cluster_state::{ClusterState, Epoch, SyncSet};
 use crate::events::EventLog;
-use crate::network::lazy_channel;
+use crate::network::Dialer;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::ReportRequest;
 use crate::store::state_machine::AppliedState;
@@ -118,6 +118,7 @@ pub struct Sidecar {
     /// The latest stamp a leader answered with, echoed in the next report.
     leader_stamp: Option<LeaderStamp>,
     events: EventLog,
+    dialer: Dialer,
 }
 
 /// Why the failover memory could not be loaded or rebuilt.
@@ -144,6 +145,7 @@ impl Sidecar {
         instance: Instance,
         memory_path: PathBuf,
         events: EventLog,
+        dialer: Dialer,
     ) -> Result<Self, MemoryError> {
         let memory = load_memory(&memory_path, &instance).await?;
         Ok(Self {
@@ -159,6 +161,7 @@ impl Sidecar {
             applied_sync: None,
             leader_stamp: None,
             events,
+            dialer,
         })
     }
 
@@ -272,7 +275,7 @@ impl Sidecar {
             return self.leader.on_report(report.clone());
         }
         let payload = serde_json::to_vec(report).ok()?;
-        let mut client = ClusterClient::new(lazy_channel(&addr).ok()?);
+        let mut client = ClusterClient::new(self.dialer.channel(&addr).ok()?);
         let reply = tokio::time::timeout(timeout, client.report(ReportRequest { report: payload }))
             .await
             .ok()?
@@ -294,10 +297,8 @@ impl Sidecar {
     fn upstream_of(&self, node: NodeId) -> Option<Upstream> {
         let state = self.state.borrow();
         let m = state.cluster.members.get(&node)?;
-        Some(Upstream {
-            host: m.pg_host.clone(),
-            port: m.pg_port,
-        })
+        let (host, port) = self.dialer.postgres(&m.pg_host, m.pg_port);
+        Some(Upstream { host, port })
     }
 
     fn guard_lease(&self) -> Lease {
@@ -392,7 +393,12 @@ impl Sidecar {
                 .cluster
                 .members
                 .values()
-                .find(|m| &format!("{}:{}", m.pg_host, m.pg_port) == addr)
+                .find(|m| {
+                    // The WAL receiver names the address it dialed, which `dial_via` may
+                    // have routed elsewhere.
+                    let (host, port) = self.dialer.postgres(&m.pg_host, m.pg_port);
+                    &format!("{host}:{port}") == addr
+                })
                 .map(|m| m.id)
         });
         let report = MemberReport {
