@@ -104,8 +104,31 @@ impl Writer {
 /// two at once, so the record errs towards reporting split brain, never away from it.
 pub struct Checker {
     state: Arc<Mutex<CheckerState>>,
+    episodes: Arc<Mutex<Episodes>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Something told of each change a checker sees (a scenario's timeline).
+pub type Notes = Arc<dyn Fn(String) + Send + Sync>;
+
+/// The `single_writer` verdict of a whole run.
+#[derive(Debug, Clone, Default)]
+pub struct Verdict {
+    /// The most members writable at once, and which.
+    pub most: (usize, Vec<u64>),
+    /// How many times two or more members became writable at once.
+    pub two_writer_moments: usize,
+    /// How long, in all, two or more were.
+    pub two_writer_time: Duration,
+}
+
+/// Moments with two writers, as they happen.
+#[derive(Default)]
+struct Episodes {
+    since: Option<Instant>,
+    verdict: Verdict,
+    notes: Option<Notes>,
 }
 
 #[derive(Default)]
@@ -123,25 +146,40 @@ type Conn = Option<tokio_postgres::Client>;
 
 impl Checker {
     pub fn start(c: &TestCluster) -> Checker {
+        Self::start_with(c, None)
+    }
+
+    /// Like [`Checker::start`], telling `notes` of every member that turns writable or stops
+    /// being writable.
+    pub fn start_noting(c: &TestCluster, notes: Notes) -> Checker {
+        Self::start_with(c, Some(notes))
+    }
+
+    fn start_with(c: &TestCluster, notes: Option<Notes>) -> Checker {
         let state = Arc::new(Mutex::new(CheckerState::default()));
+        let episodes = Arc::new(Mutex::new(Episodes {
+            notes,
+            ..Episodes::default()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let threads = c
             .nodes
             .keys()
             .map(|id| {
                 let (id, url) = (*id, c.pg_url_of(*id));
-                let (state, stop) = (state.clone(), stop.clone());
+                let (state, stop, episodes) = (state.clone(), stop.clone(), episodes.clone());
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .expect("checker runtime");
                 std::thread::spawn(move || {
-                    runtime.block_on(poll_member(id, url, state, stop));
+                    runtime.block_on(poll_member(id, url, state, episodes, stop));
                 })
             })
             .collect();
         Checker {
             state,
+            episodes,
             stop,
             threads,
         }
@@ -155,6 +193,11 @@ impl Checker {
     }
 
     pub async fn stop(self) -> (usize, Vec<u64>) {
+        self.stop_verdict().await.most
+    }
+
+    /// Stops polling; the whole run's verdict.
+    pub async fn stop_verdict(self) -> Verdict {
         self.stop.store(true, Ordering::Relaxed);
         let threads = self.threads;
         // Joining blocks: keep it off the test's runtime workers.
@@ -166,12 +209,23 @@ impl Checker {
         .await
         .expect("join checker threads");
         let most = self.state.lock().unwrap().most.clone();
-        most
+        let mut e = self.episodes.lock().unwrap();
+        if let Some(since) = e.since.take() {
+            e.verdict.two_writer_time += since.elapsed();
+        }
+        e.verdict.most = most;
+        e.verdict.clone()
     }
 }
 
 /// One member's poller: asks every 50 ms until `stop`, recording into `state`.
-async fn poll_member(id: u64, url: String, state: Arc<Mutex<CheckerState>>, stop: Arc<AtomicBool>) {
+async fn poll_member(
+    id: u64,
+    url: String,
+    state: Arc<Mutex<CheckerState>>,
+    episodes: Arc<Mutex<Episodes>>,
+    stop: Arc<AtomicBool>,
+) {
     let mut conn: Conn = None;
     let mut last_answer = Instant::now();
     // Polls start every 50 ms, however long the previous one took (a late one starts at once).
@@ -188,13 +242,32 @@ async fn poll_member(id: u64, url: String, state: Arc<Mutex<CheckerState>>, stop
             if reused {
                 g.longest_interval = g.longest_interval.max(now - last_answer);
             }
-            if writable {
-                g.writable.insert(id);
+            let changed = if writable {
+                g.writable.insert(id)
             } else {
-                g.writable.remove(&id);
-            }
+                g.writable.remove(&id)
+            };
             if g.writable.len() > g.most.0 {
                 g.most = (g.writable.len(), g.writable.iter().copied().collect());
+            }
+            if changed {
+                let mut e = episodes.lock().unwrap();
+                let writers: Vec<u64> = g.writable.iter().copied().collect();
+                if let Some(notes) = &e.notes {
+                    let word = if writable { "writable" } else { "not writable" };
+                    notes(format!("single_writer: member {id} {word}; writable now {writers:?}"));
+                }
+                match (writers.len() > 1, e.since) {
+                    (true, None) => {
+                        e.since = Some(now);
+                        e.verdict.two_writer_moments += 1;
+                    }
+                    (false, Some(since)) => {
+                        e.since = None;
+                        e.verdict.two_writer_time += now - since;
+                    }
+                    _ => {}
+                }
             }
         }
         last_answer = now;

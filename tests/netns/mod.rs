@@ -264,26 +264,28 @@ impl Netns {
 
     /// Drops every packet from member `from` to member `to`; the other direction still flows.
     pub fn cut_one_way(&self, from: u64, to: u64) -> Result<(), String> {
-        run(
-            "nft",
-            &[
-                "add",
-                "rule",
-                "bridge",
-                &format!("pgq{}", self.slot),
-                "forward",
-                "ip",
-                "saddr",
-                &self.addr(from),
-                "ip",
-                "daddr",
-                &self.addr(to),
-                // Counted, so `rules()` shows that the cut really dropped traffic.
-                "counter",
-                "drop",
-            ],
-        )
-        .map(|_| ())
+        self.drop_rule(from, to, &[])
+    }
+
+    /// Drops the packets from member `from` to member `to` of TCP connections on `port` (every
+    /// member listens on the same ports): those `from` sends to `to`'s port, and those its own
+    /// port answers `to` with. Other connections between them still flow.
+    pub fn cut_port_one_way(&self, from: u64, to: u64, port: u16) -> Result<(), String> {
+        let port = port.to_string();
+        self.drop_rule(from, to, &["tcp", "dport", &port])?;
+        self.drop_rule(from, to, &["tcp", "sport", &port])
+    }
+
+    fn drop_rule(&self, from: u64, to: u64, matches: &[&str]) -> Result<(), String> {
+        let (table, saddr, daddr) = (format!("pgq{}", self.slot), self.addr(from), self.addr(to));
+        let mut args = vec![
+            "add", "rule", "bridge", &table, "forward", "ip", "saddr", &saddr, "ip", "daddr",
+            &daddr,
+        ];
+        args.extend_from_slice(matches);
+        // Counted, so `rules()` shows that the cut really dropped traffic.
+        args.extend_from_slice(&["counter", "drop"]);
+        run("nft", &args).map(|_| ())
     }
 
     /// Removes every cut.
