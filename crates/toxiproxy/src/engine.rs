@@ -192,8 +192,8 @@ struct Pipe<W> {
     dst: W,
     /// Toxics of this stream that won their toxicity draw, in order.
     active: Vec<Toxic>,
-    /// Toxicity draws, once per toxic per connection.
-    drawn: HashMap<String, bool>,
+    /// Toxicity draws, once per toxic (and version of it) per connection.
+    drawn: HashMap<String, (Toxic, bool)>,
     /// Active timeout toxics and when they began to apply here.
     timeouts: HashMap<String, (Instant, u64)>,
     reset_at: Option<Instant>,
@@ -249,25 +249,35 @@ impl<W: AsyncWrite + Unpin> Pipe<W> {
         self.drawn.retain(|n, _| mine.iter().any(|t| &t.name == n));
         self.passed.retain(|n, _| mine.iter().any(|t| &t.name == n));
         let mut rng = rand::thread_rng();
-        self.active = mine
-            .into_iter()
-            .filter(|t| {
-                *self
-                    .drawn
-                    .entry(t.name.clone())
-                    .or_insert_with(|| t.toxicity >= 1.0 || rng.gen::<f32>() < t.toxicity)
-            })
-            .cloned()
-            .collect();
+        let mut active = Vec::new();
+        for t in mine {
+            // Toxiproxy draws again when a toxic is updated, so the draw is kept per version.
+            let draw = match self.drawn.get(&t.name) {
+                Some((seen, hit)) if seen == t => *hit,
+                _ => {
+                    let hit = t.toxicity >= 1.0 || rng.gen::<f32>() < t.toxicity;
+                    self.drawn.insert(t.name.clone(), (t.clone(), hit));
+                    hit
+                }
+            };
+            if draw {
+                active.push(t.clone());
+            }
+        }
+        self.active = active;
         let now = Instant::now();
         let mut timeouts = HashMap::new();
         for t in &self.active {
             if let ToxicKind::Timeout { timeout } = t.kind {
-                let since = self.timeouts.get(&t.name).map_or(now, |s| s.0);
+                let since = match self.timeouts.get(&t.name) {
+                    Some(&(since, ms)) if ms == timeout => since,
+                    _ => now,
+                };
                 timeouts.insert(t.name.clone(), (since, timeout));
             }
         }
-        if self.timeouts.keys().any(|n| !timeouts.contains_key(n)) {
+        let removed = |n: &String| !all.iter().any(|t| &t.name == n && t.stream == self.stream);
+        if self.timeouts.keys().any(removed) {
             return Err(End::Close);
         }
         self.timeouts = timeouts;
@@ -386,7 +396,8 @@ impl<W: AsyncWrite + Unpin> Pipe<W> {
                 ToxicKind::Timeout { .. } | ToxicKind::ResetPeer { .. } => return None,
                 ToxicKind::Latency { latency, jitter } => {
                     let ms = if jitter > 0 {
-                        (latency + rng.gen_range(0..jitter * 2)).saturating_sub(jitter)
+                        (latency + rng.gen_range(0..jitter.saturating_mul(2)))
+                            .saturating_sub(jitter)
                     } else {
                         latency
                     };
@@ -397,20 +408,19 @@ impl<W: AsyncWrite + Unpin> Pipe<W> {
                 // Large chunks at a low rate go out in 100 ms slices rather than one burst.
                 ToxicKind::Bandwidth { rate } if rate > 0 => {
                     let max = usize::try_from(rate.saturating_mul(100)).unwrap_or(usize::MAX);
-                    pieces = split(&pieces, |_| max, Duration::ZERO);
+                    pieces = split(&pieces, || max, Duration::ZERO);
                 }
                 ToxicKind::Slicer {
                     average_size,
                     size_variation,
                     delay,
                 } => {
-                    let size = |rng: &mut rand::rngs::ThreadRng| {
-                        let var = size_variation.min(average_size);
+                    let var = size_variation.min(average_size);
+                    let size = || {
                         let s = average_size - var + rng.gen_range(0..=var * 2);
                         usize::try_from(s.max(1)).unwrap_or(usize::MAX)
                     };
-                    let mut rng2 = rand::thread_rng();
-                    pieces = split(&pieces, |_| size(&mut rng2), Duration::from_micros(delay));
+                    pieces = split(&pieces, size, Duration::from_micros(delay));
                 }
                 ToxicKind::LimitData { bytes } => {
                     let passed = self.passed.get(&t.name).copied().unwrap_or(0);
@@ -442,7 +452,7 @@ struct Plan {
 
 fn split(
     pieces: &[(Duration, usize)],
-    mut size: impl FnMut(usize) -> usize,
+    mut size: impl FnMut() -> usize,
     gap: Duration,
 ) -> Vec<(Duration, usize)> {
     let mut out = Vec::new();
@@ -450,7 +460,7 @@ fn split(
         let mut left = len;
         let mut at = offset;
         while left > 0 {
-            let n = size(left).clamp(1, left);
+            let n = size().clamp(1, left);
             out.push((at, n));
             left -= n;
             at += gap;

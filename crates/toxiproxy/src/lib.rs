@@ -4,6 +4,8 @@
 //! [`client::Client`] run unchanged against a real `toxiproxy-server`. [`launch`] picks
 //! which server a test uses.
 
+#![warn(missing_docs)]
+
 pub mod client;
 mod engine;
 pub mod launch;
