@@ -763,9 +763,10 @@ impl BulkWriter {
                 }
                 let Some(c) = &client else { continue };
                 id += 1;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
                 let insert = c.execute(
                     "INSERT INTO w (id, pad) VALUES ($1, repeat('x', 1000))",
-                    &[&id],
+                    &params,
                 );
                 match tokio::time::timeout(Duration::from_secs(2), insert).await {
                     Ok(Ok(_)) => acked.push((id, Instant::now())),

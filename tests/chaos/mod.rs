@@ -237,7 +237,6 @@ impl Sut {
             reader,
             primary,
             history,
-            started: Instant::now(),
         }
     }
 
@@ -348,8 +347,6 @@ pub struct Running {
     /// The primary when the workload started.
     pub primary: u64,
     history: usize,
-    /// When the workload was flowing.
-    pub started: Instant,
 }
 
 /// One scenario's figures.

@@ -16,8 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use pgquorum_toxiproxy::client::{Client, Stream, Toxic, ToxicKind};
-use pgquorum_toxiproxy::launch::{connect_or_start, Backend as ToxiBackend};
+use pgquorum_toxiproxy::{connect_or_start, Backend as ToxiBackend, Client, Stream, Toxic, ToxicKind};
 
 use crate::harness::Placement;
 use crate::netns::Netns;
