@@ -29,8 +29,8 @@ use chaos::{Backend, Expect, Sut, FAILOVER};
 use harness::wait_for;
 use harness::workload::topology;
 use netns::Netns;
-use rand::Rng;
 use raft_node::proto;
+use rand::Rng;
 
 /// Generates `<scenario>::netns` and `<scenario>::toxiproxy` tests (or only the backends named)
 /// that run `async fn <scenario>(Backend)`.
@@ -166,9 +166,11 @@ async fn isolate_the_primary(backend: Backend, label: &str, cut: Cut, leading: b
         at.elapsed().as_millis()
     ));
     let promoted_at = Instant::now();
-    wait_for("a write acknowledged by the new primary", FAILOVER, || async {
-        run.writer.acked_after(promoted_at).then_some(())
-    })
+    wait_for(
+        "a write acknowledged by the new primary",
+        FAILOVER,
+        || async { run.writer.acked_after(promoted_at).then_some(()) },
+    )
     .await;
     hold_until(at + HOLD).await;
     let r = s.finish(run, Expect::new(1..=1, at)).await;
@@ -176,7 +178,13 @@ async fn isolate_the_primary(backend: Backend, label: &str, cut: Cut, leading: b
 }
 
 async fn primary_isolated_while_leading_raft(b: Backend) {
-    isolate_the_primary(b, "primary_isolated_while_leading_raft", Cut::BothWays, true).await;
+    isolate_the_primary(
+        b,
+        "primary_isolated_while_leading_raft",
+        Cut::BothWays,
+        true,
+    )
+    .await;
 }
 scenario!(primary_isolated_while_leading_raft);
 
@@ -233,13 +241,19 @@ async fn raft_leader_isolated_keeps_the_primary(b: Backend) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(answers > 0, "the majority side never answered during the cut");
+    assert!(
+        answers > 0,
+        "the majority side never answered during the cut"
+    );
     assert!(
         new_leader.is_some(),
         "the majority side elected no leader of its own during the cut"
     );
     let resumed = run.writer.acked_after(at + Duration::from_secs(5));
-    assert!(resumed, "no write acknowledged in the second half of the cut");
+    assert!(
+        resumed,
+        "no write acknowledged in the second half of the cut"
+    );
     s.finish(run, Expect::new(0..=0, at)).await;
 }
 scenario!(raft_leader_isolated_keeps_the_primary);
@@ -252,7 +266,11 @@ async fn five_members_split_two_three(b: Backend) {
     };
     let run = s.start().await;
     let old = run.primary;
-    let sync = topology(&s.c).await.sync.map(|y| y.members).unwrap_or_default();
+    let sync = topology(&s.c)
+        .await
+        .sync
+        .map(|y| y.members)
+        .unwrap_or_default();
     let partner = s
         .others(old)
         .into_iter()
@@ -271,9 +289,11 @@ async fn five_members_split_two_three(b: Backend) {
     let new = promoted_among(&s, &majority, old).await;
     s.timeline.note(format!("promoted {new}"));
     let promoted_at = Instant::now();
-    wait_for("a write acknowledged by the new primary", FAILOVER, || async {
-        run.writer.acked_after(promoted_at).then_some(())
-    })
+    wait_for(
+        "a write acknowledged by the new primary",
+        FAILOVER,
+        || async { run.writer.acked_after(promoted_at).then_some(()) },
+    )
     .await;
     hold_until(at + HOLD).await;
     s.finish(run, Expect::new(1..=1, at)).await;
@@ -316,7 +336,11 @@ async fn flapping_primary_links(b: Backend) {
     let mut flaps = 0;
     while Instant::now() < end {
         // Whoever is primary now is the one whose links flap.
-        let p = topology(&s.c).await.primary.map(|p| p.node_id).unwrap_or(old);
+        let p = topology(&s.c)
+            .await
+            .primary
+            .map(|p| p.node_id)
+            .unwrap_or(old);
         for other in s.others(p) {
             s.net.cut(p, other, Link::All).await;
         }
@@ -342,7 +366,9 @@ async fn replication_links_cut(b: Backend) {
     };
     let run = s.start().await;
     let primary = run.primary;
-    let at = s.fault(format!("cut Postgres links of primary {primary}, Raft links up"));
+    let at = s.fault(format!(
+        "cut Postgres links of primary {primary}, Raft links up"
+    ));
     for other in s.others(primary) {
         s.net.cut(primary, other, Link::Postgres).await;
     }
@@ -402,7 +428,9 @@ async fn postmaster_killed_while_the_leader_is_cut(b: Backend) {
     // SAFETY: killing the test's own Postgres.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_for("a write acknowledged after the kill", FAILOVER, || async {
-        run.writer.acked_after(at + Duration::from_secs(1)).then_some(())
+        run.writer
+            .acked_after(at + Duration::from_secs(1))
+            .then_some(())
     })
     .await;
     hold_until(at + HOLD).await;
@@ -457,7 +485,9 @@ async fn latency_on_the_primary(
     let run = s.start().await;
     let primary = run.primary;
     leader_apart_from(&s, primary).await;
-    let at = s.fault(format!("{ms} ms latency each way on every link of primary {primary}"));
+    let at = s.fault(format!(
+        "{ms} ms latency each way on every link of primary {primary}"
+    ));
     let toxi = s.net.toxi().expect("proxies");
     for other in s.others(primary) {
         toxi.latency_one_way(primary, other, ms).await;
@@ -496,7 +526,9 @@ async fn bandwidth_limited_wal_then_primary_crash(b: Backend) {
     let run = s.start().await;
     let old = run.primary;
     leader_apart_from(&s, old).await;
-    let at = s.fault(format!("WAL from primary {old} limited to 64 KB/s per replica"));
+    let at = s.fault(format!(
+        "WAL from primary {old} limited to 64 KB/s per replica"
+    ));
     let toxi = s.net.toxi().expect("proxies");
     for other in s.others(old) {
         toxi.bandwidth_one_way(old, other, 64).await;
@@ -526,7 +558,11 @@ async fn bandwidth_limited_wal_then_primary_crash(b: Backend) {
         missing.len(),
         bulk_acked.len()
     );
-    eprintln!("bulk rows acknowledged: {}; report: {} lost", bulk_acked.len(), r.lost);
+    eprintln!(
+        "bulk rows acknowledged: {}; report: {} lost",
+        bulk_acked.len(),
+        r.lost
+    );
 }
 scenario!(bandwidth_limited_wal_then_primary_crash, toxiproxy);
 
@@ -541,11 +577,15 @@ async fn bandwidth_limited_wal_async_respects_maximum_lag(b: Backend) {
     let run = s.start().await;
     let old = run.primary;
     leader_apart_from(&s, old).await;
-    s.c.set_config("synchronous_mode", "off").await.expect("off");
+    s.c.set_config("synchronous_mode", "off")
+        .await
+        .expect("off");
     s.c.set_config("maximum_lag_on_failover", "65536")
         .await
         .expect("maximum_lag_on_failover");
-    let at = s.fault(format!("WAL from primary {old} limited to 16 KB/s per replica"));
+    let at = s.fault(format!(
+        "WAL from primary {old} limited to 16 KB/s per replica"
+    ));
     let toxi = s.net.toxi().expect("proxies");
     for other in s.others(old) {
         toxi.bandwidth_one_way(old, other, 16).await;
@@ -599,7 +639,10 @@ async fn random_nemesis() {
     assert_eq!(nemesis, "random", "PGQUORUM_NEMESIS: only `random` exists");
     let duration = std::env::var("PGQUORUM_DURATION")
         .ok()
-        .map(|d| parse_duration(&d).unwrap_or_else(|| panic!("PGQUORUM_DURATION: '{d}' is not like 90s, 10m or 1h")))
+        .map(|d| {
+            parse_duration(&d)
+                .unwrap_or_else(|| panic!("PGQUORUM_DURATION: '{d}' is not like 90s, 10m or 1h"))
+        })
         .unwrap_or(Duration::from_secs(120));
     let b = backend(&std::env::var("PGQUORUM_BACKEND").unwrap_or_else(|_| "toxiproxy".into()));
     let n = std::env::var("PGQUORUM_MEMBERS")
@@ -615,7 +658,11 @@ async fn random_nemesis() {
     while at.elapsed() < duration {
         rounds += 1;
         let ids: Vec<u64> = s.c.nodes.keys().copied().collect();
-        let primary = topology(&s.c).await.primary.map(|p| p.node_id).unwrap_or(ids[0]);
+        let primary = topology(&s.c)
+            .await
+            .primary
+            .map(|p| p.node_id)
+            .unwrap_or(ids[0]);
         let a = ids[s.rng.gen_range(0..ids.len())];
         let b2 = loop {
             let b2 = ids[s.rng.gen_range(0..ids.len())];
@@ -779,8 +826,7 @@ impl BulkWriter {
     }
 
     async fn stop(self) -> Vec<(i64, Instant)> {
-        self.stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.unwrap_or_default()
     }
 }
@@ -832,8 +878,14 @@ fn the_netns_backend_cuts_what_it_names_and_heals() {
     // A port cut drops what 2 sends on connections to or from that port: 2's SYN to 3:9, and
     // 2's reset answering 3's SYN to 2:9. 1 still reaches 3.
     net.cut_port_one_way(2, 3, 9).expect("port cut");
-    assert!(!reaches(Some(2), 3), "2 -> 3:9 after cut_port_one_way(2, 3, 9)");
-    assert!(!reaches(Some(3), 2), "2's answer from port 9 to 3 is dropped");
+    assert!(
+        !reaches(Some(2), 3),
+        "2 -> 3:9 after cut_port_one_way(2, 3, 9)"
+    );
+    assert!(
+        !reaches(Some(3), 2),
+        "2's answer from port 9 to 3 is dropped"
+    );
     assert!(reaches(Some(1), 3), "1 -> 3 still flows");
     net.heal().expect("heal");
 }

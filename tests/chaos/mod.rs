@@ -17,11 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
 use raft_node::client::ApiClient;
 use raft_node::proto;
+use rand::{Rng, SeedableRng};
 
-use crate::harness::workload::{max_gap_ms, missing_on, topology, wait_sync_committed, Checker, Writer};
+use crate::harness::workload::{
+    max_gap_ms, missing_on, topology, wait_sync_committed, Checker, Writer,
+};
 use crate::harness::{pg_url_at, wait_for, Placement, TestCluster, PG_PASSWORD};
 use crate::netns::Netns;
 use net::{Net, ToxiNet, NETNS_GRPC_PORT, NETNS_PG_PORT};
@@ -311,7 +313,11 @@ impl Sut {
         report.append_to_file();
         self.timeline.note(format!(
             "verdicts: single_writer {}, no_lost_writes {}, failovers {failovers} (expected {:?})",
-            if verdict.two_writer_moments == 0 { "ok" } else { "VIOLATED" },
+            if verdict.two_writer_moments == 0 {
+                "ok"
+            } else {
+                "VIOLATED"
+            },
             if lost.is_empty() { "ok" } else { "VIOLATED" },
             expect.failovers
         ));
@@ -320,7 +326,10 @@ impl Sut {
             "single_writer: two writable members at once: {:?}",
             verdict.most
         );
-        assert!(lost.is_empty(), "no_lost_writes: acknowledged writes lost: {lost:?}");
+        assert!(
+            lost.is_empty(),
+            "no_lost_writes: acknowledged writes lost: {lost:?}"
+        );
         assert!(
             expect.failovers.contains(&failovers),
             "{failovers} failovers, expected {:?}",
@@ -412,7 +421,11 @@ impl Report {
     fn append_to_file(&self) {
         use std::io::Write;
         let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("partition-report.txt");
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = writeln!(f, "{}", self.line());
         }
     }
@@ -461,7 +474,9 @@ async fn streaming(c: &TestCluster, id: u64) -> bool {
     let n = &c.nodes[&id];
     let url = pg_url_at(&n.pg_host, n.pg_port);
     let ask = async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
         tokio::spawn(conn);
         let row = client
             .query_opt("SELECT status FROM pg_stat_wal_receiver", &[])
@@ -506,7 +521,10 @@ impl Reader {
                 let answered = match &client {
                     Some(c) => {
                         let q = c.query_one("SELECT count(*) FROM w", &[]);
-                        matches!(tokio::time::timeout(Duration::from_secs(2), q).await, Ok(Ok(_)))
+                        matches!(
+                            tokio::time::timeout(Duration::from_secs(2), q).await,
+                            Ok(Ok(_))
+                        )
                     }
                     None => false,
                 };
@@ -556,7 +574,10 @@ impl Watcher {
                     let Some(t) = local_topology(addr).await else {
                         continue;
                     };
-                    let view = (t.primary.as_ref().map(|p| (p.node_id, p.epoch)), t.leader_id);
+                    let view = (
+                        t.primary.as_ref().map(|p| (p.node_id, p.epoch)),
+                        t.leader_id,
+                    );
                     if seen.get(id) != Some(&view) {
                         timeline.note(format!(
                             "member {id} sees primary {:?} (node, epoch), Raft leader {}",

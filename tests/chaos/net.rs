@@ -16,7 +16,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use pgquorum_toxiproxy::{connect_or_start, Backend as ToxiBackend, Client, Stream, Toxic, ToxicKind};
+use pgquorum_toxiproxy::{
+    connect_or_start, Backend as ToxiBackend, Client, Stream, Toxic, ToxicKind,
+};
 
 use crate::harness::Placement;
 use crate::netns::Netns;
@@ -349,10 +351,7 @@ impl ToxiNet {
             if let Ok(p) = self.client.proxy(name).await {
                 if !p.enabled || !p.toxics.is_empty() {
                     let toxics: Vec<String> = p.toxics.iter().map(|t| t.name.clone()).collect();
-                    out.push_str(&format!(
-                        "{name} enabled={} toxics={toxics:?}\n",
-                        p.enabled
-                    ));
+                    out.push_str(&format!("{name} enabled={} toxics={toxics:?}\n", p.enabled));
                 }
             }
         }

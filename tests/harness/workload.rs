@@ -27,9 +27,13 @@ impl Writer {
 
     /// Starts writing ids from `first` up.
     pub async fn start_at(url: String, first: i64) -> Writer {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("writer connects");
+        // A member that just started may refuse or reset the first connection.
+        let (client, conn) = wait_for("the writer's first connection", PATIENCE, || async {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .ok()
+        })
+        .await;
         tokio::spawn(conn);
         client
             .batch_execute("CREATE TABLE IF NOT EXISTS w (id bigint PRIMARY KEY)")
@@ -255,7 +259,9 @@ async fn poll_member(
                 let writers: Vec<u64> = g.writable.iter().copied().collect();
                 if let Some(notes) = &e.notes {
                     let word = if writable { "writable" } else { "not writable" };
-                    notes(format!("single_writer: member {id} {word}; writable now {writers:?}"));
+                    notes(format!(
+                        "single_writer: member {id} {word}; writable now {writers:?}"
+                    ));
                 }
                 match (writers.len() > 1, e.since) {
                     (true, None) => {

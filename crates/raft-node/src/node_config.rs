@@ -468,9 +468,14 @@ addr = "127.0.0.1:7002"
         ))
         .unwrap();
         let dialer = crate::network::Dialer::new(c.dial_via);
-        assert_eq!(dialer.postgres("10.0.0.2", 5432), ("127.0.0.1".into(), 15432));
+        assert_eq!(
+            dialer.postgres("10.0.0.2", 5432),
+            ("127.0.0.1".into(), 15432)
+        );
         assert_eq!(dialer.postgres("10.0.0.3", 5432), ("10.0.0.3".into(), 5432));
-        let e = err(&format!("{GOOD}\n[dial_via]\n\"127.0.0.1:7002\" = \"proxy\"\n"));
+        let e = err(&format!(
+            "{GOOD}\n[dial_via]\n\"127.0.0.1:7002\" = \"proxy\"\n"
+        ));
         assert!(e.contains("dial_via") && e.contains("'proxy'"), "{e}");
         let e = err(&format!("{GOOD}\n[dial_via]\n\"n2\" = \"127.0.0.1:1\"\n"));
         assert!(e.contains("dial_via") && e.contains("'n2'"), "{e}");

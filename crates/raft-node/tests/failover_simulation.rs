@@ -590,6 +590,27 @@ impl Sim {
                     lsn,
                     sync,
                 } => {
+                    // Without a synchronous set in force (asynchronous mode, or a legacy set
+                    // after a fall-back), writes acknowledged meanwhile are on no particular
+                    // member: the candidate must be within maximum_lag_on_failover of the
+                    // position last committed for the old primary.
+                    let applied = &self.node(l).applied;
+                    if let Some(old) = applied.primary {
+                        let sync_in_force = applied.sync.epoch == old.epoch
+                            && applied.sync.committed.is_synchronous();
+                        let recorded = applied.primary_lsn.filter(|r| r.epoch == old.epoch);
+                        if let Some(rec) = recorded.filter(|_| !sync_in_force) {
+                            let bound = applied.config.maximum_lag_on_failover;
+                            if lsn.saturating_add(bound) < rec.lsn {
+                                self.fail(&format!(
+                                    "lag: leader {l} promotes {node} at WAL {lsn}, more than \
+                                     maximum_lag_on_failover ({bound}) behind the committed \
+                                     position {} of the old primary",
+                                    rec.lsn
+                                ));
+                            }
+                        }
+                    }
                     if let Some(ld) = self.leaders.get_mut(&l) {
                         ld.pending = Some(PrimaryAssignment { node, epoch });
                     }
@@ -880,6 +901,9 @@ impl Sim {
                 crashed: judged.crashed,
                 failures: judged.failures,
                 epoch_seen: n.epoch_seen,
+                // The simulated replicas' follow always streams: a forked history is not
+                // modelled here (tests/partition.rs covers it on real Postgres).
+                cannot_stream: false,
             };
             let assigned = n.applied.primary;
             let step = plan(id, &view, assigned, n.lease, now, &n.applied.config);

@@ -27,6 +27,11 @@ pub struct LocalView {
     pub failures: u32,
     /// Highest committed epoch this sidecar has acted on.
     pub epoch_seen: Epoch,
+    /// The last attempt to follow the committed primary (of the current epoch) reached it, but
+    /// replication never started on its timeline: this member's history went further than the
+    /// point where the new primary's timeline forked off (WAL the old primary wrote but never
+    /// had acknowledged). Only a rewind brings it back.
+    pub cannot_stream: bool,
 }
 
 /// What the sidecar does next.
@@ -158,6 +163,11 @@ pub fn plan(
             Rejoin { upstream: of },
             "former primary running in recovery: rejoining",
         ),
+        (Pg::Replica, Target::Replica { of, .. }) if local.cannot_stream => step(
+            Rejoin { upstream: of },
+            "cannot stream from the committed primary: this member's history forked off its \
+             timeline; rewinding",
+        ),
         (Pg::Replica, Target::Replica { of, .. }) if local.upstream != Some(of) => {
             step(Follow { upstream: of }, "following the committed primary")
         }
@@ -236,6 +246,7 @@ mod tests {
             crashed: false,
             failures: 0,
             epoch_seen: 1,
+            cannot_stream: false,
         }
     }
 
@@ -281,6 +292,17 @@ mod tests {
         assert_eq!(run(p, primary(1, 1), lease(1)), Action::Nothing);
         assert_eq!(run(p, primary(1, 1), None), Action::Fence);
         assert_eq!(run(p, primary(2, 2), lease(1)), Action::Fence);
+    }
+
+    #[test]
+    fn a_replica_that_cannot_stream_from_the_new_primary_rewinds() {
+        // The partition suite found it: an asynchronous replica cut off with the old primary
+        // received WAL the new primary never had, and waited for ever on its old timeline.
+        let mut r = view(PgState::Replica);
+        r.upstream = Some(2);
+        assert_eq!(run(r, primary(2, 2), None), Action::Nothing);
+        r.cannot_stream = true;
+        assert_eq!(run(r, primary(2, 2), None), Action::Rejoin { upstream: 2 });
     }
 
     #[test]

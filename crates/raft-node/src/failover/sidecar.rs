@@ -119,6 +119,8 @@ pub struct Sidecar {
     leader_stamp: Option<LeaderStamp>,
     events: EventLog,
     dialer: Dialer,
+    /// The committed primary (and epoch) this replica reached but could not stream from.
+    cannot_stream: Option<(NodeId, Epoch)>,
 }
 
 /// Why the failover memory could not be loaded or rebuilt.
@@ -162,6 +164,7 @@ impl Sidecar {
             leader_stamp: None,
             events,
             dialer,
+            cannot_stream: None,
         })
     }
 
@@ -443,6 +446,8 @@ impl Sidecar {
             crashed: judged.crashed,
             failures: judged.failures,
             epoch_seen: self.memory.epoch_seen,
+            cannot_stream: self.cannot_stream.is_some()
+                && self.cannot_stream == state.cluster.primary.map(|a| (a.node, a.epoch)),
         };
         let assigned = state.cluster.primary;
         let step = plan(
@@ -576,9 +581,20 @@ impl Sidecar {
             }
             Action::Follow { upstream } => {
                 let u = up(self, upstream)?;
-                self.instance.follow(&u).await.map_err(|e| e.to_string())?;
+                match self.instance.follow(&u).await {
+                    Ok(_) => self.cannot_stream = None,
+                    Err(e) => {
+                        // Reached the upstream (its timeline was read) but never streamed.
+                        if matches!(e, pg_supervisor::error::SupervisorError::Timeout { .. }) {
+                            self.cannot_stream = Some((upstream, epoch));
+                        }
+                        return Err(e.to_string());
+                    }
+                }
             }
             Action::Rejoin { upstream } => {
+                // One rewind per failed follow: if this one fails too, following is tried anew.
+                self.cannot_stream = None;
                 let u = up(self, upstream)?;
                 let r = self
                     .instance
