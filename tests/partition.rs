@@ -32,20 +32,26 @@ use netns::Netns;
 use raft_node::proto;
 use rand::Rng;
 
-/// Generates `<scenario>::netns` and `<scenario>::toxiproxy` tests (or only the backends named)
-/// that run `async fn <scenario>(Backend)`.
+/// Generates `<scenario>::<backend>` tests that run `async fn <scenario>(Backend)`: those in the
+/// first list form the default set (CI), those in the second the extended set, ignored by
+/// default so that CI stays within its time (`--include-ignored` runs them; see
+/// docs/partition-suite.md).
 macro_rules! scenario {
-    ($name:ident) => {
-        scenario!($name, netns, toxiproxy);
-    };
-    ($name:ident, $($backend:ident),+) => {
+    ($name:ident, [$($backend:ident),*], [$($extended:ident),*]) => {
         mod $name {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $backend() {
                     super::$name(super::backend(stringify!($backend))).await;
                 }
-            )+
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "extended partition set: run with --include-ignored"]
+                async fn $extended() {
+                    super::$name(super::backend(stringify!($extended))).await;
+                }
+            )*
         }
     };
 }
@@ -186,22 +192,22 @@ async fn primary_isolated_while_leading_raft(b: Backend) {
     )
     .await;
 }
-scenario!(primary_isolated_while_leading_raft);
+scenario!(primary_isolated_while_leading_raft, [], [netns, toxiproxy]);
 
 async fn primary_isolated_not_leading_raft(b: Backend) {
     isolate_the_primary(b, "primary_isolated_not_leading_raft", Cut::BothWays, false).await;
 }
-scenario!(primary_isolated_not_leading_raft);
+scenario!(primary_isolated_not_leading_raft, [toxiproxy], [netns]);
 
 async fn one_way_cut_from_the_primary(b: Backend) {
     isolate_the_primary(b, "one_way_cut_from_the_primary", Cut::FromPrimary, false).await;
 }
-scenario!(one_way_cut_from_the_primary);
+scenario!(one_way_cut_from_the_primary, [], [netns, toxiproxy]);
 
 async fn one_way_cut_to_the_primary(b: Backend) {
     isolate_the_primary(b, "one_way_cut_to_the_primary", Cut::ToPrimary, false).await;
 }
-scenario!(one_way_cut_to_the_primary);
+scenario!(one_way_cut_to_the_primary, [], [netns, toxiproxy]);
 
 /// The Raft leader, not the primary's node, is cut off for 10 s: the other side elects a leader
 /// of its own, keeps the same primary in the same epoch, and writes go on.
@@ -256,7 +262,11 @@ async fn raft_leader_isolated_keeps_the_primary(b: Backend) {
     );
     s.finish(run, Expect::new(0..=0, at)).await;
 }
-scenario!(raft_leader_isolated_keeps_the_primary);
+scenario!(
+    raft_leader_isolated_keeps_the_primary,
+    [],
+    [netns, toxiproxy]
+);
 
 /// Five members split 2/3 with the primary and an asynchronous replica on the small side: the
 /// three promote their synchronous standby; the two cannot write.
@@ -298,7 +308,7 @@ async fn five_members_split_two_three(b: Backend) {
     hold_until(at + HOLD).await;
     s.finish(run, Expect::new(1..=1, at)).await;
 }
-scenario!(five_members_split_two_three);
+scenario!(five_members_split_two_three, [netns, toxiproxy], []);
 
 /// Five members split 2/2/1: no side has a majority, so nobody may be promoted and the primary
 /// must stop writing once its lease lapses. After the heal one primary serves again.
@@ -322,7 +332,7 @@ async fn five_members_split_two_two_one(b: Backend) {
     );
     s.finish(run, Expect::new(0..=1, at)).await;
 }
-scenario!(five_members_split_two_two_one);
+scenario!(five_members_split_two_two_one, [netns, toxiproxy], []);
 
 /// The primary's links go down and up every 150–600 ms (seeded) for 30 s.
 async fn flapping_primary_links(b: Backend) {
@@ -355,7 +365,7 @@ async fn flapping_primary_links(b: Backend) {
     // Any number of failovers is allowed; the checkers judge them. The report counts them.
     s.finish(run, Expect::new(0..=usize::MAX, at)).await;
 }
-scenario!(flapping_primary_links);
+scenario!(flapping_primary_links, [netns, toxiproxy], []);
 
 /// The replication links from the primary are cut both ways for 15 s while every sidecar still
 /// reaches every other: no failover (the primary is healthy and holds its lease); with
@@ -380,7 +390,7 @@ async fn replication_links_cut(b: Backend) {
     );
     s.finish(run, Expect::new(0..=0, at)).await;
 }
-scenario!(replication_links_cut);
+scenario!(replication_links_cut, [], [netns, toxiproxy]);
 
 /// The primary's sidecar freezes (SIGSTOP) for 8 s while one replica is cut from everyone: no
 /// side has two live members, so nobody is promoted and the guard fences the primary. After the
@@ -406,7 +416,11 @@ async fn sidecar_frozen_while_a_replica_is_cut(b: Backend) {
     hold_until(at + HOLD).await;
     s.finish(run, Expect::new(0..=1, at)).await;
 }
-scenario!(sidecar_frozen_while_a_replica_is_cut);
+scenario!(
+    sidecar_frozen_while_a_replica_is_cut,
+    [],
+    [netns, toxiproxy]
+);
 
 /// The Raft leader (not the primary's node) is cut off, then the primary's postmaster is
 /// killed (-9): the majority side's new leader, or the sidecar's restart, brings back one
@@ -436,7 +450,11 @@ async fn postmaster_killed_while_the_leader_is_cut(b: Backend) {
     hold_until(at + HOLD).await;
     s.finish(run, Expect::new(0..=1, at)).await;
 }
-scenario!(postmaster_killed_while_the_leader_is_cut);
+scenario!(
+    postmaster_killed_while_the_leader_is_cut,
+    [],
+    [netns, toxiproxy]
+);
 
 /// Every member's sidecar is restarted in turn (SIGTERM, start), replicas first, under load:
 /// at most the primary's restart moves the primary; nothing acknowledged is lost.
@@ -457,21 +475,21 @@ async fn rolling_restart(b: Backend) {
     }
     s.finish(run, Expect::new(0..=1, at)).await;
 }
-scenario!(rolling_restart);
+scenario!(rolling_restart, [], [netns, toxiproxy]);
 
 /// Latency on every link of the primary, each way, far below what a lease renewal can absorb:
 /// writes slow down, nothing fails over.
 async fn latency_below_the_lease(b: Backend) {
     latency_on_the_primary(b, "latency_below_the_lease", 50, 0..=0).await;
 }
-scenario!(latency_below_the_lease, toxiproxy);
+scenario!(latency_below_the_lease, [], [toxiproxy]);
 
 /// Latency on every link of the primary, each way, above the lease (a round trip takes longer
 /// than the lease lasts): the primary cannot renew and is replaced, once.
 async fn latency_above_the_lease(b: Backend) {
     latency_on_the_primary(b, "latency_above_the_lease", 1_500, 1..=1).await;
 }
-scenario!(latency_above_the_lease, toxiproxy);
+scenario!(latency_above_the_lease, [toxiproxy], []);
 
 async fn latency_on_the_primary(
     b: Backend,
@@ -514,7 +532,7 @@ async fn primary_links_refused(b: Backend) {
     hold_until(at + HOLD).await;
     s.finish(run, Expect::new(1..=1, at)).await;
 }
-scenario!(primary_links_refused, toxiproxy);
+scenario!(primary_links_refused, [], [toxiproxy]);
 
 /// The WAL stream to both replicas is limited to 64 KB/s while a second writer pushes ~1 KB
 /// rows as fast as commits return; then the primary's host crashes. Synchronous mode holds:
@@ -564,7 +582,7 @@ async fn bandwidth_limited_wal_then_primary_crash(b: Backend) {
         r.lost
     );
 }
-scenario!(bandwidth_limited_wal_then_primary_crash, toxiproxy);
+scenario!(bandwidth_limited_wal_then_primary_crash, [toxiproxy], []);
 
 /// Like the scenario above with `synchronous_mode = off` and `maximum_lag_on_failover` at
 /// 64 KB: both replicas lag further than that when the primary crashes, so nobody is promoted
@@ -621,7 +639,11 @@ async fn bandwidth_limited_wal_async_respects_maximum_lag(b: Backend) {
     let missing = harness::workload::missing_on(&s.c, old, &bulk_acked).await;
     assert!(missing.is_empty(), "bulk rows lost: {}", missing.len());
 }
-scenario!(bandwidth_limited_wal_async_respects_maximum_lag, toxiproxy);
+scenario!(
+    bandwidth_limited_wal_async_respects_maximum_lag,
+    [toxiproxy],
+    []
+);
 
 /// The soak run: random faults (cuts of every shape, splits, replication cuts, frozen
 /// sidecars, killed postmasters, host crashes, and with Toxiproxy latency and refused links),

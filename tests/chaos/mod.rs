@@ -168,7 +168,7 @@ impl Sut {
                     c.append_config(id, &toxi.dial_via(id, &placements));
                 }
                 timeline.note(format!("proxies on {}", toxi.server()));
-                (c, Net::Toxi(toxi))
+                (c, Net::Toxi(Box::new(toxi)))
             }
         };
         timeline.note(format!(

@@ -74,7 +74,7 @@ pub enum Net {
     /// Namespaces and nftables.
     Netns(Netns),
     /// Loopback and one Toxiproxy proxy per directed link.
-    Toxi(ToxiNet),
+    Toxi(Box<ToxiNet>),
 }
 
 impl Net {
@@ -139,7 +139,7 @@ impl Net {
     /// The Toxiproxy network, for the faults only proxies can make.
     pub fn toxi(&self) -> Option<&ToxiNet> {
         match self {
-            Net::Toxi(t) => Some(t),
+            Net::Toxi(t) => Some(t.as_ref()),
             Net::Netns(_) => None,
         }
     }

@@ -296,47 +296,45 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             ),
         };
     }
-    match input.cluster.failover_set().as_ref() {
-        Some(set) => {
-            // Only a member known to hold every acknowledged write; lag does not matter then.
-            let reported: BTreeMap<NodeId, u64> = set
-                .members
-                .iter()
-                .filter_map(|n| input.fresh(*n))
-                .filter(|r| r.pg == PgState::Replica && input.sent_after(r, down_since))
-                .map(|r| (r.node, r.lsn))
-                .collect();
-            match sync::holders_of_every_ack(set, &reported) {
-                Ok(holders) => {
-                    // WAL is one sequence: a replica at least as far along the same timeline as
-                    // the most advanced holder holds every acknowledged write too. Preferring
-                    // the most advanced of them spares the others a diverged history (a replica
-                    // ahead of the new primary's fork point can never follow it).
-                    let best = holders
-                        .iter()
-                        .filter_map(|n| input.fresh(*n))
-                        .map(|r| (r.timeline, r.lsn))
-                        .max();
-                    candidates.retain(|(r, _)| {
-                        let holds = holders.contains(&r.node)
-                            || best.is_some_and(|(tl, lsn)| r.timeline == tl && r.lsn >= lsn);
-                        if !holds {
-                            excluded.push(format!(
-                                "{}: not known to hold every acknowledged write (synchronous set \
-                                 {:?}, most advanced {holders:?})",
-                                r.node, set.members
-                            ));
-                        }
-                        holds
-                    })
-                }
-                Err(why_not) => {
-                    excluded.push(why_not);
-                    candidates.clear();
-                }
+    if let Some(set) = input.cluster.failover_set().as_ref() {
+        // Only a member known to hold every acknowledged write; while the set is committed,
+        // lag does not matter (below).
+        let reported: BTreeMap<NodeId, u64> = set
+            .members
+            .iter()
+            .filter_map(|n| input.fresh(*n))
+            .filter(|r| r.pg == PgState::Replica && input.sent_after(r, down_since))
+            .map(|r| (r.node, r.lsn))
+            .collect();
+        match sync::holders_of_every_ack(set, &reported) {
+            Ok(holders) => {
+                // WAL is one sequence: a replica at least as far along the same timeline as
+                // the most advanced holder holds every acknowledged write too. Preferring
+                // the most advanced of them spares the others a diverged history (a replica
+                // ahead of the new primary's fork point can never follow it).
+                let best = holders
+                    .iter()
+                    .filter_map(|n| input.fresh(*n))
+                    .map(|r| (r.timeline, r.lsn))
+                    .max();
+                candidates.retain(|(r, _)| {
+                    let holds = holders.contains(&r.node)
+                        || best.is_some_and(|(tl, lsn)| r.timeline == tl && r.lsn >= lsn);
+                    if !holds {
+                        excluded.push(format!(
+                            "{}: not known to hold every acknowledged write (synchronous set \
+                             {:?}, most advanced {holders:?})",
+                            r.node, set.members
+                        ));
+                    }
+                    holds
+                })
+            }
+            Err(why_not) => {
+                excluded.push(why_not);
+                candidates.clear();
             }
         }
-        None => {}
     }
     // Writes acknowledged while replication was asynchronous (no set, or only a legacy set
     // kept from before a fall-back or `off`) are on no particular member: the lag bound is
