@@ -308,7 +308,7 @@ async fn five_members_split_two_three(b: Backend) {
     hold_until(at + HOLD).await;
     s.finish(run, Expect::new(1..=1, at)).await;
 }
-scenario!(five_members_split_two_three, [netns, toxiproxy], []);
+scenario!(five_members_split_two_three, [], [netns, toxiproxy]);
 
 /// Five members split 2/2/1: no side has a majority, so nobody may be promoted and the primary
 /// must stop writing once its lease lapses. After the heal one primary serves again.
@@ -332,7 +332,7 @@ async fn five_members_split_two_two_one(b: Backend) {
     );
     s.finish(run, Expect::new(0..=1, at)).await;
 }
-scenario!(five_members_split_two_two_one, [netns, toxiproxy], []);
+scenario!(five_members_split_two_two_one, [], [netns, toxiproxy]);
 
 /// The primary's links go down and up every 150–600 ms (seeded) for 30 s.
 async fn flapping_primary_links(b: Backend) {
@@ -582,7 +582,7 @@ async fn bandwidth_limited_wal_then_primary_crash(b: Backend) {
         r.lost
     );
 }
-scenario!(bandwidth_limited_wal_then_primary_crash, [toxiproxy], []);
+scenario!(bandwidth_limited_wal_then_primary_crash, [], [toxiproxy]);
 
 /// Like the scenario above with `synchronous_mode = off` and `maximum_lag_on_failover` at
 /// 64 KB: both replicas lag further than that when the primary crashes, so nobody is promoted
