@@ -815,20 +815,15 @@ impl BulkWriter {
             let mut id = 1_000_000i64;
             while !s.load(Ordering::Relaxed) {
                 if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
-                    client = match tokio::time::timeout(Duration::from_secs(2), connect).await {
-                        Ok(Ok((c, conn))) => {
-                            tokio::spawn(conn);
+                    client = harness::workload::connect_within(&url, Duration::from_secs(2)).await;
+                    match &client {
+                        Some(c) => {
                             let _ = c
                                 .batch_execute("ALTER TABLE w ADD COLUMN IF NOT EXISTS pad text")
                                 .await;
-                            Some(c)
                         }
-                        _ => {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            None
-                        }
-                    };
+                        None => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
                 }
                 let Some(c) = &client else { continue };
                 id += 1;

@@ -22,7 +22,7 @@ use raft_node::proto;
 use rand::{Rng, SeedableRng};
 
 use crate::harness::workload::{
-    max_gap_ms, missing_on, topology, wait_sync_committed, Checker, Writer,
+    connect_within, max_gap_ms, missing_on, topology, wait_sync_committed, Checker, Writer,
 };
 use crate::harness::{pg_url_at, wait_for, Placement, TestCluster, PG_PASSWORD};
 use crate::netns::Netns;
@@ -509,14 +509,7 @@ impl Reader {
             let mut client: Option<tokio_postgres::Client> = None;
             while !s.load(Ordering::Relaxed) {
                 if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
-                    client = match tokio::time::timeout(Duration::from_secs(2), connect).await {
-                        Ok(Ok((c, conn))) => {
-                            tokio::spawn(conn);
-                            Some(c)
-                        }
-                        _ => None,
-                    };
+                    client = connect_within(&url, Duration::from_secs(2)).await;
                 }
                 let answered = match &client {
                     Some(c) => {

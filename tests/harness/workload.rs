@@ -13,6 +13,14 @@ use super::{wait_for, TestCluster, PG_PASSWORD};
 /// How long the helpers here wait for the cluster to reach a state.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// A connection to `url` within `within`, its connection task spawned; `None` on any failure.
+pub async fn connect_within(url: &str, within: Duration) -> Option<tokio_postgres::Client> {
+    let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(within, connect).await.ok()?.ok()?;
+    tokio::spawn(conn);
+    Some(client)
+}
+
 /// Inserts increasing ids every 100 ms; remembers which were acknowledged and when.
 pub struct Writer {
     pub acked: Arc<Mutex<Vec<(i64, Instant)>>>,
@@ -49,18 +57,7 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 id += 1;
                 if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    client = match tokio::time::timeout(
-                        Duration::from_secs(2),
-                        tokio_postgres::connect(&url, tokio_postgres::NoTls),
-                    )
-                    .await
-                    {
-                        Ok(Ok((c, conn))) => {
-                            tokio::spawn(conn);
-                            Some(c)
-                        }
-                        _ => None,
-                    };
+                    client = connect_within(&url, Duration::from_secs(2)).await;
                 }
                 if let Some(c) = &client {
                     let r = tokio::time::timeout(
