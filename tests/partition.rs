@@ -197,7 +197,7 @@ scenario!(primary_isolated_while_leading_raft, [], [netns, toxiproxy]);
 async fn primary_isolated_not_leading_raft(b: Backend) {
     isolate_the_primary(b, "primary_isolated_not_leading_raft", Cut::BothWays, false).await;
 }
-scenario!(primary_isolated_not_leading_raft, [toxiproxy], [netns]);
+scenario!(primary_isolated_not_leading_raft, [], [netns, toxiproxy]);
 
 async fn one_way_cut_from_the_primary(b: Backend) {
     isolate_the_primary(b, "one_way_cut_from_the_primary", Cut::FromPrimary, false).await;
@@ -365,7 +365,7 @@ async fn flapping_primary_links(b: Backend) {
     // Any number of failovers is allowed; the checkers judge them. The report counts them.
     s.finish(run, Expect::new(0..=usize::MAX, at)).await;
 }
-scenario!(flapping_primary_links, [netns, toxiproxy], []);
+scenario!(flapping_primary_links, [netns], [toxiproxy]);
 
 /// The replication links from the primary are cut both ways for 15 s while every sidecar still
 /// reaches every other: no failover (the primary is healthy and holds its lease); with
@@ -641,8 +641,8 @@ async fn bandwidth_limited_wal_async_respects_maximum_lag(b: Backend) {
 }
 scenario!(
     bandwidth_limited_wal_async_respects_maximum_lag,
-    [toxiproxy],
-    []
+    [],
+    [toxiproxy]
 );
 
 /// The soak run: random faults (cuts of every shape, splits, replication cuts, frozen
