@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -45,7 +45,6 @@ pub struct ClusterService {
     cluster_name: String,
     raft: Raft,
     state: watch::Receiver<Arc<AppliedState>>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
     failover: Arc<FailoverLeader>,
     events: EventLog,
     dialer: Dialer,
@@ -69,7 +68,6 @@ impl ClusterService {
             cluster_name,
             raft,
             state,
-            channels: Arc::default(),
             failover,
             events,
             dialer,
@@ -77,19 +75,9 @@ impl ClusterService {
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
-        let mut map = self
-            .channels
-            .lock()
-            .map_err(|_| Status::internal("channel cache poisoned"))?;
-        if let Some(c) = map.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = self
-            .dialer
-            .channel(addr)
-            .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))?;
-        map.insert(addr.to_string(), c.clone());
-        Ok(c)
+        self.dialer
+            .kept(addr)
+            .map_err(|e| Status::internal(format!("bad peer address {addr}: {e}")))
     }
 
     /// `None` when this node leads; otherwise a client for the leader, or the error to return.

@@ -1,8 +1,8 @@
 //! openraft's network over tonic gRPC: one lazily connected channel per peer, every call bounded
 //! by openraft's own time-to-live, so a dead or frozen peer only slows its own replication stream.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -25,11 +25,31 @@ use crate::types::{NodeId, TypeConfig};
 /// How long establishing a TCP + HTTP/2 connection to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Builds a lazily connecting gRPC channel to `addr` (host:port).
-pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+/// How often a kept channel pings its peer over HTTP/2, and how long it waits for the answer
+/// before it drops the connection. A silent cut leaves a TCP connection open; without the ping a
+/// kept channel would queue every later call on it until the kernel gave up, minutes later.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(1_000);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
+        .tcp_nodelay(true))
+}
+
+/// Builds a lazily connecting gRPC channel to `addr` (host:port).
+pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+/// Builds a lazily connecting channel meant to be kept and shared: it pings its peer, so a
+/// connection that went silent is closed and the next call dials afresh.
+fn kept_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr)?
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect_lazy())
 }
 
@@ -37,15 +57,21 @@ pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 /// config's `[dial_via]` table names for it (a NAT, a port forward, or a test's fault proxy
 /// that stands on one directed link between two members). Every outgoing connection to a peer,
 /// gRPC and Postgres alike, goes through [`Dialer::route`].
+///
+/// Clones share one set of kept channels ([`Dialer::kept`]), one per routed address.
 #[derive(Clone, Debug, Default)]
 pub struct Dialer {
     via: Arc<BTreeMap<String, String>>,
+    kept: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Dialer {
     /// A dialer that reaches each `host:port` key through its value.
     pub fn new(via: BTreeMap<String, String>) -> Self {
-        Self { via: Arc::new(via) }
+        Self {
+            via: Arc::new(via),
+            kept: Arc::default(),
+        }
     }
 
     /// The address to connect to for the advertised `addr`.
@@ -53,9 +79,39 @@ impl Dialer {
         self.via.get(addr).map(String::as_str).unwrap_or(addr)
     }
 
-    /// A lazily connecting channel to the advertised `addr`.
+    /// A lazily connecting channel of its own to the advertised `addr`.
     pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         lazy_channel(self.route(addr))
+    }
+
+    /// The channel kept for the advertised `addr`, made on first use: calls share its one
+    /// connection, so a call costs one round trip, not the TCP and HTTP/2 handshakes first
+    /// (lease renewals under latency depend on it). After a call that failed or timed out,
+    /// [`Dialer::forget`] it so the next call dials afresh.
+    pub fn kept(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let route = self.route(addr).to_string();
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = kept.get(&route) {
+            return Ok(c.clone());
+        }
+        let c = kept_channel(&route)?;
+        kept.insert(route, c.clone());
+        Ok(c)
+    }
+
+    /// Drops the kept channel for the advertised `addr` (its connection closes once no clone
+    /// is in use).
+    pub fn forget(&self, addr: &str) {
+        let route = self.route(addr);
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(route);
+    }
+
+    /// How many channels are kept (for tests).
+    pub fn kept_count(&self) -> usize {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The host and port to connect to for a Postgres a peer advertised at `host`:`port`.
@@ -208,5 +264,26 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     fn backoff(&self) -> Backoff {
         // Short enough that a restarted peer rejoins replication promptly.
         Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn kept_channels_are_one_per_route_until_forgotten() {
+        let via = BTreeMap::from([("10.0.0.2:7001".to_string(), "127.0.0.1:17001".to_string())]);
+        let dialer = Dialer::new(via);
+        let clone = dialer.clone();
+        dialer.kept("10.0.0.2:7001").unwrap();
+        clone.kept("127.0.0.1:17001").unwrap();
+        assert_eq!(dialer.kept_count(), 1, "one channel per routed address");
+        dialer.kept("127.0.0.1:7003").unwrap();
+        assert_eq!(clone.kept_count(), 2, "clones share the kept channels");
+        clone.forget("10.0.0.2:7001");
+        assert_eq!(dialer.kept_count(), 1);
+        assert!(dialer.kept("no port here").is_err());
+        assert_eq!(dialer.kept_count(), 1, "a bad address keeps nothing");
     }
 }

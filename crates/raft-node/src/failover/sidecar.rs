@@ -72,6 +72,14 @@ pub fn guard_deadline(lease: Option<HeldLease>) -> Lease {
     Lease::Until(lease.map_or(0, |l| l.expires_at.saturating_mul(1_000_000)))
 }
 
+/// How long a report may wait for the leader's answer. The answer's grant counts from when the
+/// report left, so a late answer is as safe as a prompt one, just shorter-lived; waiting a
+/// quarter lease (never less than a tick) lets renewals ride out round trips far longer than a
+/// tick, and a primary whose reports all fail still sees its lease end on time.
+pub fn report_timeout(cfg: &crate::dynamic_config::DynamicConfig) -> Duration {
+    Duration::from_millis(cfg.tick_ms.max(cfg.lease_ms / 4))
+}
+
 /// Postgres as one probe saw it.
 #[derive(Debug, Clone, Default)]
 struct Observed {
@@ -278,12 +286,18 @@ impl Sidecar {
             return self.leader.on_report(report.clone());
         }
         let payload = serde_json::to_vec(report).ok()?;
-        let mut client = ClusterClient::new(self.dialer.channel(&addr).ok()?);
-        let reply = tokio::time::timeout(timeout, client.report(ReportRequest { report: payload }))
-            .await
-            .ok()?
-            .ok()?
-            .into_inner();
+        let mut client = ClusterClient::new(self.dialer.kept(&addr).ok()?);
+        let reply =
+            match tokio::time::timeout(timeout, client.report(ReportRequest { report: payload }))
+                .await
+            {
+                Ok(Ok(reply)) => reply.into_inner(),
+                _ => {
+                    // The kept connection may be the one a cut silenced: dial afresh next time.
+                    self.dialer.forget(&addr);
+                    return None;
+                }
+            };
         Some(ReportAnswer {
             grant: reply.granted.then_some(Grant {
                 epoch: reply.epoch,
@@ -420,9 +434,7 @@ impl Sidecar {
             epoch_seen: self.memory.epoch_seen,
             sent_at: now,
         };
-        let answer = self
-            .send_report(&report, Duration::from_millis(cfg.tick_ms))
-            .await;
+        let answer = self.send_report(&report, report_timeout(&cfg)).await;
         let report_again = answer.is_some_and(|a| a.report_again);
         if let Some(a) = answer {
             self.leader_stamp = Some(a.stamp);
@@ -687,6 +699,18 @@ async fn load_memory(path: &Path, instance: &Instance) -> Result<Memory, MemoryE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_may_wait_a_quarter_lease_and_never_less_than_a_tick() {
+        let mut cfg = crate::dynamic_config::DynamicConfig {
+            tick_ms: 250,
+            lease_ms: 2_500,
+            ..Default::default()
+        };
+        assert_eq!(report_timeout(&cfg), Duration::from_millis(625));
+        cfg.lease_ms = 1_000;
+        assert_eq!(report_timeout(&cfg), Duration::from_millis(250));
+    }
 
     #[test]
     fn the_guard_gets_the_held_deadline_on_the_same_clock() {
