@@ -265,7 +265,10 @@ impl TestCluster {
         let child = cmd
             .args(["node", "--config"])
             .arg(node.config_path())
-            .env("PGQUORUM_LOG", "info,openraft=warn")
+            .env(
+                "PGQUORUM_LOG",
+                std::env::var("PGQUORUM_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -415,6 +418,27 @@ impl TestCluster {
         s
     }
 
+    /// Copies every node's whole log to `failed-logs/<temp dir name>/` in the test build's
+    /// scratch directory, for a failure to be read after the temp dirs are gone.
+    pub fn keep_logs(&self) {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("failed-logs")
+            .join(
+                self.root
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| std::process::id().to_string()),
+            );
+        if std::fs::create_dir_all(&dir).is_err() {
+            return;
+        }
+        for n in self.nodes.values() {
+            let _ = std::fs::copy(n.log_path(), dir.join(format!("n{}.log", n.id)));
+        }
+        eprintln!("whole logs kept in {}", dir.display());
+    }
+
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.nodes[&id].dir.join("data")
     }
@@ -424,6 +448,7 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tails());
+            self.keep_logs();
         }
         for n in self.nodes.values_mut() {
             if let Some(mut c) = n.child.take() {

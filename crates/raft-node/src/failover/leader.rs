@@ -230,12 +230,28 @@ impl FailoverLeader {
         members: &std::collections::BTreeSet<NodeId>,
         report: &MemberReport,
     ) -> Option<Grant> {
-        if duty_blocked(state, book.read_index, self.heartbeat_ms).is_some() {
+        let primary = state.cluster.primary.is_some_and(|p| p.node == report.node);
+        if let Some(why) = duty_blocked(state, book.read_index, self.heartbeat_ms) {
+            if primary {
+                tracing::debug!(node = report.node, ?why, "no lease for the primary yet");
+            }
             return None;
         }
         let ack_age = book.quorum_confirmed_at.map(|t| now.saturating_sub(t));
         let input = self.policy_input(book, now, state, members);
-        let epoch = may_grant_lease(&input, report, ack_age)?;
+        let Some(epoch) = may_grant_lease(&input, report, ack_age) else {
+            if primary {
+                tracing::debug!(
+                    node = report.node,
+                    ?ack_age,
+                    pg = ?report.pg,
+                    failures = report.consecutive_failures,
+                    pending = ?input.pending,
+                    "no lease renewal for the primary"
+                );
+            }
+            return None;
+        };
         let terms = LeaseTerms::of(&state.cluster.config);
         book.last_grant = Some(GrantRecord {
             node: report.node,

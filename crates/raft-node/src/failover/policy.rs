@@ -120,6 +120,12 @@ impl PolicyInput<'_> {
     /// Standbys fit to acknowledge commits of `primary`, best first: a member of `current`
     /// stays while it is a live replica; a new one must stream from `primary` now (any live
     /// replica when `primary` is about to be promoted and nobody streams from it yet).
+    ///
+    /// A member of `current` that has not reported to this leader at all stays too while the
+    /// leader has held office for less than a lease: a new leader's empty book is no evidence
+    /// that a standby died, and dropping it would turn `on` asynchronous for nothing (found by
+    /// the partition suite: a primary cut off right after a leadership change acknowledged
+    /// writes only it had, and they were lost at failover). Unknown members come last.
     fn fit_standbys(&self, primary: NodeId, current: &SyncSet, promoting: bool) -> Vec<NodeId> {
         let cfg = &self.cluster.config;
         let mut fit: Vec<&MemberReport> = self
@@ -134,7 +140,15 @@ impl PolicyInput<'_> {
             })
             .collect();
         fit.sort_by(|a, b| b.lsn.cmp(&a.lsn).then(a.node.cmp(&b.node)));
-        fit.into_iter().map(|r| r.node).collect()
+        let new_in_office = self.now < self.leader_since.saturating_add(cfg.lease_ms);
+        let unheard = current
+            .members
+            .iter()
+            .filter(|n| new_in_office && **n != primary && !self.reports.contains_key(n));
+        fit.into_iter()
+            .map(|r| r.node)
+            .chain(unheard.copied())
+            .collect()
     }
 }
 
@@ -426,6 +440,11 @@ pub fn sync_step(input: &PolicyInput<'_>) -> Option<SyncStep> {
 /// refreshed while it leads), and only if the target's log has caught up (`caught_up`). The
 /// other followers refuse within their lease, so with more than three voters the target
 /// cannot win and its failed campaign would depose this leader: no hand-off then.
+///
+/// Only once the primary runs as one (its fresh report says so): a member promoting holds a
+/// lease from before its promotion and renews it only when the promotion is done; a leader that
+/// changed meanwhile may not renew it in time, and the new primary fences (found by the
+/// partition suite: a second failover right after the first).
 pub fn leadership_handoff(
     input: &PolicyInput<'_>,
     me: NodeId,
@@ -441,6 +460,7 @@ pub fn leadership_handoff(
         || !voters.contains(&me)
         || voters.len() > 3
         || !settled
+        || input.fresh(me).is_none_or(|r| r.pg != PgState::Primary)
     {
         return None;
     }
@@ -1004,6 +1024,66 @@ mod tests {
             Some(SyncStep::Target(set)) => assert_eq!(set.members, [2].into()),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_new_leader_keeps_a_synchronous_standby_it_has_not_heard_from_yet() {
+        let mut f = Fixture::new();
+        f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::On;
+        let set = SyncSet {
+            members: [2].into(),
+            k: 1,
+        };
+        f.cluster.sync.committed = set.clone();
+        f.reports.get_mut(&1).unwrap().report.sync_applied =
+            Some(super::super::report::SyncApplied {
+                epoch: 1,
+                set,
+                confirmed: true,
+                revision: f.cluster.sync.revision,
+            });
+        f.reports.remove(&2);
+        f.reports.remove(&3);
+        // In office since 10 s (lease 2 s): only the primary has reported so far.
+        let mut input = f.input(10_100);
+        input.leader_since = 10_000;
+        assert_eq!(
+            sync_step(&input),
+            None,
+            "no evidence against the standby yet"
+        );
+        // A whole lease in office without a word from the standby: it is gone.
+        f.reports.get_mut(&1).unwrap().at = 12_050;
+        let mut input = f.input(12_100);
+        input.leader_since = 10_000;
+        match sync_step(&input) {
+            Some(SyncStep::Commit(set)) => assert!(set.members.is_empty(), "{set:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn leadership_moves_off_the_primary_only_once_it_runs_as_primary() {
+        let mut f = Fixture::new();
+        f.cluster.config.leader_handoff = true;
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().report.upstream = Some(1);
+        }
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        let caught_up: BTreeSet<NodeId> = [2, 3].into();
+        let input = f.input(10_100);
+        assert_eq!(
+            leadership_handoff(&input, 1, &voters, &caught_up, 600),
+            Some(2),
+            "the most advanced caught-up replica"
+        );
+        // Committed primary, still promoting: its report says replica.
+        f.reports.get_mut(&1).unwrap().report.pg = PgState::Replica;
+        let input = f.input(10_100);
+        assert_eq!(
+            leadership_handoff(&input, 1, &voters, &caught_up, 600),
+            None
+        );
     }
 
     #[test]

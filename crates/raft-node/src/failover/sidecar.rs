@@ -292,7 +292,12 @@ impl Sidecar {
                 .await
             {
                 Ok(Ok(reply)) => reply.into_inner(),
-                _ => {
+                failed => {
+                    let why = match failed {
+                        Ok(Err(status)) => status.to_string(),
+                        _ => format!("no answer within {} ms", timeout.as_millis()),
+                    };
+                    tracing::debug!(leader, %why, "report to the Raft leader failed");
                     // The kept connection may be the one a cut silenced: dial afresh next time.
                     self.dialer.forget(&addr);
                     return None;
