@@ -34,7 +34,7 @@ use raft_node::dynamic_config::{DynamicConfig, SyncMode};
 use raft_node::failover::assess::{Assessor, Seen};
 use raft_node::failover::lease::{HeldLease, LeaseTerms, Millis};
 use raft_node::failover::policy::{
-    decide, may_grant_lease, sync_step, GrantRecord, PolicyInput, Verdict,
+    decide, may_grant_lease, sync_step, wal_fresh_ms, GrantRecord, PolicyInput, Verdict,
 };
 use raft_node::failover::reconcile::{plan, Action, LocalView};
 use raft_node::failover::report::{
@@ -684,7 +684,8 @@ impl Sim {
                         .last_grant
                         .filter(|g| g.node == report.node)
                         .map(|g| g.report_sent_at);
-                    record(&mut reports, report.clone(), now, granted);
+                    let fresh = wal_fresh_ms(&self.node(l).applied.config);
+                    record(&mut reports, report.clone(), now, granted, fresh);
                     let grant = {
                         let ld = &self.leaders[&l];
                         let mut input = self.policy_input(ld, now, l);

@@ -211,7 +211,8 @@ impl FailoverLeader {
                 .last_grant
                 .filter(|g| g.node == report.node)
                 .map(|g| g.report_sent_at);
-            super::report::record(&mut book.reports, report.clone(), now, granted);
+            let fresh = super::policy::wal_fresh_ms(&state.cluster.config);
+            super::report::record(&mut book.reports, report.clone(), now, granted, fresh);
             Self::settle_pending(book, &state);
             let grant = self.grant(book, now, &state, &members, &report);
             ReportAnswer {

@@ -108,6 +108,14 @@ impl PolicyInput<'_> {
             .unwrap_or_default()
     }
 
+    /// Since when the synchronous standby `node` may have gone without WAL from `primary`, as
+    /// far as this leader can tell.
+    fn wal_grace_from(&self, node: NodeId, primary: NodeId) -> Millis {
+        let lost = self.reports.get(&node).and_then(|r| r.wal_lost_since);
+        let running = self.reports.get(&primary).and_then(|r| r.primary_since);
+        lost.max(running).unwrap_or(0).max(self.leader_since)
+    }
+
     /// Members that could ever acknowledge commits of `primary`.
     fn possible_standbys(&self, primary: NodeId) -> BTreeSet<NodeId> {
         self.members
@@ -120,6 +128,12 @@ impl PolicyInput<'_> {
     /// Standbys fit to acknowledge commits of `primary`, best first: a member of `current`
     /// stays while it is a live replica; a new one must stream from `primary` now (any live
     /// replica when `primary` is about to be promoted and nobody streams from it yet).
+    ///
+    /// A member of `current` must keep receiving WAL from `primary`: one that has not for a
+    /// lease is dropped, the lease counted from the latest of when the leader first saw it
+    /// without WAL, when it first saw the primary running (standbys re-point after a
+    /// promotion), and when it took office. Without this, an `on` cluster whose replication
+    /// links alone were cut blocked every write for as long as the cut lasted.
     ///
     /// A member of `current` that has not reported to this leader at all stays too while the
     /// leader has held office for less than a lease: a new leader's empty book is no evidence
@@ -136,7 +150,12 @@ impl PolicyInput<'_> {
                 let live =
                     r.pg == PgState::Replica && r.consecutive_failures < cfg.failure_threshold;
                 let streams = r.upstream == Some(primary) && r.receives_wal_now(wal_fresh_ms(cfg));
-                live && (current.members.contains(&r.node) || streams || promoting)
+                let in_grace = current.members.contains(&r.node)
+                    && self.now
+                        < self
+                            .wal_grace_from(r.node, primary)
+                            .saturating_add(cfg.lease_ms);
+                live && (streams || promoting || in_grace)
             })
             .collect();
         fit.sort_by(|a, b| b.lsn.cmp(&a.lsn).then(a.node.cmp(&b.node)));
@@ -581,6 +600,8 @@ mod tests {
                     at: 10_000,
                     report: report(1, PgState::Primary, 500),
                     fenced_since: None,
+                    wal_lost_since: None,
+                    primary_since: None,
                 },
             );
             reports.insert(
@@ -589,6 +610,8 @@ mod tests {
                     at: 10_000,
                     report: report(2, PgState::Replica, 490),
                     fenced_since: None,
+                    wal_lost_since: None,
+                    primary_since: None,
                 },
             );
             reports.insert(
@@ -597,6 +620,8 @@ mod tests {
                     at: 10_000,
                     report: report(3, PgState::Replica, 480),
                     fenced_since: None,
+                    wal_lost_since: None,
+                    primary_since: None,
                 },
             );
             Self {
@@ -739,6 +764,8 @@ mod tests {
                 at: now,
                 report: report(4, PgState::Primary, 10_000_000),
                 fenced_since: None,
+                wal_lost_since: None,
+                primary_since: None,
             },
         );
         f.members.insert(4);
@@ -1057,6 +1084,48 @@ mod tests {
         let mut input = f.input(12_100);
         input.leader_since = 10_000;
         match sync_step(&input) {
+            Some(SyncStep::Commit(set)) => assert!(set.members.is_empty(), "{set:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_synchronous_standby_without_wal_for_a_lease_is_dropped() {
+        let mut f = Fixture::new();
+        f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::On;
+        let set = SyncSet {
+            members: [2].into(),
+            k: 1,
+        };
+        f.cluster.sync.committed = set.clone();
+        f.reports.get_mut(&1).unwrap().report.sync_applied =
+            Some(super::super::report::SyncApplied {
+                epoch: 1,
+                set,
+                confirmed: true,
+                revision: f.cluster.sync.revision,
+            });
+        // The primary runs since 1 s; member 2 still says `streaming`, but its last message
+        // from the primary is old (a silent cut of the replication link) since 10 s.
+        let book = |f: &mut Fixture, at: Millis| {
+            f.reports.get_mut(&1).unwrap().primary_since = Some(1_000);
+            let r = f.reports.get_mut(&2).unwrap();
+            r.report.streaming = true;
+            r.report.upstream = Some(1);
+            r.report.wal_receipt_age_ms = Some(5_000);
+            r.wal_lost_since = Some(10_000);
+            for n in [1, 2, 3] {
+                f.reports.get_mut(&n).unwrap().at = at;
+            }
+        };
+        book(&mut f, 11_000);
+        assert_eq!(
+            sync_step(&f.input(11_000)),
+            None,
+            "within a lease of the loss"
+        );
+        book(&mut f, 12_100);
+        match sync_step(&f.input(12_100)) {
             Some(SyncStep::Commit(set)) => assert!(set.members.is_empty(), "{set:?}"),
             other => panic!("{other:?}"),
         }

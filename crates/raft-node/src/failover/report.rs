@@ -117,19 +117,34 @@ pub struct Received {
     /// first of them arrived. The member has written nothing since (it accepts no grant for a
     /// report sent before a fenced one, and none was issued for a later one).
     pub fenced_since: Option<Millis>,
+    /// For a run of reports of a replica that does not receive WAL now (see
+    /// [`MemberReport::receives_wal_now`]): when the first of them arrived.
+    pub wal_lost_since: Option<Millis>,
+    /// For a run of reports of a running primary in the same epoch: when the first arrived.
+    pub primary_since: Option<Millis>,
 }
 
 /// The latest report of each member, as the leader knows them.
 pub type ReportBook = BTreeMap<NodeId, Received>;
 
 /// Files `report`, received at `at`, in `book`. `granted_sent_at`: the send time of the report
-/// behind the last lease granted to this member, if any.
+/// behind the last lease granted to this member, if any; `wal_fresh_ms`: how recent a
+/// replica's last message from its upstream must be to count as receiving WAL.
 pub fn record(
     book: &mut ReportBook,
     report: MemberReport,
     at: Millis,
     granted_sent_at: Option<Millis>,
+    wal_fresh_ms: u64,
 ) {
+    let prev = book.get(&report.node);
+    let wal_lost_since = (report.pg == PgState::Replica && !report.receives_wal_now(wal_fresh_ms))
+        .then(|| prev.and_then(|p| p.wal_lost_since).unwrap_or(at));
+    let primary_since = (report.pg == PgState::Primary).then(|| {
+        prev.filter(|p| p.report.pg == PgState::Primary && p.report.epoch_seen == report.epoch_seen)
+            .and_then(|p| p.primary_since)
+            .unwrap_or(at)
+    });
     let after_grant = |r: &MemberReport| granted_sent_at.is_none_or(|g| r.sent_at > g);
     let fenced_since = (report.pg == PgState::Fenced && after_grant(&report)).then(|| {
         book.get(&report.node)
@@ -143,6 +158,61 @@ pub fn record(
             at,
             report,
             fenced_since,
+            wal_lost_since,
+            primary_since,
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(age: Option<u64>, sent_at: Millis) -> MemberReport {
+        MemberReport {
+            node: 2,
+            pg: PgState::Replica,
+            consecutive_failures: 0,
+            timeline: 1,
+            lsn: 100,
+            streaming: age.is_some(),
+            wal_receipt_age_ms: age,
+            upstream: Some(1),
+            sync_applied: None,
+            leader_stamp: None,
+            epoch_seen: 1,
+            sent_at,
+        }
+    }
+
+    #[test]
+    fn the_book_remembers_since_when_a_replica_receives_no_wal() {
+        let mut book = ReportBook::new();
+        record(&mut book, replica(Some(100), 1), 1_000, None, 1_250);
+        assert_eq!(book[&2].wal_lost_since, None);
+        // Still `streaming` by the status word, but nothing arrived for too long.
+        record(&mut book, replica(Some(2_000), 2), 2_000, None, 1_250);
+        assert_eq!(book[&2].wal_lost_since, Some(2_000));
+        record(&mut book, replica(None, 3), 3_000, None, 1_250);
+        assert_eq!(book[&2].wal_lost_since, Some(2_000), "the run goes on");
+        record(&mut book, replica(Some(10), 4), 4_000, None, 1_250);
+        assert_eq!(book[&2].wal_lost_since, None, "receiving again");
+    }
+
+    #[test]
+    fn the_book_remembers_since_when_a_primary_runs_in_its_epoch() {
+        let mut book = ReportBook::new();
+        let mut r = replica(None, 1);
+        r.pg = PgState::Primary;
+        record(&mut book, r.clone(), 1_000, None, 1_250);
+        record(&mut book, r.clone(), 2_000, None, 1_250);
+        assert_eq!(book[&2].primary_since, Some(1_000));
+        r.epoch_seen = 2;
+        record(&mut book, r, 3_000, None, 1_250);
+        assert_eq!(
+            book[&2].primary_since,
+            Some(3_000),
+            "a new epoch starts anew"
+        );
+    }
 }
