@@ -21,12 +21,30 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pgquorum");
 /// Default Raft section of test configs: the product defaults.
 pub const DEFAULT_RAFT: &str = "";
 
-/// A free loopback port (the kernel's choice; released before the node binds it).
+/// A free loopback port for a listener that binds it later (a sidecar, a Postgres).
+///
+/// Taken below the kernel's ephemeral range: a port from that range, released until the node
+/// binds it, can meanwhile become the source port of any outgoing connection (the partition
+/// suite's proxies open thousands), and the node then finds it in use. Each test process walks
+/// its own stretch of the range, starting from its pid, and skips ports that are taken.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .clamp(LOW + 2_000, 65_535);
+    let span = high - LOW;
+    let start = (std::process::id() * 997) % span;
+    for _ in 0..span {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range ({LOW}..{high})")
 }
 
 /// Where one member lives on the network, and how its sidecar is started.
@@ -418,7 +436,7 @@ impl TestCluster {
         s
     }
 
-    /// Copies every node's whole log to `failed-logs/<temp dir name>/` in the test build's
+    /// Copies every node's whole log, and its Postgres log, to `failed-logs/<temp dir name>/` in the test build's
     /// scratch directory, for a failure to be read after the temp dirs are gone.
     pub fn keep_logs(&self) {
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -435,6 +453,13 @@ impl TestCluster {
         }
         for n in self.nodes.values() {
             let _ = std::fs::copy(n.log_path(), dir.join(format!("n{}.log", n.id)));
+            // Postgres logs beside its data directory (`pgdata.log`).
+            for entry in std::fs::read_dir(&n.dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".log") && entry.path() != n.log_path() {
+                    let _ = std::fs::copy(entry.path(), dir.join(format!("n{}-{name}", n.id)));
+                }
+            }
         }
         eprintln!("whole logs kept in {}", dir.display());
     }
