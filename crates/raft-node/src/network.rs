@@ -1,5 +1,5 @@
-//! openraft's network over tonic gRPC: one lazily connected channel per peer, every call bounded
-//! by openraft's own time-to-live, so a dead or frozen peer only slows its own replication stream.
+//! openraft's network over tonic gRPC: one kept, lazily connected channel per peer, every call
+//! bounded by openraft's own time-to-live, so a dead or frozen peer only slows its own calls.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -143,13 +143,20 @@ impl GrpcNetwork {
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = PeerClient;
 
+    /// openraft asks for a client per replication stream and, to confirm leadership, per voter
+    /// for every confirmation. A channel of its own each time would cost the TCP and HTTP/2
+    /// handshakes on every confirmation, within a heartbeat's time-to-live: on a loaded host
+    /// confirmations then failed, the leader's quorum contact aged past what lease grants
+    /// allow, and a healthy primary lost its lease (found by the partition suite). Every
+    /// client shares the peer's kept channel instead; its keepalive closes a silenced
+    /// connection and tonic dials again on the next call.
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         PeerClient {
             target,
             addr: node.addr.clone(),
             client: self
                 .dialer
-                .channel(&node.addr)
+                .kept(&node.addr)
                 .ok()
                 .map(RaftTransportClient::new),
         }

@@ -478,10 +478,14 @@ impl FailoverLeader {
     }
 
     async fn confirm_quorum(self: Arc<Self>, every: Duration, mut stop: watch::Receiver<bool>) {
+        // Rounds start every `every`, not `every` after the last one ended: the contact a grant
+        // is judged by is then at most one round trip plus `every` old.
+        let mut rounds = tokio::time::interval(every);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(every) => {}
+                _ = rounds.tick() => {}
             }
             let Some(term) = self.leading_term() else {
                 continue;
