@@ -56,6 +56,17 @@ pub enum SupervisorError {
         found: u64,
     },
 
+    /// The member to rejoin as a replica of is not a primary yet.
+    #[error(
+        "{host}:{port} is still in recovery, not a primary yet: rejoining waits until it has          been promoted (nothing was changed)"
+    )]
+    UpstreamNotPrimary {
+        /// Upstream host.
+        host: String,
+        /// Upstream port.
+        port: u16,
+    },
+
     /// The TCP port is already taken by another process.
     #[error("port {port} on {host} is already in use by another process")]
     PortInUse {

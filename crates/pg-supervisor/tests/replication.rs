@@ -6,6 +6,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::*;
+use pg_supervisor::error::SupervisorError;
 use pg_supervisor::{PostmasterState, RejoinMethod, Role, SyncSpec};
 
 /// init primary, clone two replicas, replicate; promote one replica, the
@@ -88,6 +89,18 @@ async fn replicate_promote_follow_and_rewind() {
         .await
         .unwrap();
     assert_eq!(on_b.rendered, r#"ANY 1 ("c")"#);
+
+    // A member still in recovery is no upstream to rejoin: rewinding against it would find
+    // no fork, and `a` would stay ahead of the timeline the member later forks.
+    let refused = a.rejoin_as_replica(&c.as_upstream()).await.unwrap_err();
+    assert!(
+        matches!(refused, SupervisorError::UpstreamNotPrimary { .. }),
+        "{refused}"
+    );
+    assert!(
+        matches!(a.status(), PostmasterState::Dead { .. }),
+        "a refused rejoin leaves the data directory alone"
+    );
 
     let rejoin = a.rejoin_as_replica(&b_up).await.unwrap();
     let names = sql(&a_up, "SHOW synchronous_standby_names").await.unwrap();

@@ -194,6 +194,21 @@ impl Instance {
                 });
             }
         }
+        // Rewinding against a member still in recovery finds no fork (it is on our own
+        // timeline) and rewinds nothing; once it promotes, this data directory may hold WAL past
+        // the new timeline's fork point and can never follow it (found by the partition suite:
+        // a former primary rejoined a member that was committed but not yet promoted).
+        let t = &self.cfg.timeouts;
+        if probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement)
+            .await?
+            .role
+            != Role::Primary
+        {
+            return Err(SupervisorError::UpstreamNotPrimary {
+                host: upstream.host.clone(),
+                port: upstream.port,
+            });
+        }
         let has_cluster = self.data.contents()? == DataDirContents::Cluster;
         if has_cluster {
             // A damaged control file is a case for re-cloning; a readable one
