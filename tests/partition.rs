@@ -192,22 +192,22 @@ async fn primary_isolated_while_leading_raft(b: Backend) {
     )
     .await;
 }
-scenario!(primary_isolated_while_leading_raft, [], [netns, toxiproxy]);
+scenario!(primary_isolated_while_leading_raft, [netns, toxiproxy], []);
 
 async fn primary_isolated_not_leading_raft(b: Backend) {
     isolate_the_primary(b, "primary_isolated_not_leading_raft", Cut::BothWays, false).await;
 }
-scenario!(primary_isolated_not_leading_raft, [], [netns, toxiproxy]);
+scenario!(primary_isolated_not_leading_raft, [netns, toxiproxy], []);
 
 async fn one_way_cut_from_the_primary(b: Backend) {
     isolate_the_primary(b, "one_way_cut_from_the_primary", Cut::FromPrimary, false).await;
 }
-scenario!(one_way_cut_from_the_primary, [], [netns, toxiproxy]);
+scenario!(one_way_cut_from_the_primary, [netns, toxiproxy], []);
 
 async fn one_way_cut_to_the_primary(b: Backend) {
     isolate_the_primary(b, "one_way_cut_to_the_primary", Cut::ToPrimary, false).await;
 }
-scenario!(one_way_cut_to_the_primary, [], [netns, toxiproxy]);
+scenario!(one_way_cut_to_the_primary, [netns, toxiproxy], []);
 
 /// The Raft leader, not the primary's node, is cut off for 10 s: the other side elects a leader
 /// of its own, keeps the same primary in the same epoch, and writes go on.
@@ -264,8 +264,8 @@ async fn raft_leader_isolated_keeps_the_primary(b: Backend) {
 }
 scenario!(
     raft_leader_isolated_keeps_the_primary,
-    [],
-    [netns, toxiproxy]
+    [netns, toxiproxy],
+    []
 );
 
 /// Five members split 2/3 with the primary and an asynchronous replica on the small side: the
@@ -365,7 +365,7 @@ async fn flapping_primary_links(b: Backend) {
     // Any number of failovers is allowed; the checkers judge them. The report counts them.
     s.finish(run, Expect::new(0..=usize::MAX, at)).await;
 }
-scenario!(flapping_primary_links, [netns], [toxiproxy]);
+scenario!(flapping_primary_links, [netns, toxiproxy], []);
 
 /// The replication links from the primary are cut both ways for 15 s while every sidecar still
 /// reaches every other: no failover (the primary is healthy and holds its lease); with
@@ -390,7 +390,7 @@ async fn replication_links_cut(b: Backend) {
     );
     s.finish(run, Expect::new(0..=0, at)).await;
 }
-scenario!(replication_links_cut, [], [netns, toxiproxy]);
+scenario!(replication_links_cut, [netns, toxiproxy], []);
 
 /// The primary's sidecar freezes (SIGSTOP) for 8 s while one replica is cut from everyone: no
 /// side has two live members, so nobody is promoted and the guard fences the primary. After the
@@ -418,8 +418,8 @@ async fn sidecar_frozen_while_a_replica_is_cut(b: Backend) {
 }
 scenario!(
     sidecar_frozen_while_a_replica_is_cut,
-    [],
-    [netns, toxiproxy]
+    [netns, toxiproxy],
+    []
 );
 
 /// The Raft leader (not the primary's node) is cut off, then the primary's postmaster is
@@ -452,8 +452,8 @@ async fn postmaster_killed_while_the_leader_is_cut(b: Backend) {
 }
 scenario!(
     postmaster_killed_while_the_leader_is_cut,
-    [],
-    [netns, toxiproxy]
+    [netns, toxiproxy],
+    []
 );
 
 /// Every member's sidecar is restarted in turn (SIGTERM, start), replicas first, under load:
@@ -475,14 +475,14 @@ async fn rolling_restart(b: Backend) {
     }
     s.finish(run, Expect::new(0..=1, at)).await;
 }
-scenario!(rolling_restart, [], [netns, toxiproxy]);
+scenario!(rolling_restart, [netns, toxiproxy], []);
 
 /// Latency on every link of the primary, each way, far below what a lease renewal can absorb:
 /// writes slow down, nothing fails over.
 async fn latency_below_the_lease(b: Backend) {
     latency_on_the_primary(b, "latency_below_the_lease", 50, 0..=0).await;
 }
-scenario!(latency_below_the_lease, [], [toxiproxy]);
+scenario!(latency_below_the_lease, [toxiproxy], []);
 
 /// Latency on every link of the primary, each way, above the lease (a round trip takes longer
 /// than the lease lasts): the primary cannot renew and is replaced, once.
@@ -532,7 +532,7 @@ async fn primary_links_refused(b: Backend) {
     hold_until(at + HOLD).await;
     s.finish(run, Expect::new(1..=1, at)).await;
 }
-scenario!(primary_links_refused, [], [toxiproxy]);
+scenario!(primary_links_refused, [toxiproxy], []);
 
 /// The WAL stream to both replicas is limited to 64 KB/s while a second writer pushes ~1 KB
 /// rows as fast as commits return; then the primary's host crashes. Synchronous mode holds:
@@ -582,7 +582,7 @@ async fn bandwidth_limited_wal_then_primary_crash(b: Backend) {
         r.lost
     );
 }
-scenario!(bandwidth_limited_wal_then_primary_crash, [], [toxiproxy]);
+scenario!(bandwidth_limited_wal_then_primary_crash, [toxiproxy], []);
 
 /// Like the scenario above with `synchronous_mode = off` and `maximum_lag_on_failover` at
 /// 64 KB: both replicas lag further than that when the primary crashes, so nobody is promoted
@@ -641,8 +641,8 @@ async fn bandwidth_limited_wal_async_respects_maximum_lag(b: Backend) {
 }
 scenario!(
     bandwidth_limited_wal_async_respects_maximum_lag,
-    [],
-    [toxiproxy]
+    [toxiproxy],
+    []
 );
 
 /// The soak run: random faults (cuts of every shape, splits, replication cuts, frozen
