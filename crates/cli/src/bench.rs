@@ -513,8 +513,9 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
         }
     }
     // Done once another member is the committed primary and writes have flowed for a second
-    // since; the outage is the largest gap between acknowledged writes from the fault on.
-    let client = api;
+    // since; the outage is the largest gap between acknowledged writes from the fault on. The
+    // frozen member accepts connections and never answers: give each attempt a second.
+    let client = api.with_request_timeout(Duration::from_secs(1));
     let changed_at = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if fault_at.elapsed() > Duration::from_secs(60) {

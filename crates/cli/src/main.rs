@@ -289,7 +289,8 @@ async fn collect_events(client: &ApiClient) -> Result<Vec<proto::Event>> {
     let mut all = Vec::new();
     for m in &topo.members {
         let one = ApiClient::new(vec![m.raft_addr.clone()])?
-            .with_patience(std::time::Duration::from_millis(500));
+            .with_patience(std::time::Duration::from_millis(500))
+            .with_request_timeout(std::time::Duration::from_secs(2));
         if let Ok(list) = one
             .call(|mut c| async move { c.get_events(proto::GetEventsRequest {}).await })
             .await

@@ -94,6 +94,14 @@ impl ApiClient {
         self
     }
 
+    /// How long one attempt at one member may take before the next member is tried (default
+    /// 40 s, which a membership change's catch-up needs). A frozen member accepts the
+    /// connection and never answers: read-only pollers set a few seconds here.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
     /// The endpoints in the order they are tried.
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
@@ -146,7 +154,9 @@ impl ApiClient {
                                 attempts.push(format!("{addr}: not the leader"));
                                 queue.insert(0, leader);
                             }
-                            (Code::Unavailable, _) => {
+                            // A member that accepts the connection and never answers (frozen,
+                            // or cut off after the handshake) is as good as unreachable.
+                            (Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded, _) => {
                                 attempts.push(format!("{addr}: {}", status.message()));
                             }
                             _ => return Err(ClientError::Refused(status)),
