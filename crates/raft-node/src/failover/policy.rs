@@ -630,6 +630,25 @@ mod tests {
                 reports,
             }
         }
+        /// `synchronous_mode = on` with `member` the committed, confirmed standby.
+        fn synchronous_with_standby(member: NodeId) -> Self {
+            let mut f = Self::new();
+            f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::On;
+            let set = SyncSet {
+                members: [member].into(),
+                k: 1,
+            };
+            f.cluster.sync.committed = set.clone();
+            f.reports.get_mut(&1).unwrap().report.sync_applied =
+                Some(super::super::report::SyncApplied {
+                    epoch: 1,
+                    set,
+                    confirmed: true,
+                    revision: f.cluster.sync.revision,
+                });
+            f
+        }
+
         fn input(&self, now: Millis) -> PolicyInput<'_> {
             PolicyInput {
                 now,
@@ -1055,20 +1074,7 @@ mod tests {
 
     #[test]
     fn a_new_leader_keeps_a_synchronous_standby_it_has_not_heard_from_yet() {
-        let mut f = Fixture::new();
-        f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::On;
-        let set = SyncSet {
-            members: [2].into(),
-            k: 1,
-        };
-        f.cluster.sync.committed = set.clone();
-        f.reports.get_mut(&1).unwrap().report.sync_applied =
-            Some(super::super::report::SyncApplied {
-                epoch: 1,
-                set,
-                confirmed: true,
-                revision: f.cluster.sync.revision,
-            });
+        let mut f = Fixture::synchronous_with_standby(2);
         f.reports.remove(&2);
         f.reports.remove(&3);
         // In office since 10 s (lease 2 s): only the primary has reported so far.
@@ -1091,20 +1097,7 @@ mod tests {
 
     #[test]
     fn a_synchronous_standby_without_wal_for_a_lease_is_dropped() {
-        let mut f = Fixture::new();
-        f.cluster.config.synchronous_mode = crate::dynamic_config::SyncMode::On;
-        let set = SyncSet {
-            members: [2].into(),
-            k: 1,
-        };
-        f.cluster.sync.committed = set.clone();
-        f.reports.get_mut(&1).unwrap().report.sync_applied =
-            Some(super::super::report::SyncApplied {
-                epoch: 1,
-                set,
-                confirmed: true,
-                revision: f.cluster.sync.revision,
-            });
+        let mut f = Fixture::synchronous_with_standby(2);
         // The primary runs since 1 s; member 2 still says `streaming`, but its last message
         // from the primary is old (a silent cut of the replication link) since 10 s.
         let book = |f: &mut Fixture, at: Millis| {
