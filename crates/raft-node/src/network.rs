@@ -32,21 +32,12 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(1_000);
 /// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1_000);
 
-fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true))
-}
-
-/// Builds a lazily connecting gRPC channel to `addr` (host:port).
-pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?.connect_lazy())
-}
-
 /// Builds a lazily connecting channel meant to be kept and shared: it pings its peer, so a
 /// connection that went silent is closed and the next call dials afresh.
 fn kept_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
@@ -77,11 +68,6 @@ impl Dialer {
     /// The address to connect to for the advertised `addr`.
     pub fn route<'a>(&'a self, addr: &'a str) -> &'a str {
         self.via.get(addr).map(String::as_str).unwrap_or(addr)
-    }
-
-    /// A lazily connecting channel of its own to the advertised `addr`.
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        lazy_channel(self.route(addr))
     }
 
     /// The channel kept for the advertised `addr`, made on first use: calls share its one

@@ -458,7 +458,7 @@ impl FailoverLeader {
         );
         let payload = serde_json::json!({ "from": self.node_id, "term": term }).to_string();
         let call = async {
-            let channel = self.dialer.channel(&addr).ok()?;
+            let channel = self.dialer.kept(&addr).ok()?;
             let mut client = crate::proto::raft_transport_client::RaftTransportClient::new(channel);
             client
                 .take_leadership(crate::proto::RaftMessage {

@@ -135,39 +135,36 @@ impl PolicyInput<'_> {
     /// promotion), and when it took office. Without this, an `on` cluster whose replication
     /// links alone were cut blocked every write for as long as the cut lasted.
     ///
-    /// A member of `current` that has not reported to this leader at all stays too while the
-    /// leader has held office for less than a lease: a new leader's empty book is no evidence
-    /// that a standby died, and dropping it would turn `on` asynchronous for nothing (found by
-    /// the partition suite: a primary cut off right after a leadership change acknowledged
-    /// writes only it had, and they were lost at failover). Unknown members come last.
+    /// The same grace holds for a member of `current` that has no fresh report for this
+    /// leader: a new leader's empty book is no evidence that a standby died, and dropping it
+    /// would turn `on` asynchronous for nothing (found by the partition suite: a primary cut
+    /// off right after a leadership change acknowledged writes only it had, and they were lost
+    /// at failover). Such members come last.
     fn fit_standbys(&self, primary: NodeId, current: &SyncSet, promoting: bool) -> Vec<NodeId> {
         let cfg = &self.cluster.config;
-        let mut fit: Vec<&MemberReport> = self
-            .possible_standbys(primary)
-            .into_iter()
-            .filter_map(|n| self.fresh(n))
+        let possible = self.possible_standbys(primary);
+        let in_grace = |n: NodeId| {
+            current.members.contains(&n)
+                && self.now < self.wal_grace_from(n, primary).saturating_add(cfg.lease_ms)
+        };
+        let mut fit: Vec<&MemberReport> = possible
+            .iter()
+            .filter_map(|n| self.fresh(*n))
             .filter(|r| {
                 let live =
                     r.pg == PgState::Replica && r.consecutive_failures < cfg.failure_threshold;
                 let streams = r.upstream == Some(primary) && r.receives_wal_now(wal_fresh_ms(cfg));
-                let in_grace = current.members.contains(&r.node)
-                    && self.now
-                        < self
-                            .wal_grace_from(r.node, primary)
-                            .saturating_add(cfg.lease_ms);
-                live && (streams || promoting || in_grace)
+                live && (streams || promoting || in_grace(r.node))
             })
             .collect();
         fit.sort_by(|a, b| b.lsn.cmp(&a.lsn).then(a.node.cmp(&b.node)));
-        let new_in_office = self.now < self.leader_since.saturating_add(cfg.lease_ms);
-        let unheard = current
-            .members
+        // Members of the set without a fresh word to this leader: no evidence against them
+        // either, until their grace ends.
+        let unheard = possible
             .iter()
-            .filter(|n| new_in_office && **n != primary && !self.reports.contains_key(n));
-        fit.into_iter()
-            .map(|r| r.node)
-            .chain(unheard.copied())
-            .collect()
+            .copied()
+            .filter(|n| self.fresh(*n).is_none() && in_grace(*n));
+        fit.into_iter().map(|r| r.node).chain(unheard).collect()
     }
 }
 

@@ -147,8 +147,7 @@ pub fn record(
     });
     let after_grant = |r: &MemberReport| granted_sent_at.is_none_or(|g| r.sent_at > g);
     let fenced_since = (report.pg == PgState::Fenced && after_grant(&report)).then(|| {
-        book.get(&report.node)
-            .filter(|prev| prev.report.pg == PgState::Fenced && after_grant(&prev.report))
+        prev.filter(|prev| prev.report.pg == PgState::Fenced && after_grant(&prev.report))
             .and_then(|prev| prev.fenced_since)
             .unwrap_or(at)
     });
