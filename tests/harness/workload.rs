@@ -219,6 +219,9 @@ impl Checker {
     }
 }
 
+/// A gap between two answers of one member at least this long is written to the notes.
+const NOTED_GAP: Duration = Duration::from_millis(150);
+
 /// One member's poller: asks every 50 ms until `stop`, recording into `state`.
 async fn poll_member(
     id: u64,
@@ -234,14 +237,23 @@ async fn poll_member(
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
         every.tick().await;
-        let reused = conn.is_some();
-        let (kept, writable) = poll_writable(conn, &url).await;
+        let (kept, writable, reused) = poll_writable(conn, &url).await;
         conn = kept;
         let now = Instant::now();
         {
             let mut g = state.lock().unwrap();
             if reused {
-                g.longest_interval = g.longest_interval.max(now - last_answer);
+                let gap = now - last_answer;
+                g.longest_interval = g.longest_interval.max(gap);
+                // Name slow answers in the timeline: a failed poll bound says which member and when.
+                if gap >= NOTED_GAP {
+                    if let Some(notes) = &episodes.lock().unwrap().notes {
+                        notes(format!(
+                            "single_writer: member {id} answered {} ms after its previous answer",
+                            gap.as_millis()
+                        ));
+                    }
+                }
             }
             let changed = if writable {
                 g.writable.insert(id)
@@ -278,18 +290,20 @@ async fn poll_member(
 }
 
 /// Whether the member at `url` is writable (not in recovery), over `conn` or a new connection;
-/// returns the connection to keep, if it still works. No answer counts as not writable.
-async fn poll_writable(conn: Conn, url: &str) -> (Conn, bool) {
-    let client = match conn.filter(|c| !c.is_closed()) {
-        Some(c) => c,
+/// returns the connection to keep, if it still works, and whether the poll went over a kept-open
+/// connection. A kept connection the member closed (it stopped or restarted) is replaced, and
+/// opening one is not what the poll bound measures. No answer counts as not writable.
+async fn poll_writable(conn: Conn, url: &str) -> (Conn, bool, bool) {
+    let (client, reused) = match conn.filter(|c| !c.is_closed()) {
+        Some(c) => (c, true),
         None => {
             let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
             match tokio::time::timeout(Duration::from_secs(1), connect).await {
                 Ok(Ok((c, connection))) => {
                     tokio::spawn(connection);
-                    c
+                    (c, false)
                 }
-                _ => return (None, false),
+                _ => return (None, false, false),
             }
         }
     };
@@ -297,9 +311,9 @@ async fn poll_writable(conn: Conn, url: &str) -> (Conn, bool) {
     match tokio::time::timeout(Duration::from_secs(1), query).await {
         Ok(Ok(row)) => {
             let in_recovery: bool = row.get(0);
-            (Some(client), !in_recovery)
+            (Some(client), !in_recovery, reused)
         }
-        _ => (None, false),
+        _ => (None, false, reused),
     }
 }
 
