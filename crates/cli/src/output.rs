@@ -24,6 +24,9 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                         "timeline": m.timeline,
                         "lsn": m.lsn,
                         "lag_bytes": m.lag_bytes,
+                        "free_bytes": (m.free_bytes > 0).then_some(m.free_bytes),
+                        "low_space": m.low_space,
+                        "cannot_write": (!m.cannot_write.is_empty()).then_some(&m.cannot_write),
                         "registered": m.registered,
                         "membership": m.membership,
                         "raft_role": m.raft_role,
@@ -128,6 +131,9 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
             s.push_str(&table(&rows));
             let primary = t.primary.as_ref().map(|p| p.node_id);
             if let Some(line) = t.sync.as_ref().map(|y| sync_line(y, primary)) {
+                s.push_str(&line);
+            }
+            for line in storage_lines(t) {
                 s.push_str(&line);
             }
             if !t.failover_status.is_empty() {
@@ -306,5 +312,91 @@ pub fn events(events: &[proto::Event], out: Output) -> String {
             }
             table(&rows)
         }
+    }
+}
+
+/// A line for each member whose Postgres cannot write or whose disk runs low on space.
+fn storage_lines(t: &proto::Topology) -> Vec<String> {
+    t.members
+        .iter()
+        .filter_map(|m| {
+            let mut parts = Vec::new();
+            if !m.cannot_write.is_empty() {
+                parts.push(format!("cannot write: {}", m.cannot_write));
+            }
+            if m.low_space {
+                parts.push(format!(
+                    "low free space: {} free",
+                    human_bytes(m.free_bytes)
+                ));
+            }
+            let name = if m.name.is_empty() {
+                format!("n{}", m.id)
+            } else {
+                m.name.clone()
+            };
+            (!parts.is_empty()).then(|| format!("storage: {name}: {}\n", parts.join("; ")))
+        })
+        .collect()
+}
+
+/// Bytes in binary units, as `df -h` shows them.
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_that_cannot_write_or_runs_low_gets_a_storage_line() {
+        let t = proto::Topology {
+            members: vec![
+                proto::Member {
+                    id: 1,
+                    name: "a".into(),
+                    cannot_write: "no space: only 4096 bytes free".into(),
+                    low_space: true,
+                    free_bytes: 4096,
+                    ..Default::default()
+                },
+                proto::Member {
+                    id: 2,
+                    name: "b".into(),
+                    free_bytes: 5 << 30,
+                    ..Default::default()
+                },
+                proto::Member {
+                    id: 3,
+                    low_space: true,
+                    free_bytes: 3 * 1024 * 1024 + 512 * 1024,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let lines = storage_lines(&t);
+        assert_eq!(
+            lines,
+            vec![
+                "storage: a: cannot write: no space: only 4096 bytes free; low free space: \
+                 4.0 KiB free\n"
+                    .to_string(),
+                "storage: n3: low free space: 3.5 MiB free\n".to_string(),
+            ]
+        );
+        assert!(topology(&t, Output::Table).contains("storage: n3"));
     }
 }

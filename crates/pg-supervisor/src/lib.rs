@@ -34,6 +34,7 @@ pub mod pg_command;
 pub mod pid_file;
 pub mod probe;
 pub mod session;
+pub mod storage;
 
 pub use binaries::PgBinaries;
 pub use conf_files::SyncSpec;

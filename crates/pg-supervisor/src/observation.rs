@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::storage::{FsSpace, WriteProbe};
+
 /// A WAL position; serialised in PostgreSQL's `X/X` form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
@@ -176,9 +178,17 @@ pub struct Observation {
     /// asynchronous). `None` on a replica, where it has no effect.
     #[serde(default)]
     pub synchronous_standby_names: Option<String>,
-    /// On a primary: why the per-probe heartbeat write failed, if it did.
+    /// On a primary: what the write probe found (heartbeat flush and a file write in the data
+    /// directory).
     #[serde(default)]
-    pub heartbeat_error: Option<String>,
+    pub write_probe: Option<WriteProbe>,
+    /// Room on the data directory's filesystem.
+    #[serde(default)]
+    pub data_fs: Option<FsSpace>,
+    /// Room on the WAL directory's filesystem (the same as `data_fs` unless `pg_wal` is a link
+    /// to another one).
+    #[serde(default)]
+    pub wal_fs: Option<FsSpace>,
 }
 
 impl Observation {
@@ -222,7 +232,18 @@ mod tests {
             standbys: vec![],
             system_identifier: Some(u64::MAX),
             synchronous_standby_names: Some("ANY 1 (\"b\")".into()),
-            heartbeat_error: None,
+            write_probe: Some(WriteProbe {
+                check: crate::storage::WriteCheck::NoSpace {
+                    detail: "full".into(),
+                },
+                ms: 4,
+            }),
+            data_fs: Some(FsSpace {
+                free_bytes: 1,
+                total_bytes: 2,
+                read_only: false,
+            }),
+            wal_fs: None,
         };
         let json = serde_json::to_string(&o).unwrap();
         assert_eq!(serde_json::from_str::<Observation>(&json).unwrap(), o);

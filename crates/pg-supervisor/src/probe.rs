@@ -1,6 +1,6 @@
 //! The SQL half of an observation: one session, three short queries.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::types::PgLsn;
 
@@ -8,6 +8,7 @@ use crate::config::{Credentials, Upstream};
 use crate::error::Result;
 use crate::observation::{Lsn, Role, StandbyReplication, WalReceiver};
 use crate::session::connect;
+use crate::storage::{InFlight, WriteEnd};
 
 /// `pg_current_wal_lsn()` errors on a standby and the insert timeline is
 /// only defined on a primary, hence the CASEs.
@@ -28,12 +29,36 @@ const RECEIVER_SQL: &str = "SELECT status, sender_host, sender_port, slot_name, 
     flushed_lsn \
     FROM pg_stat_wal_receiver";
 
-/// The primary's heartbeat: a tiny transactional WAL record committed with a local flush only
-/// (it never waits for synchronous standbys). Replicas receive WAL every tick even when
-/// clients write nothing, so the age of their last message is evidence that cannot go stale;
-/// and a primary that cannot write shows it here.
-const HEARTBEAT_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = local; \
-    SELECT pg_logical_emit_message(true, 'pgquorum', 'heartbeat'); COMMIT";
+/// The primary's heartbeat and write probe. The heartbeat is a tiny transactional WAL record
+/// committed with a local flush only (it never waits for synchronous standbys): replicas
+/// receive WAL every tick even when clients write nothing, so the age of their last message is
+/// evidence that cannot go stale, and its flush proves the WAL filesystem takes writes. The
+/// `COPY` then writes a small file in the data directory (in `pg_stat_tmp`, which base backups
+/// and rewinds skip), proving that filesystem takes writes too. It runs after the `COMMIT`, in
+/// its own transaction, so that a failed file write never takes the heartbeat with it.
+fn write_probe_sql(file: &str) -> String {
+    format!(
+        "BEGIN; SET LOCAL synchronous_commit = local; \
+         SELECT pg_logical_emit_message(true, 'pgquorum', 'heartbeat'); COMMIT; \
+         COPY (SELECT 'pgquorum write probe') TO '{}'",
+        file.replace('\'', "''")
+    )
+}
+
+/// Client-side bound of one write probe. A write stuck in the kernel outlives any bound;
+/// this one only stops a session that Postgres itself never ends.
+const WRITE_LIMIT: Duration = Duration::from_secs(60);
+
+/// How the primary's write probe runs.
+#[derive(Debug, Clone)]
+pub struct WriteArgs {
+    /// Absolute path of the file the probe writes in the data directory.
+    pub file: String,
+    /// The probe waits for the write until then; a write still running is reported stuck.
+    pub deadline: Instant,
+    /// A write still running from an earlier tick.
+    pub in_flight: InFlight,
+}
 
 const STANDBYS_SQL: &str = "SELECT application_name, client_addr::text, state, sync_state, \
     sent_lsn, write_lsn, flush_lsn, replay_lsn, \
@@ -62,16 +87,19 @@ pub struct SqlFacts {
     pub system_identifier: u64,
     /// `synchronous_standby_names` in force, on a primary.
     pub synchronous_standby_names: Option<String>,
-    /// On a primary: why the heartbeat write failed, if it did.
-    pub heartbeat_error: Option<String>,
+    /// On a primary: how the write probe ended, and how long this probe waited for it.
+    pub write: Option<(WriteEnd, Duration)>,
 }
 
-/// Runs the probe queries; the caller bounds the whole call in time.
+/// Runs the probe queries, and on a primary the write probe when `write` says how (only the
+/// sidecar's own server: never a server it merely looks at); the caller bounds the whole call
+/// in time.
 pub async fn probe_sql(
     target: &Upstream,
     superuser: &Credentials,
     connect_timeout: Duration,
     statement_timeout: Duration,
+    write: Option<WriteArgs>,
 ) -> Result<SqlFacts> {
     let s = connect(target, superuser, connect_timeout, Some(statement_timeout)).await?;
     let limit = statement_timeout;
@@ -86,7 +114,7 @@ pub async fn probe_sql(
         standbys: Vec::new(),
         system_identifier: 0,
         synchronous_standby_names: None,
-        heartbeat_error: None,
+        write: None,
     };
     if let Some(r) = rows.first() {
         let in_recovery: bool = r.try_get(0).unwrap_or(false);
@@ -104,11 +132,6 @@ pub async fn probe_sql(
         let sysid: Option<i64> = r.try_get(6).ok().flatten();
         facts.system_identifier = sysid.unwrap_or(0) as u64;
         facts.synchronous_standby_names = r.try_get(7).ok().flatten();
-    }
-    if facts.role == Role::Primary {
-        if let Err(e) = s.execute("probe heartbeat", HEARTBEAT_SQL, limit).await {
-            facts.heartbeat_error = Some(e.to_string());
-        }
     }
     if facts.role == Role::Replica {
         let rows = s
@@ -160,7 +183,34 @@ pub async fn probe_sql(
                 .map(|b| b.max(0) as u64),
         })
         .collect();
+    if let Some(args) = write.filter(|_| facts.role == Role::Primary) {
+        facts.write = Some(probe_write(s, args).await);
+    }
     Ok(facts)
+}
+
+/// Runs the write probe on `s`, waiting for it until `args.deadline`; a write still running
+/// then goes on in the background, and no other starts until it ends.
+async fn probe_write(s: crate::session::Session, args: WriteArgs) -> (WriteEnd, Duration) {
+    if let Some(since) = args.in_flight.since() {
+        return (WriteEnd::Running(since.elapsed()), Duration::ZERO);
+    }
+    args.in_flight.start();
+    let started = Instant::now();
+    let sql = write_probe_sql(&args.file);
+    let flag = args.in_flight.clone();
+    let task = tokio::spawn(async move {
+        let r = s.execute("probe write", &sql, WRITE_LIMIT).await;
+        flag.end();
+        r
+    });
+    let end = match tokio::time::timeout_at(args.deadline.into(), task).await {
+        Ok(Ok(Ok(()))) => WriteEnd::Done,
+        Ok(Ok(Err(e))) => WriteEnd::Error(e.to_string()),
+        Ok(Err(e)) => WriteEnd::Error(format!("write probe task: {e}")),
+        Err(_) => WriteEnd::Running(started.elapsed()),
+    };
+    (end, started.elapsed())
 }
 
 fn lsn(v: Option<PgLsn>) -> Option<Lsn> {

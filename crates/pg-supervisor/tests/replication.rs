@@ -258,7 +258,16 @@ async fn probing_an_idle_primary_keeps_its_replicas_hearing_from_it() {
     let mut ages = Vec::new();
     while Instant::now() < deadline {
         let p = a.observe().await;
-        assert_eq!(p.heartbeat_error, None);
+        let write = p
+            .write_probe
+            .as_ref()
+            .expect("a primary's observation has a write probe");
+        assert!(write.check.is_ok(), "{write:?}");
+        assert!(
+            p.data_fs.is_some_and(|s| s.free_bytes > 0),
+            "{:?}",
+            p.data_fs
+        );
         let age = b
             .observe()
             .await

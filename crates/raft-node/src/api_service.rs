@@ -353,6 +353,9 @@ fn add_health(
         m.timeline = h.timeline;
         m.lsn = h.lsn;
         m.lag_bytes = best.saturating_sub(h.lsn);
+        m.free_bytes = h.storage.free_bytes.unwrap_or(0);
+        m.low_space = h.storage.low_space;
+        m.cannot_write = h.storage.cannot_write.clone().unwrap_or_default();
     }
 }
 

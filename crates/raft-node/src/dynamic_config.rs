@@ -32,6 +32,14 @@ pub struct DynamicConfig {
     /// A Raft leader on the primary's node hands leadership to another member, so that a crash
     /// of that host costs one lease and not an election plus a new leader's wait on top.
     pub leader_handoff: bool,
+    /// A primary that runs but cannot write (a full disk, read-only storage, stuck I/O) for
+    /// `failure_threshold` probes is failed over like a crashed one. Off, it stays primary and
+    /// the cluster waits for an operator: no failover ever moves a primary whose disk merely
+    /// filled, but nothing writes until someone frees space.
+    pub failover_on_write_failure: bool,
+    /// A replica with fewer free bytes on its data or WAL filesystem is not a failover
+    /// candidate, and a member rejoins or clones only once it has this much room.
+    pub failover_min_free_bytes: u64,
 }
 
 impl Default for DynamicConfig {
@@ -46,6 +54,8 @@ impl Default for DynamicConfig {
             synchronous_node_count: 1,
             restart_before_failover: false,
             leader_handoff: true,
+            failover_on_write_failure: true,
+            failover_min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -171,6 +181,8 @@ pub const KEYS: &[&str] = &[
     "synchronous_node_count",
     "restart_before_failover",
     "leader_handoff",
+    "failover_on_write_failure",
+    "failover_min_free_bytes",
 ];
 
 impl DynamicConfig {
@@ -193,6 +205,8 @@ impl DynamicConfig {
             "synchronous_node_count" => self.synchronous_node_count.to_string(),
             "restart_before_failover" => self.restart_before_failover.to_string(),
             "leader_handoff" => self.leader_handoff.to_string(),
+            "failover_on_write_failure" => self.failover_on_write_failure.to_string(),
+            "failover_min_free_bytes" => self.failover_min_free_bytes.to_string(),
             _ => return None,
         })
     }
@@ -222,6 +236,10 @@ impl DynamicConfig {
                 }
                 "restart_before_failover" => next.restart_before_failover = parse_bool(key, value)?,
                 "leader_handoff" => next.leader_handoff = parse_bool(key, value)?,
+                "failover_on_write_failure" => {
+                    next.failover_on_write_failure = parse_bool(key, value)?
+                }
+                "failover_min_free_bytes" => next.failover_min_free_bytes = parse_u64(key, value)?,
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key: key.clone(),
@@ -346,6 +364,24 @@ mod tests {
         );
         assert_eq!(q.to_map()["synchronous_mode"], "quorum");
         assert_eq!(c.to_map()["lease_ms"], "3000");
+    }
+
+    #[test]
+    fn storage_settings_round_trip() {
+        let c = DynamicConfig::default()
+            .with_changes(&changes(&[
+                ("failover_on_write_failure", "off"),
+                ("failover_min_free_bytes", "1048576"),
+            ]))
+            .unwrap();
+        assert!(!c.failover_on_write_failure);
+        assert_eq!(c.failover_min_free_bytes, 1 << 20);
+        assert_eq!(c.to_map()["failover_on_write_failure"], "false");
+        assert!(DynamicConfig::default().failover_on_write_failure);
+        assert!(matches!(
+            c.with_changes(&changes(&[("failover_min_free_bytes", "lots")])),
+            Err(ConfigError::BadValue { .. })
+        ));
     }
 
     #[test]

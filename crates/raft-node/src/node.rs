@@ -223,7 +223,8 @@ pub async fn run(
                 events.clone(),
                 dialer.clone(),
             )
-            .await?;
+            .await?
+            .warn_below(cfg.postgres.free_space_warn_bytes);
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
         None => None,

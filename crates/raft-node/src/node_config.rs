@@ -76,6 +76,9 @@ pub struct PostgresEndpoint {
     pub replication_password: String,
     /// Addresses (CIDR) allowed to connect for replication and administration.
     pub allowed_cidrs: Vec<String>,
+    /// A warning is logged (and recorded in the events) when the data or WAL filesystem has
+    /// fewer free bytes than this, before writes fail; `list` then shows the free space.
+    pub free_space_warn_bytes: u64,
 }
 
 impl Default for PostgresEndpoint {
@@ -91,6 +94,7 @@ impl Default for PostgresEndpoint {
             replication_user: "replicator".into(),
             replication_password: String::new(),
             allowed_cidrs: vec!["127.0.0.1/32".into()],
+            free_space_warn_bytes: 1024 * 1024 * 1024,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! state machine (`ClusterState::apply`). Around them it models Postgres, the guard, the network
 //! and Raft:
 //! - faults: host crashes, sidecar kills and freezes, guard kills and freezes, Postgres crashes,
-//!   partitions, one-way cuts, message delay and loss, clock-rate drift within the bound the
+//!   full disks (a primary that runs but cannot write, a replica that cannot receive), partitions, one-way cuts, message delay and loss, clock-rate drift within the bound the
 //!   drift margin covers, and lease changes committed mid-run;
 //! - a WAL receiver whose `streaming` status outlives a silent cut until its timeout;
 //! - synchronous replication in every mode: the primary acknowledges a write only when its
@@ -38,7 +38,7 @@ use raft_node::failover::policy::{
 };
 use raft_node::failover::reconcile::{plan, Action, LocalView};
 use raft_node::failover::report::{
-    record, LeaderStamp, MemberReport, PgState, ReportBook, SyncApplied,
+    record, LeaderStamp, MemberReport, PgState, ReportBook, StorageReport, SyncApplied,
 };
 use raft_node::failover::sync::{self as syncrules, SyncStep};
 use raft_node::types::NodeId;
@@ -112,6 +112,9 @@ struct Node {
     last_heard: u64,
     election_timeout: u64,
     next_tick: Millis,
+    /// Sim time until which the data directory's filesystem is full: client writes and WAL
+    /// receipt fail, the primary's write probe fails, and the sidecar reports no room.
+    disk_full_until: u64,
 }
 
 impl Node {
@@ -121,8 +124,13 @@ impl Node {
     fn alive(&self) -> bool {
         self.host_up && self.sidecar == Process::Running
     }
+    /// Accepts writes, for S1: a primary whose disk is full counts too, since room may come
+    /// back at any moment without anyone telling the cluster.
     fn writable(&self) -> bool {
         self.host_up && self.pg == PgState::Primary
+    }
+    fn disk_full(&self, t: u64) -> bool {
+        t < self.disk_full_until
     }
     /// A new sidecar process: it knows nothing but what is on disk.
     fn sidecar_restarted(&mut self, t: u64) {
@@ -193,6 +201,8 @@ struct Sim {
     msgs: Vec<Msg>,
     in_flight: Vec<InFlight>,
     promotions: Vec<(NodeId, u64)>,
+    /// Promotions decided while the old primary's disk was full.
+    write_failovers: usize,
     /// The highest WAL position acknowledged to a client while the primary ran synchronous.
     acked_sync_high: u64,
     /// The highest WAL position acknowledged at all.
@@ -256,6 +266,7 @@ impl Sim {
                 last_heard: 0,
                 election_timeout: rng.gen_range(ELECTION_MIN..=ELECTION_MAX),
                 next_tick: 0,
+                disk_full_until: 0,
             })
             .collect();
         let committed = ClusterState {
@@ -279,6 +290,7 @@ impl Sim {
             msgs: Vec::new(),
             in_flight: Vec::new(),
             promotions: Vec::new(),
+            write_failovers: 0,
             acked_sync_high: 0,
             acked_high: 0,
             events: Vec::new(),
@@ -611,6 +623,12 @@ impl Sim {
                             }
                         }
                     }
+                    // The reason names the last straw (often the guard's fence once the
+                    // lease ran out), so count by what the old primary's disk is.
+                    let old = self.node(l).applied.primary;
+                    if old.is_some_and(|o| self.node(o.node).disk_full(self.t)) {
+                        self.write_failovers += 1;
+                    }
                     if let Some(ld) = self.leaders.get_mut(&l) {
                         ld.pending = Some(PrimaryAssignment { node, epoch });
                     }
@@ -860,6 +878,12 @@ impl Sim {
                 .node_mut(id)
                 .assessor
                 .assess(seen, was_primary, lease, now);
+            let full = self.node(id).disk_full(t);
+            let write_failures = self
+                .node_mut(id)
+                .assessor
+                .judge_write(judged.pg, (judged.pg == PgState::Primary).then_some(!full));
+            let free_bytes = Some(if full { 0 } else { 1 << 30 });
             let n = self.node(id);
             let receipt_age = n.last_receipt.map(|r| now.saturating_sub(n.local(r)));
             let report = MemberReport {
@@ -877,6 +901,13 @@ impl Sim {
                 leader_stamp: n.leader_stamp,
                 epoch_seen: n.epoch_seen,
                 sent_at: now,
+                storage: StorageReport {
+                    free_bytes,
+                    low_space: full,
+                    cannot_write: (full && judged.pg == PgState::Primary)
+                        .then(|| "no space: disk full".to_string()),
+                    write_failures,
+                },
             };
             let term = n.term;
             if let Some(l) = self.current_leader_of(id) {
@@ -905,6 +936,7 @@ impl Sim {
                 // The simulated replicas' follow always streams: a forked history is not
                 // modelled here (tests/partition.rs covers it on real Postgres).
                 cannot_stream: false,
+                free_bytes,
             };
             let assigned = n.applied.primary;
             let step = plan(id, &view, assigned, n.lease, now, &n.applied.config);
@@ -1051,7 +1083,7 @@ impl Sim {
     fn wal_step(&mut self) {
         let t = self.t;
         for i in 0..self.nodes.len() {
-            if self.nodes[i].writable() {
+            if self.nodes[i].writable() && !self.nodes[i].disk_full(t) {
                 self.nodes[i].lsn += 100;
             }
         }
@@ -1064,7 +1096,10 @@ impl Sim {
                 continue;
             };
             let up = self.node(u);
-            if self.hosts_connected(id, u) && up.pg == PgState::Primary {
+            if self.node(id).disk_full(t) {
+                // The WAL receiver cannot write what arrives: it fails and retries.
+                self.node_mut(id).receiver_streaming = false;
+            } else if self.hosts_connected(id, u) && up.pg == PgState::Primary {
                 let (lsn, tl) = (up.lsn, up.timeline);
                 let n = self.node_mut(id);
                 n.lsn = n.lsn.max(lsn);
@@ -1164,6 +1199,10 @@ impl Sim {
                     self.log(format!("guard {id} thawed"));
                 }
             }
+            if self.nodes[i].disk_full_until != 0 && !self.nodes[i].disk_full(t) {
+                self.nodes[i].disk_full_until = 0;
+                self.log(format!("disk of {id} has room again"));
+            }
         }
         if self.cut_until != 0 && t >= self.cut_until {
             self.cut.clear();
@@ -1221,6 +1260,14 @@ impl Sim {
             let until = t + self.rng.gen_range(200..3_000);
             self.nodes[victim].guard = Process::Frozen { until };
             self.log(format!("guard {id} frozen until {until}"));
+        } else if self.rng.gen_bool(p / 2.0)
+            && self.nodes[victim].host_up
+            && self.nodes[victim].disk_full_until == 0
+        {
+            // Up and answering, but nothing can be written: the classic disk-full test.
+            let until = t + self.rng.gen_range(500..10_000);
+            self.nodes[victim].disk_full_until = until;
+            self.log(format!("disk of {id} full until {until}"));
         } else if self.rng.gen_bool(p) && self.cut_until == 0 {
             let until = t + self.rng.gen_range(500..10_000);
             let ids: Vec<NodeId> = self.members.iter().copied().collect();
@@ -1296,6 +1343,7 @@ impl Sim {
             if !n.host_up {
                 n.host_back_at = t;
             }
+            n.disk_full_until = 0;
             match n.sidecar {
                 Process::Frozen { .. } => n.sidecar = Process::Frozen { until: t },
                 Process::Dead { .. } => n.sidecar = Process::Dead { until: t },
@@ -1324,7 +1372,7 @@ impl Sim {
 
     /// Runs the fault phase and the healed phase; returns the recovery time after healing and
     /// the number of promotions and guard fences seen.
-    fn run_with_stats(mut self) -> (u64, usize, usize) {
+    fn run_with_stats(mut self) -> (u64, usize, usize, usize) {
         while self.t < FAULT_PHASE_MS {
             self.step();
         }
@@ -1340,7 +1388,12 @@ impl Sim {
                     .iter()
                     .filter(|e| e.contains("guard of"))
                     .count();
-                return (self.t - healed_at, self.promotions.len(), fences);
+                return (
+                    self.t - healed_at,
+                    self.promotions.len(),
+                    fences,
+                    self.write_failovers,
+                );
             }
         }
         self.fail(&format!(
@@ -1381,20 +1434,22 @@ fn seeds() -> (Vec<u64>, Option<u64>) {
 fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     let started = std::time::Instant::now();
     let mut worst = 0;
-    let (mut promotions, mut fences) = (0, 0);
+    let (mut promotions, mut fences, mut write_failovers) = (0, 0, 0);
     let (seeds, fresh_base) = seeds();
     if let Some(b) = fresh_base {
         eprintln!("simulation: fresh seeds start at {b} (replay one with PGQUORUM_SIM_SEED)");
     }
     for &seed in &seeds {
         let size = if seed % 3 == 0 { 5 } else { 3 };
-        let (recovered_in, p, f) = Sim::new(seed, size).run_with_stats();
+        let (recovered_in, p, f, w) = Sim::new(seed, size).run_with_stats();
         worst = worst.max(recovered_in);
         promotions += p;
         fences += f;
+        write_failovers += w;
     }
     eprintln!(
         "FIGURE simulation seeds={} promotions={promotions} guard_fences={fences} \
+         failovers_for_a_primary_that_cannot_write={write_failovers} \
          worst_recovery_after_heal_ms={worst} wall_ms={}",
         seeds.len(),
         started.elapsed().as_millis()
@@ -1403,6 +1458,10 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     assert!(
         promotions >= seeds.len() / 2,
         "too few failovers: {promotions}"
+    );
+    assert!(
+        write_failovers >= seeds.len() / 20,
+        "too few failovers of a primary that cannot write: {write_failovers}"
     );
 }
 

@@ -18,7 +18,8 @@ use crate::lease::Lease;
 use crate::observation::Observation;
 use crate::os_user::OsUser;
 use crate::pg_command::PgTool;
-use crate::probe::probe_sql;
+use crate::probe::{probe_sql, WriteArgs};
+use crate::storage::{classify, fs_space, FsSpace, InFlight, WriteProbe};
 
 pub use lifecycle::StopMode;
 pub use roles::{FollowReport, PromoteReport, RejoinMethod, RejoinReport};
@@ -39,6 +40,8 @@ pub struct Instance {
     guard: Option<Guard>,
     /// Lease given at the last start or feed; reused by `restart`.
     last_lease: Option<Lease>,
+    /// A write probe still running from an earlier observation.
+    write_in_flight: InFlight,
 }
 
 impl Instance {
@@ -54,6 +57,7 @@ impl Instance {
             data,
             guard: None,
             last_lease: None,
+            write_in_flight: InFlight::default(),
         })
     }
 
@@ -121,7 +125,39 @@ impl Instance {
     /// One bounded look at the server; never takes longer than
     /// `timeouts.probe` (plus `/proc` reads), even against a frozen server.
     pub async fn observe(&self) -> Observation {
+        self.observe_within(self.cfg.timeouts.probe).await
+    }
+
+    /// Room on the data directory's and the WAL directory's filesystems. `statvfs` never
+    /// writes, but a dead network filesystem can hang it: it runs off the async workers, and a
+    /// hung one reports nothing.
+    pub async fn storage_space(&self) -> (Option<FsSpace>, Option<FsSpace>) {
+        let data = self.data.path().to_path_buf();
+        let look = tokio::task::spawn_blocking(move || {
+            // The data directory of a new member may not exist yet: its parent holds it.
+            let at = if data.exists() {
+                data.clone()
+            } else {
+                data.parent()
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or(data.clone())
+            };
+            let wal = data.join("pg_wal");
+            let wal_space = if wal.exists() { fs_space(&wal) } else { None };
+            (fs_space(&at), wal_space)
+        });
+        match tokio::time::timeout(std::time::Duration::from_millis(500), look).await {
+            Ok(Ok(spaces)) => spaces,
+            _ => (None, None),
+        }
+    }
+
+    /// Like [`Instance::observe`], within `bound` when it is shorter than `timeouts.probe`.
+    /// The primary's write probe is waited for until three quarters of it have passed; a write
+    /// still running then is reported stuck.
+    pub async fn observe_within(&self, bound: std::time::Duration) -> Observation {
         let started = Instant::now();
+        let (data_fs, wal_fs) = self.storage_space().await;
         let postmaster = self.data.postmaster_state();
         let mut obs = Observation {
             observed_at_unix_ms: SystemTime::now()
@@ -142,21 +178,35 @@ impl Instance {
             standbys: Vec::new(),
             system_identifier: None,
             synchronous_standby_names: None,
-            heartbeat_error: None,
+            write_probe: None,
+            data_fs,
+            wal_fs,
         };
         if !postmaster.is_running() {
             obs.probe_error = Some("postmaster is not running".into());
             return obs;
         }
         let t = &self.cfg.timeouts;
+        let bound = bound.min(t.probe);
         let target = self.local_target();
+        let data_dir = std::fs::canonicalize(self.data.path())
+            .unwrap_or_else(|_| self.data.path().to_path_buf());
+        let write = WriteArgs {
+            file: data_dir
+                .join("pg_stat_tmp/pgquorum_write_probe")
+                .to_string_lossy()
+                .into_owned(),
+            deadline: started + bound * 3 / 4,
+            in_flight: self.write_in_flight.clone(),
+        };
         let probe = probe_sql(
             &target,
             &self.cfg.superuser,
-            t.connect.min(t.probe),
-            t.statement.min(t.probe),
+            t.connect.min(bound),
+            t.statement.min(bound),
+            Some(write),
         );
-        match tokio::time::timeout(t.probe, probe).await {
+        match tokio::time::timeout(bound, probe).await {
             Ok(Ok(f)) => {
                 obs.accepts_connections = true;
                 obs.role = Some(f.role);
@@ -172,10 +222,13 @@ impl Instance {
                 obs.standbys = f.standbys;
                 obs.system_identifier = Some(f.system_identifier);
                 obs.synchronous_standby_names = f.synchronous_standby_names;
-                obs.heartbeat_error = f.heartbeat_error;
+                obs.write_probe = f.write.map(|(end, waited)| WriteProbe {
+                    check: classify(&end, obs.data_fs, obs.wal_fs),
+                    ms: waited.as_millis() as u64,
+                });
             }
             Ok(Err(e)) => obs.probe_error = Some(e.to_string()),
-            Err(_) => obs.probe_error = Some(format!("probe timed out after {:?}", t.probe)),
+            Err(_) => obs.probe_error = Some(format!("probe timed out after {bound:?}")),
         }
         obs.probe_ms = started.elapsed().as_millis() as u64;
         obs

@@ -86,6 +86,7 @@ impl Instance {
             &self.cfg.superuser,
             t.connect,
             t.statement,
+            None,
         )
         .await?;
         if before.role != Role::Replica {
@@ -119,6 +120,7 @@ impl Instance {
                 &self.cfg.superuser,
                 t.connect,
                 t.statement,
+                None,
             )
             .await?;
             if f.role == Role::Primary {
@@ -199,7 +201,7 @@ impl Instance {
         // the new timeline's fork point and can never follow it (found by the partition suite:
         // a former primary rejoined a member that was committed but not yet promoted).
         let t = &self.cfg.timeouts;
-        if probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement)
+        if probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement, None)
             .await?
             .role
             != Role::Primary
@@ -360,7 +362,7 @@ impl Instance {
 
     async fn upstream_system_identifier(&self, upstream: &Upstream) -> Result<u64> {
         let t = &self.cfg.timeouts;
-        let f = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement).await?;
+        let f = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement, None).await?;
         Ok(f.system_identifier)
     }
 
@@ -371,7 +373,7 @@ impl Instance {
     /// fork, then fails, over and over.
     async fn wait_streaming_from(&self, upstream: &Upstream) -> Result<Option<u32>> {
         let t = self.cfg.timeouts.clone();
-        let upstream_tli = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement)
+        let upstream_tli = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement, None)
             .await?
             .timeline
             .unwrap_or(0);
@@ -383,6 +385,7 @@ impl Instance {
                 &self.cfg.superuser,
                 t.connect,
                 t.statement,
+                None,
             )
             .await
             {

@@ -45,6 +45,7 @@ pub struct Assessor {
     fenced: bool,
     failures: u32,
     fence_cutoff: Option<Millis>,
+    write_failures: u32,
 }
 
 impl Assessor {
@@ -98,6 +99,17 @@ impl Assessor {
         }
     }
 
+    /// Counts consecutive failed write probes of a running primary (`wrote`: what this tick's
+    /// probe found, `None` when it ran none). Anything but a primary that failed to write
+    /// resets the count: a replica, a stopped server, or one that wrote.
+    pub fn judge_write(&mut self, pg: PgState, wrote: Option<bool>) -> u32 {
+        self.write_failures = match (pg, wrote) {
+            (PgState::Primary, Some(false)) => self.write_failures + 1,
+            _ => 0,
+        };
+        self.write_failures
+    }
+
     /// The sidecar fenced its Postgres at `now`.
     pub fn fenced_at(&mut self, now: Millis) {
         self.fenced = true;
@@ -118,6 +130,19 @@ impl Assessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_failures_count_only_for_a_running_primary() {
+        let mut a = Assessor::default();
+        assert_eq!(a.judge_write(PgState::Primary, Some(false)), 1);
+        assert_eq!(a.judge_write(PgState::Primary, Some(false)), 2);
+        assert_eq!(a.judge_write(PgState::Primary, Some(true)), 0);
+        assert_eq!(a.judge_write(PgState::Primary, Some(false)), 1);
+        // Fenced, stopped or demoted: the count starts again from nothing.
+        assert_eq!(a.judge_write(PgState::Fenced, None), 0);
+        assert_eq!(a.judge_write(PgState::Primary, Some(false)), 1);
+        assert_eq!(a.judge_write(PgState::Replica, Some(false)), 0);
+    }
 
     fn lease(until: Millis) -> Option<HeldLease> {
         Some(HeldLease {

@@ -66,6 +66,8 @@ pub struct MemberHealth {
     pub lsn: u64,
     /// Whether the report is recent (within one lease).
     pub fresh: bool,
+    /// Room and write health.
+    pub storage: super::report::StorageReport,
 }
 
 #[derive(Default)]
@@ -288,6 +290,7 @@ impl FailoverLeader {
                         timeline: r.report.timeline,
                         lsn: r.report.lsn,
                         fresh: now.saturating_sub(r.at) <= lease,
+                        storage: r.report.storage.clone(),
                     },
                 )
             })

@@ -195,13 +195,19 @@ pub fn may_grant_lease(
         return None;
     }
     let failed = from.consecutive_failures >= input.cluster.config.failure_threshold
-        || from.pg == PgState::Fenced;
+        || from.pg == PgState::Fenced
+        || cannot_write(&input.cluster.config, from);
     // A failed primary gets no renewal while another member could take over; when none can, it
     // is better restarted in place than left without any primary.
     if failed && !matches!(decide(input), Verdict::NoCandidate { .. }) {
         return None;
     }
     Some(primary.epoch)
+}
+
+/// Whether `r` is a primary that failed to write for long enough to be failed over.
+fn cannot_write(cfg: &crate::dynamic_config::DynamicConfig, r: &MemberReport) -> bool {
+    cfg.failover_on_write_failure && r.cannot_write_for(cfg.failure_threshold)
 }
 
 /// The policy's verdict for this moment.
@@ -220,6 +226,15 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         Some(r) if r.consecutive_failures >= cfg.failure_threshold => format!(
             "primary {}'s Postgres failed {} consecutive probes",
             primary.node, r.consecutive_failures
+        ),
+        Some(r) if cannot_write(cfg, r) => format!(
+            "primary {} cannot write ({}) for {} consecutive probes",
+            primary.node,
+            r.storage
+                .cannot_write
+                .as_deref()
+                .unwrap_or("write probe failed"),
+            r.storage.write_failures
         ),
         Some(_) => return Verdict::Steady,
         None => format!(
@@ -301,6 +316,19 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         }
         if !r.healthy_replica() {
             excluded.push(format!("{node}: not a healthy replica ({:?})", r.pg));
+            continue;
+        }
+        // A new primary on a full disk would refuse writes at once.
+        if let Some(free) = r
+            .storage
+            .free_bytes
+            .filter(|f| *f < cfg.failover_min_free_bytes)
+        {
+            excluded.push(format!(
+                "{node}: only {free} bytes free on its data or WAL filesystem \
+                 (failover_min_free_bytes = {})",
+                cfg.failover_min_free_bytes
+            ));
             continue;
         }
         // The status word `streaming` outlives a silent cut by a timeout; only a recent message
@@ -565,6 +593,7 @@ mod tests {
             }),
             epoch_seen: 1,
             sent_at: 0,
+            storage: Default::default(),
         }
     }
 
@@ -716,6 +745,100 @@ mod tests {
             Verdict::Promote { node, .. } => assert_eq!(node, 2),
             v => panic!("{v:?}"),
         }
+    }
+
+    /// Member 1, the primary, failed `failures` write probes for want of space.
+    fn full_disk_on_the_primary(f: &mut Fixture, failures: u32) {
+        let p = &mut f.reports.get_mut(&1).unwrap().report;
+        p.storage = super::super::report::StorageReport {
+            free_bytes: Some(4096),
+            low_space: true,
+            cannot_write: Some("no space: only 4096 bytes free".into()),
+            write_failures: failures,
+        };
+    }
+
+    fn room(f: &mut Fixture, node: NodeId, free: u64) {
+        f.reports.get_mut(&node).unwrap().report.storage.free_bytes = Some(free);
+    }
+
+    #[test]
+    fn a_primary_that_cannot_write_fails_over_only_to_a_member_with_room() {
+        let mut f = Fixture::new();
+        full_disk_on_the_primary(&mut f, 2);
+        assert_eq!(
+            decide(&f.input(10_100)),
+            Verdict::Steady,
+            "below the threshold"
+        );
+        full_disk_on_the_primary(&mut f, 3);
+        // Up and answering, it may hold a lease: first that runs out (S1), and no renewal
+        // while another member can take over.
+        match decide(&f.input(10_100)) {
+            Verdict::Wait { reason } => {
+                assert!(
+                    reason.contains("cannot write") && reason.contains("lease"),
+                    "{reason}"
+                )
+            }
+            v => panic!("{v:?}"),
+        }
+        let primary = f.reports[&1].report.clone();
+        assert_eq!(may_grant_lease(&f.input(10_100), &primary, Some(10)), None);
+        // Member 2 is the most advanced but has no room; member 3 has.
+        room(&mut f, 2, 1024 * 1024);
+        room(&mut f, 3, 1 << 30);
+        for n in [1, 2, 3] {
+            f.reports.get_mut(&n).unwrap().at = 12_300;
+        }
+        match decide(&f.input(12_301)) {
+            Verdict::Promote { node, reason, .. } => {
+                assert_eq!(node, 3);
+                assert!(reason.contains("no space"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_primary_that_cannot_write_stays_when_no_member_has_room() {
+        let mut f = Fixture::new();
+        full_disk_on_the_primary(&mut f, 5);
+        room(&mut f, 2, 0);
+        room(&mut f, 3, 10 * 1024 * 1024);
+        for n in [1, 2, 3] {
+            f.reports.get_mut(&n).unwrap().at = 12_300;
+        }
+        match decide(&f.input(12_301)) {
+            Verdict::NoCandidate { reason } => {
+                assert!(reason.contains("cannot write"), "{reason}");
+                assert!(reason.contains("2: only 0 bytes free"), "{reason}");
+                assert!(reason.contains("3: only 10485760 bytes free"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // Better a primary that cannot write than none: its lease is renewed.
+        let primary = f.reports[&1].report.clone();
+        assert_eq!(
+            may_grant_lease(&f.input(12_301), &primary, Some(10)),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn write_failures_do_not_fail_over_when_the_setting_is_off() {
+        let mut f = Fixture::new();
+        f.cluster.config.failover_on_write_failure = false;
+        full_disk_on_the_primary(&mut f, 10);
+        for n in [1, 2, 3] {
+            f.reports.get_mut(&n).unwrap().at = 12_300;
+        }
+        assert_eq!(decide(&f.input(12_301)), Verdict::Steady);
+        let primary = f.reports[&1].report.clone();
+        assert_eq!(
+            may_grant_lease(&f.input(10_100), &primary, Some(10)),
+            Some(1)
+        );
     }
 
     #[test]

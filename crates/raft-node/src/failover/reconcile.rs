@@ -32,6 +32,9 @@ pub struct LocalView {
     /// point where the new primary's timeline forked off (WAL the old primary wrote but never
     /// had acknowledged). Only a rewind brings it back.
     pub cannot_stream: bool,
+    /// Free bytes on the data or WAL filesystem, whichever has fewer; `None` when unknown.
+    #[serde(default)]
+    pub free_bytes: Option<u64>,
 }
 
 /// What the sidecar does next.
@@ -120,8 +123,14 @@ pub fn plan(
         },
     };
     let failed = local.failures >= cfg.failure_threshold;
+    // A rewind or a clone that runs out of space half-way leaves a data directory that can
+    // neither start nor be rewound again: wait for room first.
+    let no_room = local
+        .free_bytes
+        .is_some_and(|f| f < cfg.failover_min_free_bytes);
     let was_primary_in = |epoch: Epoch| local.last_primary_epoch == Some(epoch);
     let diverged = |epoch: Epoch| local.last_primary_epoch.is_some_and(|e| e < epoch);
+    let rebuilds = |epoch: Epoch| diverged(epoch) || local.cannot_stream;
     match (local.pg, target) {
         // A new member.
         (Pg::NoData, Target::Undecided) => {
@@ -134,6 +143,11 @@ pub fn plan(
         (Pg::NoData, Target::Primary { lease: false, .. }) => {
             step(Nothing, "chosen as the first primary; waiting for a lease")
         }
+        (Pg::NoData, Target::Replica { .. }) if no_room => step(
+            Nothing,
+            "new member: waiting for room on the data filesystem before cloning \
+             (failover_min_free_bytes)",
+        ),
         (Pg::NoData, Target::Replica { of, .. }) => {
             step(Clone { from: of }, "new member: cloning from the primary")
         }
@@ -158,6 +172,11 @@ pub fn plan(
         (Pg::Replica, Target::Primary { .. }) => step(
             Nothing,
             "committed primary; waiting for a lease before promoting",
+        ),
+        (Pg::Replica, Target::Replica { epoch, .. }) if no_room && rebuilds(epoch) => step(
+            Nothing,
+            "must rewind to follow the committed primary: waiting for room on the data or WAL \
+             filesystem first (failover_min_free_bytes)",
         ),
         (Pg::Replica, Target::Replica { of, epoch }) if diverged(epoch) => step(
             Rejoin { upstream: of },
@@ -195,6 +214,11 @@ pub fn plan(
         (Pg::Stopped, Target::Primary { .. }) => step(
             StartReplica { upstream: None },
             "starting in recovery before promotion",
+        ),
+        (Pg::Stopped | Pg::Fenced, Target::Replica { .. }) if no_room => step(
+            Nothing,
+            "stopped: waiting for room on the data or WAL filesystem before rejoining \
+             (failover_min_free_bytes)",
         ),
         (Pg::Stopped, Target::Replica { of, epoch }) if diverged(epoch) => step(
             Rejoin { upstream: of },
@@ -247,6 +271,7 @@ mod tests {
             failures: 0,
             epoch_seen: 1,
             cannot_stream: false,
+            free_bytes: None,
         }
     }
 
@@ -303,6 +328,33 @@ mod tests {
         assert_eq!(run(r, primary(2, 2), None), Action::Nothing);
         r.cannot_stream = true;
         assert_eq!(run(r, primary(2, 2), None), Action::Rejoin { upstream: 2 });
+    }
+
+    #[test]
+    fn a_former_primary_on_a_full_disk_rejoins_only_once_it_has_room() {
+        let mut v = view(PgState::Fenced);
+        v.last_primary_epoch = Some(1);
+        v.free_bytes = Some(4096);
+        assert_eq!(run(v, primary(2, 2), None), Action::Nothing);
+        v.pg = PgState::Stopped;
+        assert_eq!(run(v, primary(2, 2), None), Action::Nothing);
+        v.pg = PgState::Replica;
+        assert_eq!(run(v, primary(2, 2), None), Action::Nothing);
+        v.free_bytes = Some(1 << 30);
+        assert_eq!(run(v, primary(2, 2), None), Action::Rejoin { upstream: 2 });
+        v.pg = PgState::Fenced;
+        assert_eq!(run(v, primary(2, 2), None), Action::Rejoin { upstream: 2 });
+        // A new member clones only with room, too.
+        let mut n = view(PgState::NoData);
+        n.free_bytes = Some(0);
+        assert_eq!(run(n, primary(2, 2), None), Action::Nothing);
+        n.free_bytes = None;
+        assert_eq!(run(n, primary(2, 2), None), Action::Clone { from: 2 });
+        // A replica that only re-points needs no room.
+        let mut r = view(PgState::Replica);
+        r.free_bytes = Some(0);
+        r.upstream = Some(3);
+        assert_eq!(run(r, primary(2, 2), None), Action::Follow { upstream: 2 });
     }
 
     #[test]

@@ -63,6 +63,28 @@ pub struct MemberReport {
     /// Postgres is fenced accepts no grant for a report sent before its latest fenced report,
     /// so the leader can order a fence after a grant by these times.
     pub sent_at: Millis,
+    /// Whether the member's Postgres can write, and the room it has.
+    #[serde(default)]
+    pub storage: StorageReport,
+}
+
+/// A member's storage: room on its filesystems and, on a primary, the write probe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageReport {
+    /// Free bytes on the data directory's or the WAL directory's filesystem, whichever has
+    /// fewer; `None` when unknown.
+    #[serde(default)]
+    pub free_bytes: Option<u64>,
+    /// Free space is below the member's warning threshold.
+    #[serde(default)]
+    pub low_space: bool,
+    /// On a primary whose latest write probe failed: why it cannot write, in an operator's
+    /// words (`no space: ...`, `read-only storage: ...`, `stuck I/O: ...`).
+    #[serde(default)]
+    pub cannot_write: Option<String>,
+    /// Consecutive failed write probes of a running primary (0 when the last one wrote).
+    #[serde(default)]
+    pub write_failures: u32,
 }
 
 /// A leader's term and clock reading, returned with every report reply and echoed in the
@@ -93,6 +115,11 @@ pub struct SyncApplied {
 }
 
 impl MemberReport {
+    /// Whether this member runs as primary but failed its last `threshold` write probes.
+    pub fn cannot_write_for(&self, threshold: u32) -> bool {
+        self.pg == PgState::Primary && self.storage.write_failures >= threshold
+    }
+
     /// Whether this member could serve as primary right now.
     pub fn healthy_replica(&self) -> bool {
         self.pg == PgState::Replica && self.consecutive_failures == 0
@@ -181,6 +208,7 @@ mod tests {
             leader_stamp: None,
             epoch_seen: 1,
             sent_at,
+            storage: Default::default(),
         }
     }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pg_supervisor::storage::{WriteCheck, WriteProbe};
 use pg_supervisor::{Instance, Lease, PostmasterState, Role, SyncSpec, Upstream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -17,7 +18,7 @@ use super::assess::{Assessor, Seen};
 use super::leader::{boot_clock_ms, FailoverLeader, Grant, ReportAnswer};
 use super::lease::{HeldLease, Millis};
 use super::reconcile::{plan, Action, LocalView};
-use super::report::{LeaderStamp, MemberReport, PgState, SyncApplied};
+use super::report::{LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied};
 use super::sync;
 use crate::cluster_state::{ClusterState, Epoch, SyncSet};
 use crate::events::EventLog;
@@ -91,6 +92,25 @@ struct Observed {
     upstream_addr: Option<String>,
     /// On a primary: each standby's flushed position, by `application_name`.
     flushed: BTreeMap<String, u64>,
+    /// On a primary: what the write probe found.
+    write: Option<WriteProbe>,
+    /// Free bytes of the data directory's and the WAL directory's filesystems.
+    data_free: Option<u64>,
+    wal_free: Option<u64>,
+}
+
+impl Observed {
+    /// The fewer free bytes of the two filesystems.
+    fn free_bytes(&self) -> Option<u64> {
+        self.data_free.into_iter().chain(self.wal_free).min()
+    }
+}
+
+/// What the sidecar last said about its storage, so that it logs and records changes only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct StorageSeen {
+    write_kind: &'static str,
+    low_space: bool,
 }
 
 /// When the next round runs.
@@ -129,6 +149,9 @@ pub struct Sidecar {
     dialer: Dialer,
     /// The committed primary (and epoch) this replica reached but could not stream from.
     cannot_stream: Option<(NodeId, Epoch)>,
+    /// Below this many free bytes the sidecar warns.
+    free_space_warn_bytes: u64,
+    storage_seen: StorageSeen,
 }
 
 /// Why the failover memory could not be loaded or rebuilt.
@@ -173,7 +196,65 @@ impl Sidecar {
             events,
             dialer,
             cannot_stream: None,
+            free_space_warn_bytes: 1024 * 1024 * 1024,
+            storage_seen: StorageSeen {
+                write_kind: "ok",
+                low_space: false,
+            },
         })
+    }
+
+    /// Warn when the data or WAL filesystem has fewer free bytes than `bytes`.
+    pub fn warn_below(mut self, bytes: u64) -> Self {
+        self.free_space_warn_bytes = bytes;
+        self
+    }
+
+    /// Logs and records a change of the storage's state: a write probe that starts or stops
+    /// failing, free space that falls below or climbs back over the warning threshold. The
+    /// events carry the figures until a metrics endpoint exports them.
+    fn note_storage(&mut self, obs: &Observed, epoch: Epoch, lsn: u64) {
+        let free = obs.free_bytes();
+        let seen = StorageSeen {
+            write_kind: obs.write.as_ref().map_or("ok", |w| w.check.kind()),
+            low_space: free.is_some_and(|f| f < self.free_space_warn_bytes),
+        };
+        if seen.write_kind != self.storage_seen.write_kind {
+            let probe = obs.write.as_ref();
+            let ms = probe.map_or(0, |w| w.ms);
+            let what = match probe.map(|w| &w.check) {
+                None | Some(WriteCheck::Ok) => {
+                    tracing::info!(epoch, lsn, probe_ms = ms, "primary writes again");
+                    format!("write probe ok again ({ms} ms)")
+                }
+                Some(c) => {
+                    let why = cannot_write_text(c);
+                    tracing::warn!(epoch, lsn, probe_ms = ms, free_bytes = ?free, "primary cannot write: {why}");
+                    format!("cannot write: {why} (probe {ms} ms, free bytes {free:?})")
+                }
+            };
+            self.events.record("storage", what, epoch, lsn);
+        }
+        if seen.low_space != self.storage_seen.low_space {
+            let what = if seen.low_space {
+                tracing::warn!(
+                    epoch,
+                    data_free_bytes = ?obs.data_free,
+                    wal_free_bytes = ?obs.wal_free,
+                    threshold = self.free_space_warn_bytes,
+                    "low free space on the data or WAL filesystem"
+                );
+                format!(
+                    "low free space: data {:?} bytes, WAL {:?} bytes (warning below {})",
+                    obs.data_free, obs.wal_free, self.free_space_warn_bytes
+                )
+            } else {
+                tracing::info!(epoch, free_bytes = ?free, "free space back above the warning threshold");
+                format!("free space back: {free:?} bytes")
+            };
+            self.events.record("storage", what, epoch, lsn);
+        }
+        self.storage_seen = seen;
     }
 
     fn remember(&mut self, memory: Memory) {
@@ -228,16 +309,21 @@ impl Sidecar {
             Ok(pg_supervisor::data_dir::DataDirContents::Cluster)
         );
         if !has_data {
+            let (data, _) = self.instance.storage_space().await;
             return Observed {
                 seen: Some(Seen::NoData),
+                data_free: data.map(|d| d.free_bytes),
                 ..Default::default()
             };
         }
         // The lease renewal waits for this probe, so a hanging Postgres must not make the
-        // sidecar miss renewals: past a quarter lease the probe counts as a failure.
+        // sidecar miss renewals: past a quarter lease the probe counts as a failure. The
+        // probe's own bound is a little shorter, so that a stuck write is told apart from a
+        // server that does not answer.
         let lease_ms = self.state.borrow().cluster.config.lease_ms;
         let cap = Duration::from_millis(lease_ms / 4);
-        let Ok(obs) = tokio::time::timeout(cap, self.instance.observe()).await else {
+        let look = self.instance.observe_within(cap * 9 / 10);
+        let Ok(obs) = tokio::time::timeout(cap, look).await else {
             return Observed {
                 seen: Some(Seen::Unresponsive),
                 ..Default::default()
@@ -270,6 +356,9 @@ impl Sidecar {
                 .iter()
                 .filter_map(|s| Some((s.name.clone(), s.flush_lsn?.0)))
                 .collect(),
+            write: obs.write_probe.clone(),
+            data_free: obs.data_fs.map(|f| f.free_bytes),
+            wal_free: obs.wal_fs.map(|f| f.free_bytes),
         }
     }
 
@@ -410,6 +499,19 @@ impl Sidecar {
             now,
         );
         let pg = judged.pg;
+        let wrote = obs.write.as_ref().map(|w| w.check.is_ok());
+        let write_failures = self.assessor.judge_write(pg, wrote);
+        let free_bytes = obs.free_bytes();
+        let storage = StorageReport {
+            free_bytes,
+            low_space: free_bytes.is_some_and(|f| f < self.free_space_warn_bytes),
+            cannot_write: obs
+                .write
+                .as_ref()
+                .filter(|w| !w.check.is_ok() && pg == PgState::Primary)
+                .map(|w| cannot_write_text(&w.check)),
+            write_failures,
+        };
         let upstream = obs.upstream_addr.as_ref().and_then(|addr| {
             state
                 .cluster
@@ -438,6 +540,7 @@ impl Sidecar {
             leader_stamp: self.leader_stamp,
             epoch_seen: self.memory.epoch_seen,
             sent_at: now,
+            storage,
         };
         let answer = self.send_report(&report, report_timeout(&cfg)).await;
         let report_again = answer.is_some_and(|a| a.report_again);
@@ -465,6 +568,7 @@ impl Sidecar {
             epoch_seen: self.memory.epoch_seen,
             cannot_stream: self.cannot_stream.is_some()
                 && self.cannot_stream == state.cluster.primary.map(|a| (a.node, a.epoch)),
+            free_bytes,
         };
         let assigned = state.cluster.primary;
         let step = plan(
@@ -476,6 +580,7 @@ impl Sidecar {
             &cfg,
         );
         let epoch = assigned.map(|a| a.epoch).unwrap_or(0);
+        self.note_storage(&obs, epoch, obs.lsn);
         if step.action != Action::Nothing {
             tracing::info!(action = ?step.action, epoch, lsn = obs.lsn, "{}", step.reason);
         }
@@ -786,5 +891,18 @@ mod tests {
         assert_eq!(spec.names.len(), 3);
         assert!(spec.names.contains(&"b".to_string()));
         assert!(spec.names.iter().all(|n| n != "c"));
+    }
+}
+
+/// Why a primary cannot write, in an operator's words.
+fn cannot_write_text(c: &WriteCheck) -> String {
+    match c {
+        WriteCheck::Ok => "it can".into(),
+        WriteCheck::NoSpace { detail } => format!("no space: {detail}"),
+        WriteCheck::ReadOnly { detail } => format!("read-only storage: {detail}"),
+        WriteCheck::Stuck { running_ms } => {
+            format!("stuck I/O: the write probe has not finished after {running_ms} ms")
+        }
+        WriteCheck::Failed { detail } => format!("write probe failed: {detail}"),
     }
 }
