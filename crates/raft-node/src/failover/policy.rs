@@ -198,8 +198,11 @@ pub fn may_grant_lease(
         || from.pg == PgState::Fenced
         || cannot_write(&input.cluster.config, from);
     // A failed primary gets no renewal while another member could take over; when none can, it
-    // is better restarted in place than left without any primary.
-    if failed && !matches!(decide(input), Verdict::NoCandidate { .. }) {
+    // is better restarted in place (or, when it merely cannot write, kept) than left without
+    // any primary. Whether one could is judged as if every wait were over: judged by the waits,
+    // a primary that runs but cannot write would lose its lease for a failover that then finds
+    // nobody, be restarted in place, and lose it again, over and over.
+    if failed && !matches!(judge(input, true), Verdict::NoCandidate { .. }) {
         return None;
     }
     Some(primary.epoch)
@@ -212,6 +215,21 @@ fn cannot_write(cfg: &crate::dynamic_config::DynamicConfig, r: &MemberReport) ->
 
 /// The policy's verdict for this moment.
 pub fn decide(input: &PolicyInput<'_>) -> Verdict {
+    let verdict = judge(input, false);
+    // A wait that can only end with nobody to promote says so: a primary that cannot write
+    // keeps its lease when no member could take over, so the wait would never end and its
+    // countdown would hide the reason.
+    if matches!(verdict, Verdict::Wait { .. }) && !input.cluster.paused && input.pending.is_none() {
+        if let none @ Verdict::NoCandidate { .. } = judge(input, true) {
+            return none;
+        }
+    }
+    verdict
+}
+
+/// The verdict; with `hypothetical`, the one that would follow once every wait is over (no
+/// pause, pending promotion, lease, report or live-WAL wait): whether any member qualifies.
+fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
     let cfg = &input.cluster.config;
     let Some(primary) = input.cluster.primary else {
         return choose_first_primary(input);
@@ -242,12 +260,12 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             primary.node, cfg.lease_ms
         ),
     };
-    if input.cluster.paused {
+    if input.cluster.paused && !hypothetical {
         return Verdict::Wait {
             reason: format!("{why}, but automatic failover is paused"),
         };
     }
-    if input.pending.is_some() {
+    if input.pending.is_some() && !hypothetical {
         return Verdict::Wait {
             reason: format!("{why}; a promotion is being committed"),
         };
@@ -256,7 +274,7 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         input.cluster.longest_lease_terms(),
         input.quorum_ack_max_ms,
     ));
-    if input.now < office_wait_until {
+    if input.now < office_wait_until && !hypothetical {
         return Verdict::Wait {
             reason: format!(
                 "{why}; a new Raft leader waits {} ms more for leases its predecessor may have \
@@ -287,7 +305,7 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         let mut until = office_wait_until;
         if let Some(g) = input.last_grant.filter(|g| g.node == primary.node) {
             until = until.max(grantor_safe_after(g.received_at, g.terms));
-            if input.now < until {
+            if input.now < until && !hypothetical {
                 return Verdict::Wait {
                     reason: format!("{why}; its lease may run {} ms more", until - input.now),
                 };
@@ -303,7 +321,7 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             excluded.push(format!("{node}: no recent report"));
             continue;
         };
-        if !input.sent_after(r, down_since) {
+        if !input.sent_after(r, down_since) && !hypothetical {
             // Sent before the old primary stopped, its WAL position may miss writes it
             // acknowledged since (a frozen sidecar's Postgres keeps receiving).
             awaiting.push(node);
@@ -334,7 +352,7 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         // The status word `streaming` outlives a silent cut by a timeout; only a recent message
         // from the old primary shows it alive.
         let from_old_primary = r.upstream.is_none_or(|u| u == primary.node);
-        if from_old_primary && r.receives_wal_now(wal_fresh_ms(cfg)) && !fenced {
+        if from_old_primary && r.receives_wal_now(wal_fresh_ms(cfg)) && !fenced && !hypothetical {
             // The old primary still ships WAL: it is alive and would win this race a moment
             // later, and its guard has not fenced it yet. Never promote beside a live writer.
             return Verdict::Wait {
@@ -361,7 +379,9 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
             .members
             .iter()
             .filter_map(|n| input.fresh(*n))
-            .filter(|r| r.pg == PgState::Replica && input.sent_after(r, down_since))
+            .filter(|r| {
+                r.pg == PgState::Replica && (hypothetical || input.sent_after(r, down_since))
+            })
             .map(|r| (r.node, r.lsn))
             .collect();
         match sync::holders_of_every_ack(set, &reported) {
@@ -806,6 +826,18 @@ mod tests {
         full_disk_on_the_primary(&mut f, 5);
         room(&mut f, 2, 0);
         room(&mut f, 3, 10 * 1024 * 1024);
+        // While its lease runs, the lease is renewed all the same: no member could take over
+        // once it ran out (found by the storage tests: without this the primary lost its lease,
+        // was fenced, restarted in place, and lost it again), and the verdict says so.
+        assert!(matches!(
+            decide(&f.input(10_100)),
+            Verdict::NoCandidate { .. }
+        ));
+        let primary = f.reports[&1].report.clone();
+        assert_eq!(
+            may_grant_lease(&f.input(10_100), &primary, Some(10)),
+            Some(1)
+        );
         for n in [1, 2, 3] {
             f.reports.get_mut(&n).unwrap().at = 12_300;
         }

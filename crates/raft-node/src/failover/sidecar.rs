@@ -198,7 +198,7 @@ impl Sidecar {
             cannot_stream: None,
             free_space_warn_bytes: 1024 * 1024 * 1024,
             storage_seen: StorageSeen {
-                write_kind: "ok",
+                write_kind: "none",
                 low_space: false,
             },
         })
@@ -216,14 +216,21 @@ impl Sidecar {
     fn note_storage(&mut self, obs: &Observed, epoch: Epoch, lsn: u64) {
         let free = obs.free_bytes();
         let seen = StorageSeen {
-            write_kind: obs.write.as_ref().map_or("ok", |w| w.check.kind()),
+            write_kind: obs.write.as_ref().map_or("none", |w| w.check.kind()),
             low_space: free.is_some_and(|f| f < self.free_space_warn_bytes),
         };
-        if seen.write_kind != self.storage_seen.write_kind {
+        // Only a failure, and the end of one, is news: a primary's first probe is not.
+        let was_failing = !matches!(self.storage_seen.write_kind, "ok" | "none");
+        let failing = !matches!(seen.write_kind, "ok" | "none");
+        if seen.write_kind != self.storage_seen.write_kind && (failing || was_failing) {
             let probe = obs.write.as_ref();
             let ms = probe.map_or(0, |w| w.ms);
             let what = match probe.map(|w| &w.check) {
-                None | Some(WriteCheck::Ok) => {
+                None => {
+                    tracing::info!(epoch, lsn, "no longer a running primary: write probe ends");
+                    "write probe ends: no longer a running primary".to_string()
+                }
+                Some(WriteCheck::Ok) => {
                     tracing::info!(epoch, lsn, probe_ms = ms, "primary writes again");
                     format!("write probe ok again ({ms} ms)")
                 }
