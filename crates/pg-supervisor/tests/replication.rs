@@ -256,8 +256,10 @@ async fn probing_an_idle_primary_keeps_its_replicas_hearing_from_it() {
     let mut b = started_replica(dir.path(), "b", &a_up).await;
     let deadline = Instant::now() + Duration::from_secs(4);
     let mut ages = Vec::new();
+    let mut write_ms = Vec::new();
     while Instant::now() < deadline {
         let p = a.observe().await;
+        write_ms.push(p.write_probe.as_ref().map_or(0, |w| w.ms));
         let write = p
             .write_probe
             .as_ref()
@@ -283,6 +285,13 @@ async fn probing_an_idle_primary_keeps_its_replicas_hearing_from_it() {
         "receipt ages while the primary is probed: {ages:?}"
     );
     eprintln!("FIGURE receipt ages on an idle, probed primary: {ages:?}");
+    write_ms.sort_unstable();
+    eprintln!(
+        "FIGURE write probe ms per tick (debug build, heartbeat flush + data file write): \
+         median {} max {} of {write_ms:?}",
+        write_ms[write_ms.len() / 2],
+        write_ms[write_ms.len() - 1]
+    );
     for n in [&mut a, &mut b] {
         assert!(n.fence().await.unwrap().verified_gone);
     }

@@ -813,6 +813,19 @@ async fn load_memory(path: &Path, instance: &Instance) -> Result<Memory, MemoryE
     Ok(memory)
 }
 
+/// Why a primary cannot write, in an operator's words.
+fn cannot_write_text(c: &WriteCheck) -> String {
+    match c {
+        WriteCheck::Ok => "it can".into(),
+        WriteCheck::NoSpace { detail } => format!("no space: {detail}"),
+        WriteCheck::ReadOnly { detail } => format!("read-only storage: {detail}"),
+        WriteCheck::Stuck { running_ms } => {
+            format!("stuck I/O: the write probe has not finished after {running_ms} ms")
+        }
+        WriteCheck::Failed { detail } => format!("write probe failed: {detail}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -898,18 +911,5 @@ mod tests {
         assert_eq!(spec.names.len(), 3);
         assert!(spec.names.contains(&"b".to_string()));
         assert!(spec.names.iter().all(|n| n != "c"));
-    }
-}
-
-/// Why a primary cannot write, in an operator's words.
-fn cannot_write_text(c: &WriteCheck) -> String {
-    match c {
-        WriteCheck::Ok => "it can".into(),
-        WriteCheck::NoSpace { detail } => format!("no space: {detail}"),
-        WriteCheck::ReadOnly { detail } => format!("read-only storage: {detail}"),
-        WriteCheck::Stuck { running_ms } => {
-            format!("stuck I/O: the write probe has not finished after {running_ms} ms")
-        }
-        WriteCheck::Failed { detail } => format!("write probe failed: {detail}"),
     }
 }
