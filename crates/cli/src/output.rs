@@ -27,6 +27,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                         "free_bytes": (m.free_bytes > 0).then_some(m.free_bytes),
                         "low_space": m.low_space,
                         "cannot_write": (!m.cannot_write.is_empty()).then_some(&m.cannot_write),
+                        "read_only_storage": m.read_only_storage,
                         "registered": m.registered,
                         "membership": m.membership,
                         "raft_role": m.raft_role,
@@ -324,6 +325,9 @@ fn storage_lines(t: &proto::Topology) -> Vec<String> {
             if !m.cannot_write.is_empty() {
                 parts.push(format!("cannot write: {}", m.cannot_write));
             }
+            if m.read_only_storage {
+                parts.push("read-only storage".to_string());
+            }
             if m.low_space {
                 parts.push(format!(
                     "low free space: {} free",
@@ -380,6 +384,7 @@ mod tests {
                 },
                 proto::Member {
                     id: 3,
+                    read_only_storage: true,
                     low_space: true,
                     free_bytes: 3 * 1024 * 1024 + 512 * 1024,
                     ..Default::default()
@@ -394,7 +399,7 @@ mod tests {
                 "storage: a: cannot write: no space: only 4096 bytes free; low free space: \
                  4.0 KiB free\n"
                     .to_string(),
-                "storage: n3: low free space: 3.5 MiB free\n".to_string(),
+                "storage: n3: read-only storage; low free space: 3.5 MiB free\n".to_string(),
             ]
         );
         assert!(topology(&t, Output::Table).contains("storage: n3"));

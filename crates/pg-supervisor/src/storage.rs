@@ -37,10 +37,36 @@ pub fn fs_space(path: &Path) -> Option<FsSpace> {
         return None;
     }
     let unit = s.f_frsize as u64;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Some(FsSpace {
         free_bytes: (s.f_bavail as u64).saturating_mul(unit),
         total_bytes: (s.f_blocks as u64).saturating_mul(unit),
-        read_only: s.f_flag & libc::ST_RDONLY != 0,
+        read_only: s.f_flag & libc::ST_RDONLY != 0 || mounted_read_only(&mountinfo, &canonical),
+    })
+}
+
+/// Whether the mount holding `path` (canonical) is read-only by `/proc/self/mountinfo`: its
+/// mount options or its filesystem's say `ro`, or the filesystem fell read-only after an error
+/// (ext4's `emergency_ro`, which `statvfs` does not report).
+pub fn mounted_read_only(mountinfo: &str, path: &Path) -> bool {
+    let best = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let fields: Vec<&str> = mount.split(' ').collect();
+            let point = fields.get(4)?.replace("\\040", " ");
+            let opts = fields.get(5).copied().unwrap_or("");
+            let super_opts = fs.split(' ').nth(2).unwrap_or("");
+            path.starts_with(&point)
+                .then_some((point.len(), opts, super_opts))
+        })
+        .max_by_key(|(len, _, _)| *len);
+    best.is_some_and(|(_, opts, super_opts)| {
+        opts.split(',').any(|o| o == "ro")
+            || super_opts
+                .split(',')
+                .any(|o| o == "ro" || o == "emergency_ro")
     })
 }
 
@@ -253,6 +279,19 @@ mod tests {
         f.end();
         assert!(f.since().is_none());
         assert!(f.start());
+    }
+
+    #[test]
+    fn read_only_mounts_from_mountinfo() {
+        let info = "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n\
+                    44 22 7:0 / /srv/pg rw,relatime - ext4 /dev/loop0 rw,errors=remount-ro,emergency_ro\n\
+                    45 22 7:1 / /srv/ro ro,relatime - ext4 /dev/loop1 ro\n\
+                    46 22 7:2 / /srv/pg\\040two rw - tmpfs tmpfs rw\n";
+        assert!(mounted_read_only(info, Path::new("/srv/pg/data")));
+        assert!(mounted_read_only(info, Path::new("/srv/ro")));
+        assert!(!mounted_read_only(info, Path::new("/var/lib/postgresql")));
+        assert!(!mounted_read_only(info, Path::new("/srv/pg two/data")));
+        assert!(!mounted_read_only("", Path::new("/srv/pg")));
     }
 
     #[test]

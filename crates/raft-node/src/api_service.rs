@@ -356,6 +356,7 @@ fn add_health(
         m.free_bytes = h.storage.free_bytes.unwrap_or(0);
         m.low_space = h.storage.low_space;
         m.cannot_write = h.storage.cannot_write.clone().unwrap_or_default();
+        m.read_only_storage = h.storage.read_only;
     }
 }
 

@@ -907,6 +907,7 @@ impl Sim {
                     cannot_write: (full && judged.pg == PgState::Primary)
                         .then(|| "no space: disk full".to_string()),
                     write_failures,
+                    read_only: false,
                 },
             };
             let term = n.term;

@@ -775,6 +775,7 @@ mod tests {
             low_space: true,
             cannot_write: Some("no space: only 4096 bytes free".into()),
             write_failures: failures,
+            read_only: false,
         };
     }
 

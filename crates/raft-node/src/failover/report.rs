@@ -85,6 +85,10 @@ pub struct StorageReport {
     /// Consecutive failed write probes of a running primary (0 when the last one wrote).
     #[serde(default)]
     pub write_failures: u32,
+    /// The data or WAL filesystem refuses writes (mounted or fallen read-only); `free_bytes`
+    /// is then 0, so the member is no failover candidate and does not rejoin.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A leader's term and clock reading, returned with every report reply and echoed in the

@@ -97,11 +97,16 @@ struct Observed {
     /// Free bytes of the data directory's and the WAL directory's filesystems.
     data_free: Option<u64>,
     wal_free: Option<u64>,
+    /// The data or the WAL filesystem refuses writes (mounted or fallen read-only).
+    read_only: bool,
 }
 
 impl Observed {
-    /// The fewer free bytes of the two filesystems.
+    /// The fewer free bytes of the two filesystems; none on a read-only one.
     fn free_bytes(&self) -> Option<u64> {
+        if self.read_only {
+            return Some(0);
+        }
         self.data_free.into_iter().chain(self.wal_free).min()
     }
 }
@@ -320,6 +325,7 @@ impl Sidecar {
             return Observed {
                 seen: Some(Seen::NoData),
                 data_free: data.map(|d| d.free_bytes),
+                read_only: data.is_some_and(|d| d.read_only),
                 ..Default::default()
             };
         }
@@ -366,6 +372,10 @@ impl Sidecar {
             write: obs.write_probe.clone(),
             data_free: obs.data_fs.map(|f| f.free_bytes),
             wal_free: obs.wal_fs.map(|f| f.free_bytes),
+            read_only: [obs.data_fs, obs.wal_fs]
+                .iter()
+                .flatten()
+                .any(|f| f.read_only),
         }
     }
 
@@ -518,6 +528,7 @@ impl Sidecar {
                 .filter(|w| !w.check.is_ok() && pg == PgState::Primary)
                 .map(|w| cannot_write_text(&w.check)),
             write_failures,
+            read_only: obs.read_only,
         };
         let upstream = obs.upstream_addr.as_ref().and_then(|addr| {
             state
