@@ -32,6 +32,15 @@ struct Mounts {
 
 impl Drop for Mounts {
     fn drop(&mut self) {
+        // A frozen filesystem holds every process that writes to it: thaw first (a no-op on
+        // one that is not frozen).
+        for p in &self.points {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(p)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         for p in &self.points {
             let _ = Command::new("umount").arg("-l").arg(p).status();
         }
@@ -482,4 +491,81 @@ fn longest_gap_after(acked: &[(i64, Instant)], t: Instant) -> Duration {
         prev = a;
     }
     worst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_io_on_the_primary_fails_over_and_it_rejoins_after_the_thaw() {
+    let test = "stuck_io_on_the_primary_fails_over_and_it_rejoins_after_the_thaw";
+    let Some((mut c, mounts)) = cluster_on_ext4(test) else {
+        return;
+    };
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    // A frozen member accepts TCP and then hangs: connect to each member within a bound, as
+    // libpq's per-host connect_timeout does.
+    let writer = Writer::start_per_host(&c).await;
+    let checker = Checker::start(&c);
+    wait_for("writes flow", PATIENCE, || async {
+        (writer.acked.lock().unwrap().len() >= 10).then_some(())
+    })
+    .await;
+    wait_sync_committed(&c).await;
+    // A hung disk: every write to the filesystem blocks until it is thawed.
+    let dir = c.nodes[&old].dir.join("pgdata");
+    if let Err(e) = run(Command::new("fsfreeze").arg("-f").arg(&dir)) {
+        eprintln!("SKIPPED {test}: {e}");
+        return;
+    }
+    let frozen_at = Instant::now();
+    let stuck = wait_for(
+        "the primary's stuck write in the topology",
+        PATIENCE,
+        || async {
+            let m = member(&topology(&c).await, old);
+            m.cannot_write.starts_with("stuck I/O").then_some(m)
+        },
+    )
+    .await;
+    eprintln!("while frozen: {}", stuck.cannot_write);
+    let (new, promoted_at) = wait_for("a new primary", PATIENCE, || async {
+        let t = topology(&c).await;
+        let p = t.primary.as_ref()?.node_id;
+        (p != old).then(|| (p, Instant::now()))
+    })
+    .await;
+    if std::env::var("PGQUORUM_STORAGE_DEBUG").is_ok() {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let log = std::fs::read_to_string(c.nodes[&old].log_path()).unwrap_or_default();
+        for l in log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("INFO"))
+        {
+            eprintln!("n{old}: {l}");
+        }
+        let ps = run(Command::new("ps").args(["-eo", "pid,stat,wchan:20,cmd"]));
+        eprintln!("ps: {}", ps.unwrap_or_default());
+    }
+    wait_for(
+        "a write acknowledged on the new primary",
+        PATIENCE,
+        || async { writer.acked_after(promoted_at).then_some(()) },
+    )
+    .await;
+    run(Command::new("fsfreeze").arg("-u").arg(&dir)).expect("thaw");
+    let thawed_at = Instant::now();
+    let t = wait_replica_caught_up(&c, old, new).await;
+    assert_eq!(t.primary.map(|p| p.node_id), Some(new));
+    let acked = writer.stop().await;
+    let (most, who) = checker.stop().await;
+    assert_eq!(most, 1, "two writable members at once: {who:?}");
+    let lost = missing_on(&c, new, &acked).await;
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    eprintln!(
+        "FIGURE stuck_io_primary write_outage_ms={} rejoined_after_thaw_ms={} acked={} lost=0",
+        longest_gap_after(&acked, frozen_at).as_millis(),
+        thawed_at.elapsed().as_millis(),
+        acked.len()
+    );
+    drop(c);
+    drop(mounts);
 }

@@ -33,13 +33,34 @@ impl Writer {
         Self::start_at(url, 1).await
     }
 
+    /// Like [`Writer::start`], trying each member in turn with a bound on the whole
+    /// connection setup (libpq's per-host `connect_timeout`; tokio-postgres bounds only the
+    /// socket's connect, so a member that accepts TCP and then hangs, as on a frozen disk,
+    /// would hold a multi-host URL on its first host for ever).
+    pub async fn start_per_host(c: &TestCluster) -> Writer {
+        let urls = c
+            .nodes
+            .keys()
+            .map(|id| format!("{}&target_session_attrs=read-write", c.pg_url_of(*id)))
+            .collect();
+        Self::start_urls(urls, 1).await
+    }
+
     /// Starts writing ids from `first` up.
     pub async fn start_at(url: String, first: i64) -> Writer {
+        Self::start_urls(vec![url], first).await
+    }
+
+    /// Writes through the first of `urls` that takes a connection within its bound.
+    async fn start_urls(urls: Vec<String>, first: i64) -> Writer {
         // A member that just started may refuse or reset the first connection.
         let (client, conn) = wait_for("the writer's first connection", PATIENCE, || async {
-            tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .ok()
+            for url in &urls {
+                if let Ok(c) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+                    return Some(c);
+                }
+            }
+            None
         })
         .await;
         tokio::spawn(conn);
@@ -57,7 +78,13 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 id += 1;
                 if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    client = connect_within(&url, Duration::from_secs(2)).await;
+                    let per_host = if urls.len() > 1 { 1 } else { 2 };
+                    for url in &urls {
+                        client = connect_within(url, Duration::from_secs(per_host)).await;
+                        if client.is_some() {
+                            break;
+                        }
+                    }
                 }
                 if let Some(c) = &client {
                     let r = tokio::time::timeout(

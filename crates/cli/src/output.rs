@@ -28,6 +28,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                         "low_space": m.low_space,
                         "cannot_write": (!m.cannot_write.is_empty()).then_some(&m.cannot_write),
                         "read_only_storage": m.read_only_storage,
+                        "write_probe_ms": (m.pg_role == "primary").then_some(m.write_probe_ms),
                         "registered": m.registered,
                         "membership": m.membership,
                         "raft_role": m.raft_role,

@@ -357,6 +357,7 @@ fn add_health(
         m.low_space = h.storage.low_space;
         m.cannot_write = h.storage.cannot_write.clone().unwrap_or_default();
         m.read_only_storage = h.storage.read_only;
+        m.write_probe_ms = h.storage.write_probe_ms.unwrap_or(0);
     }
 }
 

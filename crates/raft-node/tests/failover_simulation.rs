@@ -908,6 +908,7 @@ impl Sim {
                         .then(|| "no space: disk full".to_string()),
                     write_failures,
                     read_only: false,
+                    write_probe_ms: None,
                 },
             };
             let term = n.term;

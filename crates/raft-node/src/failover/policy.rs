@@ -776,6 +776,7 @@ mod tests {
             cannot_write: Some("no space: only 4096 bytes free".into()),
             write_failures: failures,
             read_only: false,
+            write_probe_ms: None,
         };
     }
 

@@ -89,6 +89,9 @@ pub struct StorageReport {
     /// is then 0, so the member is no failover candidate and does not rejoin.
     #[serde(default)]
     pub read_only: bool,
+    /// On a primary: how long its latest write probe took (or has been running, when stuck).
+    #[serde(default)]
+    pub write_probe_ms: Option<u64>,
 }
 
 /// A leader's term and clock reading, returned with every report reply and echoed in the

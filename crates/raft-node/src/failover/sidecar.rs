@@ -529,6 +529,10 @@ impl Sidecar {
                 .map(|w| cannot_write_text(&w.check)),
             write_failures,
             read_only: obs.read_only,
+            write_probe_ms: obs.write.as_ref().map(|w| match w.check {
+                WriteCheck::Stuck { running_ms } => running_ms,
+                _ => w.ms,
+            }),
         };
         let upstream = obs.upstream_addr.as_ref().and_then(|addr| {
             state
