@@ -581,3 +581,67 @@ async fn a_torn_failover_memory_is_rebuilt_and_the_former_primary_rewinds() {
     )
     .await;
 }
+
+/// Runs the `pgquorum` CLI against the cluster; returns its standard output, failing the test
+/// on a non-zero exit.
+fn cli(c: &TestCluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(harness::BIN)
+        .args(args)
+        .arg("--endpoints")
+        .arg(c.endpoints().join(","))
+        .output()
+        .expect("run pgquorum");
+    assert!(
+        out.status.success(),
+        "pgquorum {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_cluster_fails_nothing_over_until_resumed() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, t) = c.wait_postgres(START).await;
+    let epoch = t.primary.map(|p| p.epoch).expect("an epoch");
+    let said = cli(&c, &["pause"]);
+    assert!(said.contains("automatic failover paused"), "{said}");
+    let listed = cli(&c, &["list"]);
+    assert!(listed.contains("PAUSED"), "{listed}");
+    let postmaster = c.postmaster_pid(old).expect("postmaster pid");
+    // SAFETY: killing the test's own Postgres.
+    unsafe { libc::kill(postmaster, libc::SIGKILL) };
+    // Well past the lease and the failure threshold: nobody is promoted, and nobody restarts
+    // the dead Postgres either.
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut status = String::new();
+    while Instant::now() < until {
+        let t = topology(&c).await;
+        assert_eq!(
+            t.primary.as_ref().map(|p| (p.node_id, p.epoch)),
+            Some((old, epoch)),
+            "the primary moved while automatic failover was paused"
+        );
+        assert!(t.paused);
+        status = t.failover_status.clone();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(status.contains("paused"), "failover status: {status}");
+    assert!(
+        c.postmaster_pid(old)
+            .is_none_or(|pid| unsafe { libc::kill(pid, 0) } != 0),
+        "pgquorum started Postgres again while paused"
+    );
+    let said = cli(&c, &["resume"]);
+    assert!(said.contains("automatic failover resumed"), "{said}");
+    let resumed = Instant::now();
+    let (new, t) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(new, old, "no failover after the resume");
+    assert_eq!(t.primary.map(|p| p.epoch), Some(epoch + 1));
+    assert!(!t.paused);
+    eprintln!(
+        "FIGURE resume_to_new_primary_ms={}",
+        resumed.elapsed().as_millis()
+    );
+}

@@ -51,6 +51,18 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Pause automatic failover (maintenance): no member is promoted and no Postgres is
+    /// started, stopped or rebuilt by pgquorum, except that a primary whose lease runs out still
+    /// fences itself.
+    Pause {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Resume automatic failover after `pause`.
+    Resume {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Add or remove members.
     #[command(subcommand)]
     Member(MemberCmd),
@@ -201,13 +213,23 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             let topo = fetch_topology(&conn.client()?).await?;
             print!("{}", output::history(&topo, output));
+            note_paused(topo.paused, output);
             Ok(())
         }
         Command::Events { conn, output } => {
             init_logging("warn");
-            let events = collect_events(&conn.client()?).await?;
+            let (events, paused) = collect_events(&conn.client()?).await?;
             print!("{}", output::events(&events, output));
+            note_paused(paused, output);
             Ok(())
+        }
+        Command::Pause { conn } => {
+            init_logging("warn");
+            set_paused(&conn, true).await
+        }
+        Command::Resume { conn } => {
+            init_logging("warn");
+            set_paused(&conn, false).await
         }
         Command::Member(cmd) => {
             init_logging("warn");
@@ -283,8 +305,40 @@ pub(crate) async fn print_topology(client: &ApiClient, out: Output) -> Result<()
     Ok(())
 }
 
-/// Every member's recent events, merged in time order (members that do not answer are skipped).
-async fn collect_events(client: &ApiClient) -> Result<Vec<proto::Event>> {
+/// Commits a pause or a resume of automatic failover.
+async fn set_paused(conn: &Conn, paused: bool) -> Result<()> {
+    let r = conn
+        .client()?
+        .call(|mut c| async move { c.set_paused(proto::SetPausedRequest { paused }).await })
+        .await
+        .context(if paused {
+            "automatic failover not paused"
+        } else {
+            "automatic failover not resumed"
+        })?;
+    if r.paused {
+        println!(
+            "automatic failover paused (log index {}): no member is promoted and no Postgres is \
+             started, stopped or rebuilt until `pgquorum resume`; a primary whose lease runs out \
+             still fences itself",
+            r.log_index
+        );
+    } else {
+        println!("automatic failover resumed (log index {})", r.log_index);
+    }
+    Ok(())
+}
+
+/// Tells people, on standard error so that JSON stays clean, that failover is paused.
+fn note_paused(paused: bool, out: Output) {
+    if paused && out == Output::Table {
+        eprintln!("note: automatic failover is PAUSED (`pgquorum resume` ends the pause)");
+    }
+}
+
+/// Every member's recent events, merged in time order (members that do not answer are skipped),
+/// and whether failover is paused.
+async fn collect_events(client: &ApiClient) -> Result<(Vec<proto::Event>, bool)> {
     let topo = fetch_topology(client).await?;
     let mut all = Vec::new();
     for m in &topo.members {
@@ -299,7 +353,7 @@ async fn collect_events(client: &ApiClient) -> Result<Vec<proto::Event>> {
         }
     }
     all.sort_by_key(|e| (e.at_unix_ms, e.node_id));
-    Ok(all)
+    Ok((all, topo.paused))
 }
 
 /// Parses `key=value` arguments; refuses empty keys and repeated keys.
@@ -330,6 +384,7 @@ async fn config(cmd: ConfigCmd) -> Result<()> {
                 })
                 .await?;
             print!("{}", output::config(&cfg, output));
+            note_paused(cfg.paused, output);
         }
         ConfigCmd::Set { conn, settings } => {
             let changes = parse_settings(&settings)?;
@@ -343,6 +398,7 @@ async fn config(cmd: ConfigCmd) -> Result<()> {
                 .context("configuration not changed")?;
             println!("committed at log index {}", cfg.log_index);
             print!("{}", output::config(&cfg, Output::Table));
+            note_paused(cfg.paused, Output::Table);
         }
     }
     Ok(())

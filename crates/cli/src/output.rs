@@ -96,11 +96,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                     } else {
                         format!("{}:{}", m.pg_host, m.pg_port)
                     },
-                    if m.pg_role.is_empty() {
-                        "-".into()
-                    } else {
-                        m.pg_role.clone()
-                    },
+                    role_cell(t, m),
                     if m.timeline == 0 {
                         "-".into()
                     } else {
@@ -317,6 +313,21 @@ pub fn events(events: &[proto::Event], out: Output) -> String {
     }
 }
 
+/// The ROLE column: what the member's latest report says, reconciled with the committed
+/// assignment so that the table never contradicts the history (right after a failover the new
+/// primary still reports itself a replica until its promotion ends).
+fn role_cell(t: &proto::Topology, m: &proto::Member) -> String {
+    let assigned = t.primary.as_ref().is_some_and(|p| p.node_id == m.id);
+    match (assigned, m.pg_role.as_str()) {
+        (_, "") => "-".into(),
+        (true, "primary") => "primary".into(),
+        (true, "replica") => "primary (promoting)".into(),
+        (true, other) => format!("primary ({other})"),
+        (false, "primary") => "primary (demoted: fencing)".into(),
+        (false, other) => other.to_string(),
+    }
+}
+
 /// A line for each member whose Postgres cannot write or whose disk runs low on space.
 fn storage_lines(t: &proto::Topology) -> Vec<String> {
     t.members
@@ -364,6 +375,32 @@ fn human_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_role_column_agrees_with_the_committed_primary() {
+        let t = proto::Topology {
+            primary: Some(proto::PrimaryAssignment {
+                node_id: 2,
+                epoch: 2,
+            }),
+            ..Default::default()
+        };
+        let m = |id: u64, role: &str| proto::Member {
+            id,
+            pg_role: role.into(),
+            ..Default::default()
+        };
+        assert_eq!(role_cell(&t, &m(2, "replica")), "primary (promoting)");
+        assert_eq!(role_cell(&t, &m(2, "primary")), "primary");
+        assert_eq!(role_cell(&t, &m(2, "stopped")), "primary (stopped)");
+        assert_eq!(
+            role_cell(&t, &m(1, "primary")),
+            "primary (demoted: fencing)"
+        );
+        assert_eq!(role_cell(&t, &m(1, "fenced")), "fenced");
+        assert_eq!(role_cell(&t, &m(3, "replica")), "replica");
+        assert_eq!(role_cell(&t, &m(3, "")), "-");
+    }
 
     #[test]
     fn a_member_that_cannot_write_or_runs_low_gets_a_storage_line() {

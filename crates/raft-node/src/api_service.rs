@@ -380,6 +380,7 @@ fn config_reply(state: &AppliedState, log_index: u64) -> proto::ClusterConfig {
     proto::ClusterConfig {
         values: state.cluster.config.to_map().into_iter().collect(),
         log_index,
+        paused: state.cluster.paused,
     }
 }
 
@@ -570,6 +571,24 @@ impl Cluster for ClusterService {
         let index = self.write(Command::SetConfig { changes }).await?;
         let state = self.state.borrow().clone();
         Ok(Response::new(config_reply(&state, index)))
+    }
+
+    async fn set_paused(
+        &self,
+        req: Request<proto::SetPausedRequest>,
+    ) -> Result<Response<proto::SetPausedReply>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.set_paused(forwarded(req.into_inner())).await;
+        }
+        let paused = req.into_inner().paused;
+        let log_index = self.write(Command::SetPaused { paused }).await?;
+        tracing::info!(
+            paused,
+            log_index,
+            "automatic failover {}",
+            if paused { "paused" } else { "resumed" }
+        );
+        Ok(Response::new(proto::SetPausedReply { paused, log_index }))
     }
 
     async fn register_member(

@@ -5,8 +5,10 @@
 //! state machine (`ClusterState::apply`). Around them it models Postgres, the guard, the network
 //! and Raft:
 //! - faults: host crashes, sidecar kills and freezes, guard kills and freezes, Postgres crashes,
-//!   full disks (a primary that runs but cannot write, a replica that cannot receive), partitions, one-way cuts, message delay and loss, clock-rate drift within the bound the
-//!   drift margin covers, and lease changes committed mid-run;
+//!   full disks (a primary that runs but cannot write, a replica that cannot receive),
+//!   partitions, one-way cuts, message delay and loss, clock-rate drift within the bound the
+//!   drift margin covers, lease changes committed mid-run, and maintenance pauses (the
+//!   reconcile table under `while_paused`; no promotion may be decided while paused);
 //! - a WAL receiver whose `streaming` status outlives a silent cut until its timeout;
 //! - synchronous replication in every mode: the primary acknowledges a write only when its
 //!   applied `synchronous_standby_names` allow it;
@@ -36,7 +38,7 @@ use raft_node::failover::lease::{HeldLease, LeaseTerms, Millis};
 use raft_node::failover::policy::{
     decide, may_grant_lease, sync_step, wal_fresh_ms, GrantRecord, PolicyInput, Verdict,
 };
-use raft_node::failover::reconcile::{plan, Action, LocalView};
+use raft_node::failover::reconcile::{plan, while_paused, Action, LocalView};
 use raft_node::failover::report::{
     record, LeaderStamp, MemberReport, PgState, ReportBook, StorageReport, SyncApplied,
 };
@@ -196,6 +198,8 @@ struct Sim {
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
     cut_until: u64,
+    /// An operator's maintenance pause lasts until then (sim time); 0 when none is wanted.
+    paused_until: u64,
     loss: f64,
     max_delay: u64,
     msgs: Vec<Msg>,
@@ -203,6 +207,8 @@ struct Sim {
     promotions: Vec<(NodeId, u64)>,
     /// Promotions decided while the old primary's disk was full.
     write_failovers: usize,
+    /// Maintenance pauses committed.
+    pauses: usize,
     /// The highest WAL position acknowledged to a client while the primary ran synchronous.
     acked_sync_high: u64,
     /// The highest WAL position acknowledged at all.
@@ -285,12 +291,14 @@ impl Sim {
             leaders: BTreeMap::new(),
             cut: BTreeSet::new(),
             cut_until: 0,
+            paused_until: 0,
             loss: 0.0,
             max_delay: 20,
             msgs: Vec::new(),
             in_flight: Vec::new(),
             promotions: Vec::new(),
             write_failovers: 0,
+            pauses: 0,
             acked_sync_high: 0,
             acked_high: 0,
             events: Vec::new(),
@@ -623,6 +631,12 @@ impl Sim {
                             }
                         }
                     }
+                    if self.node(l).applied.paused {
+                        self.fail(&format!(
+                            "pause: leader {l} decides to promote {node} while automatic \
+                             failover is paused"
+                        ));
+                    }
                     // The reason names the last straw (often the guard's fence once the
                     // lease ran out), so count by what the old primary's disk is.
                     let old = self.node(l).applied.primary;
@@ -941,7 +955,10 @@ impl Sim {
                 free_bytes,
             };
             let assigned = n.applied.primary;
-            let step = plan(id, &view, assigned, n.lease, now, &n.applied.config);
+            let mut step = plan(id, &view, assigned, n.lease, now, &n.applied.config);
+            if n.applied.paused {
+                step = while_paused(step);
+            }
             let epoch = assigned.map(|a| a.epoch).unwrap_or(0);
             match step.action {
                 Action::Nothing => {
@@ -1211,6 +1228,15 @@ impl Sim {
             self.cut_until = 0;
             self.log("network cuts healed".into());
         }
+        // The operator resumes a pause once it is over, through whichever leader has a quorum
+        // (retrying each step until the commit goes through).
+        if self.committed.paused && t >= self.paused_until {
+            if let Some(l) = self.leader_with_quorum() {
+                if self.commit(l, Command::SetPaused { paused: false }) {
+                    self.log("operator resumes automatic failover".into());
+                }
+            }
+        }
         if t >= FAULT_PHASE_MS {
             return;
         }
@@ -1318,6 +1344,16 @@ impl Sim {
             self.max_delay = self.rng.gen_range(1..=300);
             let (loss, delay) = (self.loss, self.max_delay);
             self.log(format!("network: loss {loss:.2}, delay up to {delay} ms"));
+        } else if self.rng.gen_bool(p / 4.0) && !self.committed.paused {
+            // Maintenance: automatic failover paused for a while, faults going on meanwhile.
+            let until = t + self.rng.gen_range(1_000..6_000);
+            if let Some(l) = self.leader_with_quorum() {
+                if self.commit(l, Command::SetPaused { paused: true }) {
+                    self.paused_until = until;
+                    self.pauses += 1;
+                    self.log(format!("operator pauses automatic failover until {until}"));
+                }
+            }
         } else if self.rng.gen_bool(p / 2.0) {
             // An operator changes the lease mid-run, through whichever leader has a quorum.
             let (lease, margin) = LEASE_CHOICES[self.rng.gen_range(0..LEASE_CHOICES.len())];
@@ -1335,7 +1371,15 @@ impl Sim {
         }
     }
 
+    /// A leader that has its quorum now, if any.
+    fn leader_with_quorum(&self) -> Option<NodeId> {
+        self.leaders.iter().find_map(|(l, ld)| {
+            (ld.term == self.top_term && self.t - ld.last_quorum_ack <= HEARTBEAT).then_some(*l)
+        })
+    }
+
     fn heal(&mut self) {
+        self.paused_until = self.t;
         self.loss = 0.0;
         self.max_delay = 20;
         self.cut.clear();
@@ -1374,7 +1418,7 @@ impl Sim {
 
     /// Runs the fault phase and the healed phase; returns the recovery time after healing and
     /// the number of promotions and guard fences seen.
-    fn run_with_stats(mut self) -> (u64, usize, usize, usize) {
+    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize) {
         while self.t < FAULT_PHASE_MS {
             self.step();
         }
@@ -1395,6 +1439,7 @@ impl Sim {
                     self.promotions.len(),
                     fences,
                     self.write_failovers,
+                    self.pauses,
                 );
             }
         }
@@ -1436,14 +1481,15 @@ fn seeds() -> (Vec<u64>, Option<u64>) {
 fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     let started = std::time::Instant::now();
     let mut worst = 0;
-    let (mut promotions, mut fences, mut write_failovers) = (0, 0, 0);
+    let (mut promotions, mut fences, mut write_failovers, mut pauses) = (0, 0, 0, 0);
     let (seeds, fresh_base) = seeds();
     if let Some(b) = fresh_base {
         eprintln!("simulation: fresh seeds start at {b} (replay one with PGQUORUM_SIM_SEED)");
     }
     for &seed in &seeds {
         let size = if seed % 3 == 0 { 5 } else { 3 };
-        let (recovered_in, p, f, w) = Sim::new(seed, size).run_with_stats();
+        let (recovered_in, p, f, w, z) = Sim::new(seed, size).run_with_stats();
+        pauses += z;
         worst = worst.max(recovered_in);
         promotions += p;
         fences += f;
@@ -1451,7 +1497,7 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     }
     eprintln!(
         "FIGURE simulation seeds={} promotions={promotions} guard_fences={fences} \
-         failovers_for_a_primary_that_cannot_write={write_failovers} \
+         failovers_for_a_primary_that_cannot_write={write_failovers} pauses={pauses} \
          worst_recovery_after_heal_ms={worst} wall_ms={}",
         seeds.len(),
         started.elapsed().as_millis()
@@ -1464,6 +1510,10 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     assert!(
         write_failovers >= seeds.len() / 20,
         "too few failovers of a primary that cannot write: {write_failovers}"
+    );
+    assert!(
+        pauses >= seeds.len() / 20,
+        "too few maintenance pauses: {pauses}"
     );
 }
 

@@ -540,6 +540,12 @@ pub fn leadership_handoff(
 /// A new cluster's first primary: chosen once every member has reported, preferring a member
 /// that already has data (the most advanced one), then the highest priority, then the lowest id.
 fn choose_first_primary(input: &PolicyInput<'_>) -> Verdict {
+    // Paused, the reconcile table would not initialise the chosen member anyway.
+    if input.cluster.paused {
+        return Verdict::Wait {
+            reason: "no primary yet, and automatic failover is paused".into(),
+        };
+    }
     let mut reports = Vec::new();
     for &node in input.members {
         match input.fresh(node) {
@@ -1308,6 +1314,9 @@ mod tests {
         f.cluster.paused = true;
         f.reports.remove(&1);
         assert!(matches!(decide(&f.input(30_000)), Verdict::Wait { .. }));
+        // Nor chooses a first primary.
+        f.cluster.primary = None;
+        assert!(matches!(decide(&f.input(10_100)), Verdict::Wait { .. }));
     }
 
     #[test]

@@ -258,9 +258,71 @@ pub fn plan(
     }
 }
 
+/// The step to take while automatic failover is paused (maintenance mode): the table's own
+/// step when it fences (a primary that loses its lease fences, paused or not: S1), promotes or
+/// re-points a replica (both follow decisions already committed), or does nothing; otherwise
+/// nothing, so that an operator can stop, start or repair Postgres by hand without the sidecar
+/// undoing it.
+pub fn while_paused(step: Step) -> Step {
+    match step.action {
+        Action::Nothing | Action::Fence | Action::Promote { .. } | Action::Follow { .. } => step,
+        Action::InitPrimary
+        | Action::Clone { .. }
+        | Action::StartPrimary
+        | Action::StartReplica { .. }
+        | Action::Rejoin { .. } => Step {
+            action: Action::Nothing,
+            reason: "automatic failover is paused: Postgres is neither started nor rebuilt",
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paused_members_fence_but_never_start_or_rebuild_postgres() {
+        let s = |action| Step {
+            action,
+            reason: "x",
+        };
+        for a in [
+            Action::InitPrimary,
+            Action::Clone { from: 2 },
+            Action::StartPrimary,
+            Action::StartReplica { upstream: Some(2) },
+            Action::Rejoin { upstream: 2 },
+        ] {
+            assert_eq!(while_paused(s(a)).action, Action::Nothing, "{a:?}");
+        }
+        for a in [
+            Action::Nothing,
+            Action::Fence,
+            Action::Promote { epoch: 3 },
+            Action::Follow { upstream: 2 },
+        ] {
+            assert_eq!(while_paused(s(a)).action, a);
+        }
+        // A crashed primary whose lease ran out stays down while paused.
+        let mut v = view(PgState::Stopped);
+        v.crashed = true;
+        v.last_primary_epoch = Some(1);
+        let step = plan(
+            1,
+            &v,
+            primary(1, 1),
+            lease(1),
+            5_000,
+            &DynamicConfig::default(),
+        );
+        assert_eq!(step.action, Action::Nothing);
+        let mut cfg = DynamicConfig::default();
+        cfg.restart_before_failover = true;
+        let step = plan(1, &v, primary(1, 1), lease(1), 5_000, &cfg);
+        assert_eq!(step.action, Action::StartPrimary);
+        assert_eq!(while_paused(step).action, Action::Nothing);
+    }
 
     fn view(pg: PgState) -> LocalView {
         LocalView {

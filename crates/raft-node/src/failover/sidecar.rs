@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::assess::{Assessor, Seen};
 use super::leader::{boot_clock_ms, FailoverLeader, Grant, ReportAnswer};
 use super::lease::{HeldLease, Millis};
-use super::reconcile::{plan, Action, LocalView};
+use super::reconcile::{plan, while_paused, Action, LocalView};
 use super::report::{LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied};
 use super::sync;
 use crate::cluster_state::{ClusterState, Epoch, SyncSet};
@@ -593,7 +593,7 @@ impl Sidecar {
             free_bytes,
         };
         let assigned = state.cluster.primary;
-        let step = plan(
+        let mut step = plan(
             self.node_id,
             &view,
             assigned,
@@ -601,6 +601,9 @@ impl Sidecar {
             boot_clock_ms(),
             &cfg,
         );
+        if state.cluster.paused {
+            step = while_paused(step);
+        }
         let epoch = assigned.map(|a| a.epoch).unwrap_or(0);
         self.note_storage(&obs, epoch, obs.lsn);
         if step.action != Action::Nothing {
