@@ -317,8 +317,10 @@ mod tests {
             &DynamicConfig::default(),
         );
         assert_eq!(step.action, Action::Nothing);
-        let mut cfg = DynamicConfig::default();
-        cfg.restart_before_failover = true;
+        let cfg = DynamicConfig {
+            restart_before_failover: true,
+            ..Default::default()
+        };
         let step = plan(1, &v, primary(1, 1), lease(1), 5_000, &cfg);
         assert_eq!(step.action, Action::StartPrimary);
         assert_eq!(while_paused(step).action, Action::Nothing);
