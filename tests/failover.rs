@@ -645,3 +645,110 @@ async fn a_paused_cluster_fails_nothing_over_until_resumed() {
         resumed.elapsed().as_millis()
     );
 }
+
+/// The status code of `GET path` on `addr`, or `None` when nothing answers within a second.
+async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await.ok()?;
+        let line = String::from_utf8_lossy(&head[..n]).into_owned();
+        line.split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
+    let mut c = TestCluster::with_postgres(3);
+    let mut http = std::collections::BTreeMap::new();
+    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+        let addr = format!("127.0.0.1:{}", harness::free_port());
+        let path = c.nodes[&id].config_path();
+        let text = std::fs::read_to_string(&path).expect("config");
+        let text = text.replacen(
+            "listen_addr",
+            &format!("http_addr = \"{addr}\"\nlisten_addr"),
+            1,
+        );
+        std::fs::write(path, text).expect("config");
+        http.insert(id, addr);
+    }
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    let codes = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            let mut out = std::collections::BTreeMap::new();
+            for (id, addr) in &http {
+                out.insert(*id, http_status(addr, path).await);
+            }
+            out
+        }
+    };
+    let settled = wait_for("200 on /primary of the primary only", FAILOVER, || async {
+        let p = codes("/primary").await;
+        let r = codes("/replica").await;
+        let ok = p
+            .iter()
+            .all(|(id, c)| *c == Some(if *id == old { 200 } else { 503 }))
+            && r.iter()
+                .all(|(id, c)| *c == Some(if *id == old { 503 } else { 200 }));
+        ok.then_some((p, r))
+    })
+    .await;
+    eprintln!("before: /primary {:?}, /replica {:?}", settled.0, settled.1);
+    for (id, addr) in &http {
+        assert_eq!(
+            http_status(addr, "/health").await,
+            Some(200),
+            "/health of {id}"
+        );
+        assert_eq!(
+            http_status(addr, "/cluster").await,
+            Some(200),
+            "/cluster of {id}"
+        );
+        assert_eq!(
+            http_status(addr, "/replica?lag=x").await,
+            Some(400),
+            "bad lag on {id}"
+        );
+    }
+    let postmaster = c.postmaster_pid(old).expect("postmaster pid");
+    // SAFETY: killing the test's own Postgres.
+    unsafe { libc::kill(postmaster, libc::SIGKILL) };
+    let crash = Instant::now();
+    // Polled as a load balancer would, but faster: never two members answering 200 at once.
+    let mut new = None;
+    let deadline = crash + FAILOVER;
+    while Instant::now() < deadline {
+        let p = codes("/primary").await;
+        let up: Vec<u64> = p
+            .iter()
+            .filter(|(_, c)| **c == Some(200))
+            .map(|(id, _)| *id)
+            .collect();
+        assert!(up.len() <= 1, "two members answer 200 on /primary: {up:?}");
+        if let Some(&n) = up.first().filter(|n| **n != old) {
+            new = Some(n);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new = new.expect("a new primary answers 200 on /primary");
+    let t = topology(&c).await;
+    assert_eq!(t.primary.map(|p| p.node_id), Some(new));
+    assert_eq!(http_status(&http[&old], "/primary").await, Some(503));
+    eprintln!(
+        "FIGURE http_primary_flip_after_postmaster_kill_ms={}",
+        crash.elapsed().as_millis()
+    );
+}

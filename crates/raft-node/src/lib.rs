@@ -9,6 +9,7 @@ pub mod cluster_state;
 pub mod dynamic_config;
 pub mod events;
 pub mod failover;
+pub mod http;
 pub mod network;
 pub mod node;
 pub mod node_config;

@@ -128,6 +128,18 @@ pub async fn run(
             addr: cfg.listen_addr.clone(),
             source,
         })?;
+    let http_listener = if cfg.http_addr.is_empty() {
+        None
+    } else {
+        Some(
+            TcpListener::bind(&cfg.http_addr)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    addr: cfg.http_addr.clone(),
+                    source,
+                })?,
+        )
+    };
     let data_path = cfg.data_dir.display().to_string();
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
         path: data_path.clone(),
@@ -210,6 +222,16 @@ pub async fn run(
         Duration::from_millis(cfg.raft.heartbeat_ms),
         stop_rx.clone(),
     ));
+    let (health_tx, health_rx) = watch::channel(crate::http::LocalHealth::default());
+    if let Some(l) = http_listener {
+        let (state, stop) = (state.clone(), stop_rx.clone());
+        let addr = cfg.http_addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(l, cfg.node_id, health_rx, state, stop).await {
+                tracing::warn!(%addr, error = %e, "HTTP health endpoints stopped");
+            }
+        });
+    }
     let sidecar = match postgres_instance(&cfg)? {
         Some(instance) => {
             let memory = cfg.data_dir.join("failover.json");
@@ -224,7 +246,8 @@ pub async fn run(
                 dialer.clone(),
             )
             .await?
-            .warn_below(cfg.postgres.free_space_warn_bytes);
+            .warn_below(cfg.postgres.free_space_warn_bytes)
+            .publish_health(health_tx);
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
         None => None,

@@ -22,6 +22,7 @@ use super::report::{LeaderStamp, MemberReport, PgState, StorageReport, SyncAppli
 use super::sync;
 use crate::cluster_state::{ClusterState, Epoch, SyncSet};
 use crate::events::EventLog;
+use crate::http::LocalHealth;
 use crate::network::Dialer;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::ReportRequest;
@@ -156,6 +157,8 @@ pub struct Sidecar {
     cannot_stream: Option<(NodeId, Epoch)>,
     /// Below this many free bytes the sidecar warns.
     free_space_warn_bytes: u64,
+    /// Where the HTTP health endpoints read this member's state.
+    health_tx: Option<watch::Sender<LocalHealth>>,
     storage_seen: StorageSeen,
 }
 
@@ -202,11 +205,18 @@ impl Sidecar {
             dialer,
             cannot_stream: None,
             free_space_warn_bytes: 1024 * 1024 * 1024,
+            health_tx: None,
             storage_seen: StorageSeen {
                 write_kind: "none",
                 low_space: false,
             },
         })
+    }
+
+    /// Publish this member's state every tick to `tx` (the HTTP health endpoints).
+    pub fn publish_health(mut self, tx: watch::Sender<LocalHealth>) -> Self {
+        self.health_tx = Some(tx);
+        self
     }
 
     /// Warn when the data or WAL filesystem has fewer free bytes than `bytes`.
@@ -580,6 +590,20 @@ impl Sidecar {
                     }
                 }
             }
+        }
+        if let Some(tx) = &self.health_tx {
+            tx.send_replace(LocalHealth {
+                pg: Some(pg),
+                lease: self
+                    .lease
+                    .filter(|_| pg == PgState::Primary)
+                    .map(|l| (l.epoch, l.expires_at)),
+                receives_wal: pg == PgState::Replica
+                    && report.receives_wal_now(super::policy::wal_fresh_ms(&cfg)),
+                lsn: obs.lsn,
+                timeline: obs.timeline,
+                at: boot_clock_ms(),
+            });
         }
         let view = LocalView {
             pg,
