@@ -722,10 +722,17 @@ async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
             "bad lag on {id}"
         );
     }
+    // As in a settled cluster: Raft leadership has moved off the primary's node.
+    wait_for("a Raft leader apart from the primary", FAILOVER, || async {
+        let l = c.wait_leader(FAILOVER).await;
+        (l != old).then_some(())
+    })
+    .await;
     let postmaster = c.postmaster_pid(old).expect("postmaster pid");
     // SAFETY: killing the test's own Postgres.
     unsafe { libc::kill(postmaster, libc::SIGKILL) };
     let crash = Instant::now();
+    let mut committed_after = None;
     // Polled as a load balancer would, but faster: never two members answering 200 at once.
     let mut new = None;
     let deadline = crash + FAILOVER;
@@ -741,6 +748,12 @@ async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
             new = Some(n);
             break;
         }
+        if committed_after.is_none() {
+            let t = topology(&c).await;
+            if t.primary.is_some_and(|p| p.node_id != old) {
+                committed_after = Some(crash.elapsed());
+            }
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let new = new.expect("a new primary answers 200 on /primary");
@@ -748,7 +761,8 @@ async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
     assert_eq!(t.primary.map(|p| p.node_id), Some(new));
     assert_eq!(http_status(&http[&old], "/primary").await, Some(503));
     eprintln!(
-        "FIGURE http_primary_flip_after_postmaster_kill_ms={}",
-        crash.elapsed().as_millis()
+        "FIGURE http_primary_flip_after_postmaster_kill_ms={} promotion_committed_after_ms={:?}",
+        crash.elapsed().as_millis(),
+        committed_after.map(|d| d.as_millis())
     );
 }
