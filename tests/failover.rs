@@ -605,6 +605,24 @@ async fn a_paused_cluster_fails_nothing_over_until_resumed() {
     c.start_all();
     let (old, t) = c.wait_postgres(START).await;
     let epoch = t.primary.map(|p| p.epoch).expect("an epoch");
+    // The URL `uri` prints reaches the primary (the test adds the password libpq would take
+    // from ~/.pgpass).
+    let uri = cli(&c, &["uri"]);
+    let uri = uri.trim().replacen(
+        "postgresql://postgres@",
+        &format!("postgresql://postgres:{}@", harness::PG_PASSWORD),
+        1,
+    );
+    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls)
+        .await
+        .expect("connect with the printed URL");
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .expect("query");
+    assert!(!row.get::<_, bool>(0), "`uri` led to a replica: {uri}");
+    drop(client);
     let said = cli(&c, &["pause"]);
     assert!(said.contains("automatic failover paused"), "{said}");
     let listed = cli(&c, &["list"]);

@@ -63,6 +63,21 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Print a libpq multi-host connection URL for every member's Postgres.
+    Uri {
+        #[command(flatten)]
+        conn: Conn,
+        /// Prefer a replica (`target_session_attrs=prefer-standby`) instead of requiring the
+        /// writable primary.
+        #[arg(long)]
+        read_only: bool,
+        /// Role to connect as.
+        #[arg(long, default_value = "postgres")]
+        user: String,
+        /// Database to connect to.
+        #[arg(long, default_value = "postgres")]
+        dbname: String,
+    },
     /// Add or remove members.
     #[command(subcommand)]
     Member(MemberCmd),
@@ -230,6 +245,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Resume { conn } => {
             init_logging("warn");
             set_paused(&conn, false).await
+        }
+        Command::Uri {
+            conn,
+            read_only,
+            user,
+            dbname,
+        } => {
+            init_logging("warn");
+            let topo = fetch_topology(&conn.client()?).await?;
+            println!("{}", output::libpq_uri(&topo, read_only, &user, &dbname)?);
+            Ok(())
         }
         Command::Member(cmd) => {
             init_logging("warn");

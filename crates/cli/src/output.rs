@@ -313,6 +313,58 @@ pub fn events(events: &[proto::Event], out: Output) -> String {
     }
 }
 
+/// A libpq multi-host URL for every registered member's Postgres (no password: libpq takes it
+/// from `~/.pgpass` or `PGPASSWORD`). Read-write URLs list the committed primary first and
+/// require a writable server; read-only ones list replicas first and prefer a standby.
+pub fn libpq_uri(
+    t: &proto::Topology,
+    read_only: bool,
+    user: &str,
+    dbname: &str,
+) -> anyhow::Result<String> {
+    let primary = t.primary.as_ref().map(|p| p.node_id);
+    let mut members: Vec<&proto::Member> = t.members.iter().filter(|m| m.pg_port != 0).collect();
+    if members.is_empty() {
+        anyhow::bail!("no member has registered its Postgres address yet; try again once `pgquorum list` shows them");
+    }
+    // Primary first for writes, last for reads; otherwise by id.
+    members.sort_by_key(|m| ((Some(m.id) == primary) == read_only, m.id));
+    let hosts: Vec<String> = members
+        .iter()
+        .map(|m| {
+            let host = if m.pg_host.contains(':') {
+                format!("[{}]", m.pg_host)
+            } else {
+                m.pg_host.clone()
+            };
+            format!("{host}:{}", m.pg_port)
+        })
+        .collect();
+    let attrs = if read_only {
+        "prefer-standby"
+    } else {
+        "read-write"
+    };
+    Ok(format!(
+        "postgresql://{}@{}/{}?target_session_attrs={attrs}&connect_timeout=2",
+        percent_encode(user),
+        hosts.join(","),
+        percent_encode(dbname)
+    ))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// The ROLE column: what the member's latest report says, reconciled with the committed
 /// assignment so that the table never contradicts the history (right after a failover the new
 /// primary still reports itself a replica until its promotion ends).
@@ -375,6 +427,43 @@ fn human_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uri_lists_the_primary_first_for_writes_and_last_for_reads() {
+        let m = |id: u64, host: &str, port: u32| proto::Member {
+            id,
+            pg_host: host.into(),
+            pg_port: port,
+            ..Default::default()
+        };
+        let t = proto::Topology {
+            primary: Some(proto::PrimaryAssignment {
+                node_id: 2,
+                epoch: 3,
+            }),
+            members: vec![
+                m(1, "10.0.0.1", 5432),
+                m(2, "10.0.0.2", 5433),
+                m(3, "::1", 5434),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            libpq_uri(&t, false, "app", "shop").unwrap(),
+            "postgresql://app@10.0.0.2:5433,10.0.0.1:5432,[::1]:5434/shop?\
+             target_session_attrs=read-write&connect_timeout=2"
+        );
+        assert_eq!(
+            libpq_uri(&t, true, "a@b", "db").unwrap(),
+            "postgresql://a%40b@10.0.0.1:5432,[::1]:5434,10.0.0.2:5433/db?\
+             target_session_attrs=prefer-standby&connect_timeout=2"
+        );
+        let none = proto::Topology {
+            members: vec![m(1, "", 0)],
+            ..Default::default()
+        };
+        assert!(libpq_uri(&none, false, "u", "d").is_err());
+    }
 
     #[test]
     fn the_role_column_agrees_with_the_committed_primary() {
