@@ -689,14 +689,7 @@ async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
     let mut http = std::collections::BTreeMap::new();
     for id in c.nodes.keys().copied().collect::<Vec<_>>() {
         let addr = format!("127.0.0.1:{}", harness::free_port());
-        let path = c.nodes[&id].config_path();
-        let text = std::fs::read_to_string(&path).expect("config");
-        let text = text.replacen(
-            "listen_addr",
-            &format!("http_addr = \"{addr}\"\nlisten_addr"),
-            1,
-        );
-        std::fs::write(path, text).expect("config");
+        c.insert_config(id, "listen_addr", &format!("http_addr = \"{addr}\""));
         http.insert(id, addr);
     }
     c.start_all();

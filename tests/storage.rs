@@ -110,16 +110,9 @@ fn cluster_on_tmpfs(test: &str) -> Option<(TestCluster, Mounts)> {
     Some((c, m))
 }
 
-/// Sets member `id`'s `free_space_warn_bytes`.
+/// Sets member `id`'s `free_space_warn_bytes` (the `[postgres]` table starts with `host`).
 fn warn_below(c: &mut TestCluster, id: u64, bytes: u64) {
-    let path = c.nodes[&id].config_path();
-    let text = std::fs::read_to_string(&path).expect("read config");
-    let text = text.replacen(
-        "[postgres]\n",
-        &format!("[postgres]\nfree_space_warn_bytes = {bytes}\n"),
-        1,
-    );
-    std::fs::write(path, text).expect("write config");
+    c.insert_config(id, "host = ", &format!("free_space_warn_bytes = {bytes}"));
 }
 
 /// Fills the filesystem of `dir` to the last byte with a file named `filler`; returns when it
@@ -163,29 +156,32 @@ async fn wait_replica_caught_up(c: &TestCluster, id: u64, primary: u64) -> proto
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_on_the_primary_fails_over_to_a_member_with_room() {
-    let Some((mut c, mounts)) =
-        cluster_on_tmpfs("a_full_disk_on_the_primary_fails_over_to_a_member_with_room")
-    else {
-        return;
-    };
+/// Starts the cluster and a workload: a writer, a checker, writes flowing and a synchronous
+/// standby committed. `per_host`: the writer bounds each member's whole connection setup.
+/// Returns the primary.
+async fn primary_under_writes(c: &mut TestCluster, per_host: bool) -> (u64, Writer, Checker) {
     c.start_all();
-    let (old, _) = c.wait_postgres(START).await;
-    let writer = Writer::start(c.pg_url()).await;
-    let checker = Checker::start(&c);
+    let (primary, _) = c.wait_postgres(START).await;
+    let writer = if per_host {
+        Writer::start_per_host(c).await
+    } else {
+        Writer::start(c.pg_url()).await
+    };
+    let checker = Checker::start(c);
     wait_for("writes flow", PATIENCE, || async {
         (writer.acked.lock().unwrap().len() >= 10).then_some(())
     })
     .await;
-    wait_sync_committed(&c).await;
-    let old_dir = c.nodes[&old].dir.join("pgdata");
-    let full_at = fill(&old_dir);
-    // The reason shows while the failover is under way or in the history once it is done.
-    // Small rows still fit in pages the table has, so the old primary may acknowledge some
-    // writes after the fault: count only those after the promotion.
+    wait_sync_committed(c).await;
+    (primary, writer, checker)
+}
+
+/// Waits for a committed primary other than `old`, then for a write acknowledged after it
+/// (small rows still fit in pages a table has, so a full old primary may acknowledge some
+/// writes after the fault). Returns the new primary.
+async fn new_primary_taking_writes(c: &TestCluster, old: u64, writer: &Writer) -> u64 {
     let (new, promoted_at) = wait_for("a new primary", PATIENCE, || async {
-        let t = topology(&c).await;
+        let t = topology(c).await;
         let p = t.primary.as_ref()?.node_id;
         (p != old).then(|| (p, Instant::now()))
     })
@@ -196,24 +192,42 @@ async fn a_full_disk_on_the_primary_fails_over_to_a_member_with_room() {
         || async { writer.acked_after(promoted_at).then_some(()) },
     )
     .await;
+    new
+}
+
+/// Stops the workload and checks it: never two writable members, and every acknowledged write
+/// on `primary` (S1, S6). Returns the acknowledged writes.
+async fn stop_and_check(
+    c: &TestCluster,
+    primary: u64,
+    writer: Writer,
+    checker: Checker,
+) -> Vec<(i64, Instant)> {
+    let acked = writer.stop().await;
+    let (most, who) = checker.stop().await;
+    assert_eq!(most, 1, "two writable members at once: {who:?}");
+    let lost = missing_on(c, primary, &acked).await;
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_the_primary_fails_over_to_a_member_with_room() {
+    let Some((mut c, mounts)) =
+        cluster_on_tmpfs("a_full_disk_on_the_primary_fails_over_to_a_member_with_room")
+    else {
+        return;
+    };
+    let (old, writer, checker) = primary_under_writes(&mut c, false).await;
+    let old_dir = c.nodes[&old].dir.join("pgdata");
+    let full_at = fill(&old_dir);
+    // The promotion and its reason are in the committed history.
+    let new = new_primary_taking_writes(&c, old, &writer).await;
     let t = topology(&c).await;
     let promotion = t.history.last().expect("a promotion in the history");
     assert_eq!(promotion.to_node, new);
     eprintln!("promotion: {}", promotion.reason);
-    if std::env::var("PGQUORUM_STORAGE_DEBUG").is_ok() {
-        let log = std::fs::read_to_string(c.nodes[&old].log_path()).unwrap_or_default();
-        for l in log
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("INFO"))
-        {
-            eprintln!("n{old}: {l}");
-        }
-    }
-    let acked = writer.stop().await;
-    let (most, who) = checker.stop().await;
-    assert_eq!(most, 1, "two writable members at once: {who:?}");
-    let lost = missing_on(&c, new, &acked).await;
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let acked = stop_and_check(&c, new, writer, checker).await;
     // The old primary stays down while its disk is full, and says why.
     let shown = wait_for(
         "the old primary's low space in the topology",
@@ -228,13 +242,6 @@ async fn a_full_disk_on_the_primary_fails_over_to_a_member_with_room() {
     free(&old_dir);
     let t = wait_replica_caught_up(&c, old, new).await;
     assert!(!member(&t, old).low_space);
-    if std::env::var("PGQUORUM_STORAGE_DEBUG").is_ok() {
-        let rel: Vec<i128> = acked
-            .iter()
-            .map(|(_, a)| a.duration_since(full_at).as_millis() as i128)
-            .collect();
-        eprintln!("acks after the fill began (ms): {rel:?}");
-    }
     eprintln!(
         "FIGURE disk_full_on_primary write_outage_ms={} acked={} lost=0",
         longest_gap_after(&acked, full_at).as_millis(),
@@ -271,9 +278,6 @@ async fn a_full_disk_on_the_primary_without_a_member_with_room_moves_nothing() {
     let status = wait_for("the reason nobody is promoted", PATIENCE, || async {
         let t = topology(&c).await;
         let s = t.failover_status.clone();
-        if std::env::var("PGQUORUM_STORAGE_DEBUG").is_ok() && !s.is_empty() {
-            eprintln!("status: {s}");
-        }
         (s.contains("cannot write") && s.contains("no candidate")).then_some(s)
     })
     .await;
@@ -419,15 +423,7 @@ async fn read_only_storage_on_the_primary_fails_over() {
     else {
         return;
     };
-    c.start_all();
-    let (old, _) = c.wait_postgres(START).await;
-    let writer = Writer::start(c.pg_url()).await;
-    let checker = Checker::start(&c);
-    wait_for("writes flow", PATIENCE, || async {
-        (writer.acked.lock().unwrap().len() >= 10).then_some(())
-    })
-    .await;
-    wait_sync_committed(&c).await;
+    let (old, writer, checker) = primary_under_writes(&mut c, false).await;
     // What ext4 does on an I/O error with errors=remount-ro: the filesystem refuses every
     // write from then on (EROFS), with files still open for writing.
     let name = ext4_name(&c.nodes[&old].dir.join("pgdata"));
@@ -437,25 +433,8 @@ async fn read_only_storage_on_the_primary_fails_over() {
         return;
     }
     let ro_at = Instant::now();
-    // Small rows still fit in pages the table has, so the old primary may acknowledge some
-    // writes after the fault: count only those after the promotion.
-    let (new, promoted_at) = wait_for("a new primary", PATIENCE, || async {
-        let t = topology(&c).await;
-        let p = t.primary.as_ref()?.node_id;
-        (p != old).then(|| (p, Instant::now()))
-    })
-    .await;
-    wait_for(
-        "a write acknowledged on the new primary",
-        PATIENCE,
-        || async { writer.acked_after(promoted_at).then_some(()) },
-    )
-    .await;
-    let acked = writer.stop().await;
-    let (most, who) = checker.stop().await;
-    assert_eq!(most, 1, "two writable members at once: {who:?}");
-    let lost = missing_on(&c, new, &acked).await;
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let new = new_primary_taking_writes(&c, old, &writer).await;
+    let acked = stop_and_check(&c, new, writer, checker).await;
     // Postgres often stops on its own first (it cannot write WAL); either way the old
     // primary's member shows why, and stays down rather than rejoin on storage that refuses
     // writes.
@@ -499,17 +478,9 @@ async fn stuck_io_on_the_primary_fails_over_and_it_rejoins_after_the_thaw() {
     let Some((mut c, mounts)) = cluster_on_ext4(test) else {
         return;
     };
-    c.start_all();
-    let (old, _) = c.wait_postgres(START).await;
     // A frozen member accepts TCP and then hangs: connect to each member within a bound, as
     // libpq's per-host connect_timeout does.
-    let writer = Writer::start_per_host(&c).await;
-    let checker = Checker::start(&c);
-    wait_for("writes flow", PATIENCE, || async {
-        (writer.acked.lock().unwrap().len() >= 10).then_some(())
-    })
-    .await;
-    wait_sync_committed(&c).await;
+    let (old, writer, checker) = primary_under_writes(&mut c, true).await;
     // A hung disk: every write to the filesystem blocks until it is thawed.
     let dir = c.nodes[&old].dir.join("pgdata");
     if let Err(e) = run(Command::new("fsfreeze").arg("-f").arg(&dir)) {
@@ -527,39 +498,12 @@ async fn stuck_io_on_the_primary_fails_over_and_it_rejoins_after_the_thaw() {
     )
     .await;
     eprintln!("while frozen: {}", stuck.cannot_write);
-    let (new, promoted_at) = wait_for("a new primary", PATIENCE, || async {
-        let t = topology(&c).await;
-        let p = t.primary.as_ref()?.node_id;
-        (p != old).then(|| (p, Instant::now()))
-    })
-    .await;
-    if std::env::var("PGQUORUM_STORAGE_DEBUG").is_ok() {
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let log = std::fs::read_to_string(c.nodes[&old].log_path()).unwrap_or_default();
-        for l in log
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("INFO"))
-        {
-            eprintln!("n{old}: {l}");
-        }
-        let ps = run(Command::new("ps").args(["-eo", "pid,stat,wchan:20,cmd"]));
-        eprintln!("ps: {}", ps.unwrap_or_default());
-    }
-    wait_for(
-        "a write acknowledged on the new primary",
-        PATIENCE,
-        || async { writer.acked_after(promoted_at).then_some(()) },
-    )
-    .await;
+    let new = new_primary_taking_writes(&c, old, &writer).await;
     run(Command::new("fsfreeze").arg("-u").arg(&dir)).expect("thaw");
     let thawed_at = Instant::now();
     let t = wait_replica_caught_up(&c, old, new).await;
     assert_eq!(t.primary.map(|p| p.node_id), Some(new));
-    let acked = writer.stop().await;
-    let (most, who) = checker.stop().await;
-    assert_eq!(most, 1, "two writable members at once: {who:?}");
-    let lost = missing_on(&c, new, &acked).await;
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let acked = stop_and_check(&c, new, writer, checker).await;
     eprintln!(
         "FIGURE stuck_io_primary write_outage_ms={} rejoined_after_thaw_ms={} acked={} lost=0",
         longest_gap_after(&acked, frozen_at).as_millis(),

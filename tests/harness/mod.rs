@@ -239,6 +239,21 @@ impl TestCluster {
         std::fs::write(node.config_path(), s).expect("write config");
     }
 
+    /// Puts `line` into node `id`'s config just before the first `before` (e.g. a top-level key
+    /// before `listen_addr`, or a `[postgres]` key after `[postgres]\n` by inserting before
+    /// what follows it), before it starts.
+    #[allow(dead_code)]
+    pub fn insert_config(&mut self, id: u64, before: &str, line: &str) {
+        let path = self.nodes[&id].config_path();
+        let text = std::fs::read_to_string(&path).expect("read config");
+        assert!(
+            text.contains(before),
+            "no '{before}' in the config of node {id}"
+        );
+        let text = text.replacen(before, &format!("{line}\n{before}"), 1);
+        std::fs::write(path, text).expect("write config");
+    }
+
     /// Appends TOML (e.g. a `[tags]` table) to node `id`'s config before it starts.
     pub fn append_config(&mut self, id: u64, toml: &str) {
         let path = self.nodes[&id].config_path();

@@ -26,9 +26,10 @@ pub struct FsSpace {
     pub read_only: bool,
 }
 
-/// `statvfs` of `path`; `None` when it fails (no such path). It never writes, so it answers on
-/// a full or frozen filesystem too.
-pub fn fs_space(path: &Path) -> Option<FsSpace> {
+/// `statvfs` of `path`, read-only by it or by `mountinfo` (the text of
+/// `/proc/self/mountinfo`, read once by the caller for all its paths); `None` when it fails (no
+/// such path). It never writes, so it answers on a full or frozen filesystem too.
+pub fn fs_space(path: &Path, mountinfo: &str) -> Option<FsSpace> {
     let c = CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: `statvfs` writes only into the struct we pass, and `c` is a valid C string.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -37,12 +38,11 @@ pub fn fs_space(path: &Path) -> Option<FsSpace> {
         return None;
     }
     let unit = s.f_frsize as u64;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Some(FsSpace {
         free_bytes: (s.f_bavail as u64).saturating_mul(unit),
         total_bytes: (s.f_blocks as u64).saturating_mul(unit),
-        read_only: s.f_flag & libc::ST_RDONLY != 0 || mounted_read_only(&mountinfo, &canonical),
+        read_only: s.f_flag & libc::ST_RDONLY != 0 || mounted_read_only(mountinfo, &canonical),
     })
 }
 
@@ -297,8 +297,8 @@ mod tests {
     #[test]
     fn statvfs_of_a_real_directory() {
         let dir = std::env::temp_dir();
-        let s = fs_space(&dir).expect("statvfs of the temp dir");
+        let s = fs_space(&dir, "").expect("statvfs of the temp dir");
         assert!(s.total_bytes > 0 && s.free_bytes <= s.total_bytes, "{s:?}");
-        assert!(fs_space(Path::new("/no/such/path/pgquorum")).is_none());
+        assert!(fs_space(Path::new("/no/such/path/pgquorum"), "").is_none());
     }
 }

@@ -142,9 +142,14 @@ impl Instance {
                     .map(|p| p.to_path_buf())
                     .unwrap_or(data.clone())
             };
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
             let wal = data.join("pg_wal");
-            let wal_space = if wal.exists() { fs_space(&wal) } else { None };
-            (fs_space(&at), wal_space)
+            let wal_space = if wal.exists() {
+                fs_space(&wal, &mounts)
+            } else {
+                None
+            };
+            (fs_space(&at, &mounts), wal_space)
         });
         match tokio::time::timeout(std::time::Duration::from_millis(500), look).await {
             Ok(Ok(spaces)) => spaces,
