@@ -63,6 +63,36 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Planned switchover: the primary shuts down cleanly, the target takes over once it has
+    /// replayed the primary's last WAL record, and the old primary follows it without a rewind.
+    /// Refused, with the reason, when the target is unhealthy, lagging or tagged nofailover.
+    Switchover {
+        #[command(flatten)]
+        conn: Conn,
+        /// The member to promote (id or name); default: the most advanced healthy replica.
+        #[arg(long)]
+        to: Option<String>,
+        /// When to switch over: an RFC 3339 time (2026-12-01T22:00:00Z) or `+N[s|m|h]`
+        /// from now; default: at once. The target is checked again at that time.
+        #[arg(long)]
+        at: Option<String>,
+        /// Return once the plan is committed instead of waiting for its outcome.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Manual failover: choose who replaces a primary that is down. Every safety wait of an
+    /// automatic failover still applies; refused while the primary is healthy (use
+    /// `switchover`).
+    Failover {
+        #[command(flatten)]
+        conn: Conn,
+        /// The member to promote (id or name).
+        #[arg(long)]
+        to: String,
+        /// Return once the plan is committed instead of waiting for its outcome.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print a libpq multi-host connection URL for every member's Postgres.
     Uri {
         #[command(flatten)]
@@ -246,6 +276,30 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             set_paused(&conn, false).await
         }
+        Command::Switchover {
+            conn,
+            to,
+            at,
+            no_wait,
+        } => {
+            init_logging("warn");
+            let at_unix_ms = at
+                .as_deref()
+                .map(|a| parse_at(a, chrono::Utc::now()))
+                .transpose()?
+                .unwrap_or(0);
+            plan_primary(
+                &conn,
+                PlanVerb::Switchover { at_unix_ms },
+                to.as_deref(),
+                no_wait,
+            )
+            .await
+        }
+        Command::Failover { conn, to, no_wait } => {
+            init_logging("warn");
+            plan_primary(&conn, PlanVerb::Failover, Some(&to), no_wait).await
+        }
         Command::Uri {
             conn,
             read_only,
@@ -355,6 +409,143 @@ async fn set_paused(conn: &Conn, paused: bool) -> Result<()> {
     Ok(())
 }
 
+/// Which plan an operator asks for.
+enum PlanVerb {
+    Switchover { at_unix_ms: u64 },
+    Failover,
+}
+
+/// Parses `--at`: an RFC 3339 time, or `+N` with a unit `s`, `m` or `h` from `now`.
+fn parse_at(at: &str, now: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+    let at = at.trim();
+    let when = if let Some(rel) = at.strip_prefix('+') {
+        let (n, unit) = rel.split_at(rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len()));
+        let n: i64 = n
+            .parse()
+            .with_context(|| format!("--at '{at}': expected +N followed by s, m or h"))?;
+        let secs = match unit {
+            "" | "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            _ => bail!("--at '{at}': unit '{unit}' is not s, m or h"),
+        };
+        now + chrono::Duration::seconds(secs)
+    } else {
+        chrono::DateTime::parse_from_rfc3339(at)
+            .with_context(|| {
+                format!(
+                    "--at '{at}' is neither an RFC 3339 time (2026-12-01T22:00:00Z) nor +N[s|m|h]"
+                )
+            })?
+            .with_timezone(&chrono::Utc)
+    };
+    if when < now - chrono::Duration::seconds(1) {
+        bail!("--at '{at}' is in the past ({when}); leave --at out to switch over now");
+    }
+    u64::try_from(when.timestamp_millis()).context("--at is before 1970")
+}
+
+/// The member id for `who` (an id or a name), from the topology.
+fn member_id(topo: &proto::Topology, who: &str) -> Result<u64> {
+    let found = topo
+        .members
+        .iter()
+        .find(|m| m.name == who || who.parse::<u64>().is_ok_and(|id| id == m.id));
+    match found {
+        Some(m) => Ok(m.id),
+        None => bail!(
+            "no member is called or numbered '{who}'; members: {}",
+            topo.members
+                .iter()
+                .map(|m| format!("{} ({})", m.id, m.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Commits a switchover or a manual failover and, unless `no_wait`, follows it to its end.
+async fn plan_primary(conn: &Conn, verb: PlanVerb, to: Option<&str>, no_wait: bool) -> Result<()> {
+    let client = conn.client()?;
+    let topo = fetch_topology(&client).await?;
+    let to = to.map(|t| member_id(&topo, t)).transpose()?;
+    let started = std::time::Instant::now();
+    let reply = match verb {
+        PlanVerb::Switchover { at_unix_ms } => {
+            let req = proto::SwitchoverRequest {
+                to: to.unwrap_or(0),
+                at_unix_ms,
+            };
+            client
+                .call(|mut c| async move { c.switchover(req).await })
+                .await
+                .context("switchover refused")?
+        }
+        PlanVerb::Failover => {
+            let req = proto::FailoverRequest {
+                to: to.unwrap_or(0),
+            };
+            client
+                .call(|mut c| async move { c.failover(req).await })
+                .await
+                .context("failover refused")?
+        }
+    };
+    let plan = reply.plan.context("the leader committed no plan")?;
+    let name = |id: u64| output::member_name(&topo, id);
+    let when = if plan.not_before_unix_ms == 0 {
+        "now".to_string()
+    } else {
+        chrono::DateTime::from_timestamp_millis(plan.not_before_unix_ms as i64)
+            .map_or_else(|| plan.not_before_unix_ms.to_string(), |t| t.to_rfc3339())
+    };
+    println!(
+        "{} planned (plan {}, log index {}): from {} to {}, {when}",
+        plan.kind,
+        plan.id,
+        reply.log_index,
+        name(plan.from_node),
+        name(plan.to_node)
+    );
+    if no_wait {
+        return Ok(());
+    }
+    let outcome = wait_for_plan(&client, plan.id).await?;
+    let secs = started.elapsed().as_secs_f64();
+    if outcome.done {
+        println!("done in {secs:.2} s: {}", outcome.outcome);
+        Ok(())
+    } else {
+        bail!(
+            "{} did not complete ({secs:.2} s): {}",
+            plan.kind,
+            outcome.outcome
+        )
+    }
+}
+
+/// Follows the watch stream until plan `id` has ended; reconnects when a member goes away.
+async fn wait_for_plan(client: &ApiClient, id: u64) -> Result<proto::PlanOutcome> {
+    let mut last_status = String::new();
+    loop {
+        let mut stream = client
+            .call(|mut c| async move { c.watch_topology(proto::WatchTopologyRequest {}).await })
+            .await?;
+        while let Ok(Some(topo)) = stream.message().await {
+            if let Some(o) = topo
+                .last_plan
+                .filter(|o| o.plan.as_ref().is_some_and(|p| p.id == id))
+            {
+                return Ok(o);
+            }
+            if !topo.failover_status.is_empty() && topo.failover_status != last_status {
+                eprintln!("  {}", topo.failover_status);
+                last_status = topo.failover_status;
+            }
+        }
+    }
+}
+
 /// Tells people, on standard error so that JSON stays clean, that failover is paused.
 fn note_paused(paused: bool, out: Output) {
     if paused && out == Output::Table {
@@ -461,5 +652,29 @@ mod tests {
         assert!(parse_settings(&["lease_ms".into()]).is_err());
         assert!(parse_settings(&["=1".into()]).is_err());
         assert!(parse_settings(&["a=1".into(), "a=2".into()]).is_err());
+    }
+
+    #[test]
+    fn switchover_times_parse_as_rfc3339_or_relative_and_never_in_the_past() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let base = now.timestamp_millis() as u64;
+        assert_eq!(parse_at("+90s", now).unwrap(), base + 90_000);
+        assert_eq!(parse_at("+5m", now).unwrap(), base + 300_000);
+        assert_eq!(parse_at("+2h", now).unwrap(), base + 7_200_000);
+        assert_eq!(
+            parse_at("2026-12-01T13:00:00+01:00", now).unwrap(),
+            base,
+            "offsets count"
+        );
+        assert_eq!(
+            parse_at("2026-12-01T22:00:00Z", now).unwrap(),
+            base + 36_000_000
+        );
+        for bad in ["tomorrow", "+5d", "+", "2026-11-30T12:00:00Z", "+x"] {
+            let e = parse_at(bad, now).unwrap_err().to_string();
+            assert!(e.contains("--at"), "{bad}: {e}");
+        }
     }
 }

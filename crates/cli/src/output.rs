@@ -63,6 +63,21 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                     "target_k": y.target_k,
                 })),
                 "history": history_json(t),
+                "plan": t.plan.as_ref().map(|p| json!({
+                    "id": p.id,
+                    "kind": p.kind,
+                    "from": p.from_node,
+                    "to": p.to_node,
+                    "epoch": p.epoch,
+                    "not_before_unix_ms": (p.not_before_unix_ms > 0).then_some(p.not_before_unix_ms),
+                    "started": p.started,
+                })),
+                "last_plan": t.last_plan.as_ref().map(|o| json!({
+                    "id": o.plan.as_ref().map(|p| p.id),
+                    "kind": o.plan.as_ref().map(|p| p.kind.clone()),
+                    "done": o.done,
+                    "outcome": o.outcome,
+                })),
                 "members": members,
             });
             format!("{v:#}\n")
@@ -134,12 +149,43 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
             for line in storage_lines(t) {
                 s.push_str(&line);
             }
+            if let Some(line) = plan_line(t) {
+                s.push_str(&line);
+            }
             if !t.failover_status.is_empty() {
                 s.push_str(&format!("failover: {}\n", t.failover_status));
             }
             s
         }
     }
+}
+
+/// `n2 (b)`: a member's id and name as the tables show them.
+pub fn member_name(t: &proto::Topology, id: u64) -> String {
+    match t.members.iter().find(|m| m.id == id) {
+        Some(m) if !m.name.is_empty() => format!("n{id} ({})", m.name),
+        _ => format!("n{id}"),
+    }
+}
+
+/// A line on a switchover or manual failover under way, if one is.
+fn plan_line(t: &proto::Topology) -> Option<String> {
+    let p = t.plan.as_ref()?;
+    let state = match (p.kind.as_str(), p.started) {
+        ("switchover", false) if p.not_before_unix_ms > 0 => {
+            format!("scheduled for {} UTC", clock(p.not_before_unix_ms))
+        }
+        ("switchover", false) => "being checked".to_string(),
+        ("switchover", true) => "under way: the primary shuts down cleanly".to_string(),
+        _ => "under way".to_string(),
+    };
+    Some(format!(
+        "{} {} -> {}: {state} (plan {})\n",
+        p.kind,
+        member_name(t, p.from_node),
+        member_name(t, p.to_node),
+        p.id
+    ))
 }
 
 /// One line on synchronous replication: which standbys acknowledge commits. Right after a

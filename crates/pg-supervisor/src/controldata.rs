@@ -13,6 +13,9 @@ pub struct ControlData {
     pub timeline: u32,
     /// Whether data checksums are on (needed by `pg_rewind`).
     pub data_checksums: bool,
+    /// Where the latest checkpoint record starts ("Latest checkpoint location"). After a clean
+    /// shutdown it is the shutdown checkpoint, the last record of the WAL.
+    pub checkpoint_lsn: Option<u64>,
 }
 
 /// Parses `pg_controldata` output.
@@ -39,11 +42,15 @@ pub fn parse_controldata(text: &str) -> Result<ControlData> {
     let data_checksums = field("Data page checksum version")
         .map(|v| v != "0")
         .unwrap_or(false);
+    let checkpoint_lsn = field("Latest checkpoint location")
+        .and_then(|v| v.parse::<crate::observation::Lsn>().ok())
+        .map(|l| l.0);
     Ok(ControlData {
         system_identifier,
         cluster_state,
         timeline,
         data_checksums,
+        checkpoint_lsn,
     })
 }
 
@@ -57,6 +64,7 @@ mod tests {
             Catalog version number:               202209061\n\
             Database system identifier:           7304567890123456789\n\
             Database cluster state:               in production\n\
+            Latest checkpoint location:           0/3000028\n\
             Latest checkpoint's TimeLineID:       3\n\
             Latest checkpoint's PrevTimeLineID:   3\n\
             Data page checksum version:           1\n";
@@ -65,6 +73,7 @@ mod tests {
         assert_eq!(cd.cluster_state, "in production");
         assert_eq!(cd.timeline, 3);
         assert!(cd.data_checksums);
+        assert_eq!(cd.checkpoint_lsn, Some(0x3000028));
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub use failure_counter::{FailureCounter, Health};
 pub use fence::FenceReport;
 pub use guard::{run_guard, Guard, GuardArgs};
 pub use instance::{
-    AppliedSync, FollowReport, Instance, PromoteReport, RejoinMethod, RejoinReport, StopMode,
+    AppliedSync, FollowReport, HandOverReport, Instance, PromoteReport, RejoinMethod, RejoinReport,
+    StopMode,
 };
 pub use lease::Lease;
 pub use observation::{Lsn, Observation, PostmasterState, Role, StandbyReplication, WalReceiver};

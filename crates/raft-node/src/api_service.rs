@@ -17,7 +17,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::cluster_state::{Command, CommandOutcome, MemberInfo, Tags};
+use crate::cluster_state::{Command, CommandOutcome, MemberInfo, PlanKind, PrimaryPlan, Tags};
 use crate::events::EventLog;
 use crate::failover::leader::{FailoverLeader, MemberHealth};
 use crate::failover::report::{MemberReport, PgState};
@@ -174,6 +174,23 @@ impl ClusterService {
         }
     }
 
+    /// Checks a plan against the leader's reports and commits it.
+    async fn plan(
+        &self,
+        kind: PlanKind,
+        to: Option<NodeId>,
+        not_before_unix_ms: u64,
+    ) -> Result<Response<proto::PlanReply>, Status> {
+        let cmd = self
+            .failover
+            .check_plan(kind, to, not_before_unix_ms)
+            .map_err(Status::failed_precondition)?;
+        let log_index = self.write(cmd).await?;
+        let plan = self.state.borrow().cluster.plan.as_ref().map(plan_to_proto);
+        tracing::info!(?kind, ?plan, log_index, "plan committed");
+        Ok(Response::new(proto::PlanReply { plan, log_index }))
+    }
+
     async fn change_membership(
         &self,
         change: ChangeMembers<NodeId, BasicNode>,
@@ -302,6 +319,16 @@ pub fn build_topology(
             })
             .collect(),
         failover_status: String::new(),
+        plan: state.cluster.plan.as_ref().map(plan_to_proto),
+        last_plan: state
+            .cluster
+            .last_plan
+            .as_ref()
+            .map(|o| proto::PlanOutcome {
+                plan: Some(plan_to_proto(&o.plan)),
+                done: o.done,
+                outcome: o.outcome.clone(),
+            }),
         sync: Some(proto::SyncStandbys {
             mode: state.cluster.config.synchronous_mode.to_string(),
             members: state
@@ -358,6 +385,23 @@ fn add_health(
         m.cannot_write = h.storage.cannot_write.clone().unwrap_or_default();
         m.read_only_storage = h.storage.read_only;
         m.write_probe_ms = h.storage.write_probe_ms.unwrap_or(0);
+    }
+}
+
+fn plan_to_proto(p: &PrimaryPlan) -> proto::Plan {
+    proto::Plan {
+        id: p.id,
+        kind: match p.kind {
+            PlanKind::Switchover => "switchover",
+            PlanKind::Failover => "failover",
+        }
+        .to_string(),
+        epoch: p.epoch,
+        from_node: p.from,
+        to_node: p.to,
+        not_before_unix_ms: p.not_before_unix_ms,
+        requested_at_unix_ms: p.requested_at_unix_ms,
+        started: p.started,
     }
 }
 
@@ -589,6 +633,34 @@ impl Cluster for ClusterService {
             if paused { "paused" } else { "resumed" }
         );
         Ok(Response::new(proto::SetPausedReply { paused, log_index }))
+    }
+
+    async fn switchover(
+        &self,
+        req: Request<proto::SwitchoverRequest>,
+    ) -> Result<Response<proto::PlanReply>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.switchover(forwarded(req.into_inner())).await;
+        }
+        let r = req.into_inner();
+        let to = (r.to != 0).then_some(r.to);
+        self.plan(PlanKind::Switchover, to, r.at_unix_ms).await
+    }
+
+    async fn failover(
+        &self,
+        req: Request<proto::FailoverRequest>,
+    ) -> Result<Response<proto::PlanReply>, Status> {
+        if let Some(mut leader) = self.leader_client(&req)? {
+            return leader.failover(forwarded(req.into_inner())).await;
+        }
+        let to = req.into_inner().to;
+        if to == 0 {
+            return Err(Status::invalid_argument(
+                "a manual failover needs the member to promote (--to NODE)",
+            ));
+        }
+        self.plan(PlanKind::Failover, Some(to), 0).await
     }
 
     async fn register_member(

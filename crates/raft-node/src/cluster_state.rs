@@ -130,6 +130,50 @@ pub struct RoleChange {
     pub lsn: Option<u64>,
 }
 
+/// What an operator asked the leader to do with the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanKind {
+    /// Planned switchover from a healthy primary: it shuts down cleanly, the target replays
+    /// its last WAL record, then the target is promoted.
+    Switchover,
+    /// Manual failover: the primary is down, and the operator names who takes over. The usual
+    /// safety waits (leases, reports, synchronous standbys) all still apply.
+    Failover,
+}
+
+/// An operator's request to move the primary, committed before anything stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryPlan {
+    /// Grows with every plan, so that a report about one plan never counts for another.
+    pub id: u64,
+    /// Switchover or manual failover.
+    pub kind: PlanKind,
+    /// The primary's epoch the plan belongs to; a promotion ends it.
+    pub epoch: Epoch,
+    /// The primary it moves away from.
+    pub from: NodeId,
+    /// The member that takes over.
+    pub to: NodeId,
+    /// Wall-clock time (ms since the Unix epoch) before which nothing stops; 0: at once.
+    pub not_before_unix_ms: u64,
+    /// When the operator asked, for the history.
+    pub requested_at_unix_ms: u64,
+    /// The leader checked the target again at the planned time and told the primary to go.
+    pub started: bool,
+}
+
+/// How the last plan ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanOutcome {
+    /// The plan.
+    pub plan: PrimaryPlan,
+    /// Whether its target became primary.
+    pub done: bool,
+    /// What happened, in an operator's words.
+    pub outcome: String,
+}
+
 /// A state machine command: the `D` of the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -188,6 +232,23 @@ pub enum Command {
         /// The new value of the flag.
         paused: bool,
     },
+    /// Plan a switchover or a manual failover (its `id` is assigned by the state machine).
+    PlanPrimary {
+        /// The plan.
+        plan: PrimaryPlan,
+    },
+    /// The leader found the target fit at the planned time: the primary may stop.
+    StartPlan {
+        /// The plan's id.
+        id: u64,
+    },
+    /// The plan ends without its target becoming primary.
+    CancelPlan {
+        /// The plan's id.
+        id: u64,
+        /// Why, in an operator's words.
+        reason: String,
+    },
 }
 
 /// The reply of the state machine to one log entry.
@@ -228,6 +289,15 @@ pub struct ClusterState {
     /// The Raft heartbeat interval every member runs with, from the first registration.
     #[serde(default)]
     pub raft_heartbeat_ms: Option<u64>,
+    /// A switchover or manual failover under way.
+    #[serde(default)]
+    pub plan: Option<PrimaryPlan>,
+    /// How the last plan ended.
+    #[serde(default)]
+    pub last_plan: Option<PlanOutcome>,
+    /// The id of the last plan committed.
+    #[serde(default)]
+    pub plan_seq: u64,
 }
 
 impl ClusterState {
@@ -370,6 +440,18 @@ impl ClusterState {
                 while self.history.len() > HISTORY_LIMIT {
                     self.history.pop_front();
                 }
+                if let Some(p) = self.plan.take() {
+                    let done = p.to == *node;
+                    self.last_plan = Some(PlanOutcome {
+                        plan: p,
+                        done,
+                        outcome: if done {
+                            format!("member {node} is primary in epoch {epoch}")
+                        } else {
+                            format!("superseded: member {node} was promoted instead ({reason})")
+                        },
+                    });
+                }
                 self.primary = Some(PrimaryAssignment {
                     node: *node,
                     epoch: *epoch,
@@ -384,10 +466,94 @@ impl ClusterState {
                 Ok(())
             }
             Command::SetPaused { paused } => {
+                if let Some(p) = self.plan.filter(|_| *paused) {
+                    // Half-way through, a pause would leave a stopped primary and nobody
+                    // promoted until someone resumed.
+                    return Err(format!(
+                        "a {:?} from member {} to member {} is under way; pause once it ended",
+                        p.kind, p.from, p.to
+                    ));
+                }
                 self.paused = *paused;
                 Ok(())
             }
+            Command::PlanPrimary { plan } => {
+                self.check_plan(plan, raft_members)?;
+                self.plan_seq += 1;
+                self.plan = Some(PrimaryPlan {
+                    id: self.plan_seq,
+                    // A manual failover has nothing to stop: it starts at once.
+                    started: plan.kind == PlanKind::Failover,
+                    ..*plan
+                });
+                Ok(())
+            }
+            Command::StartPlan { id } => match &mut self.plan {
+                Some(p) if p.id == *id => {
+                    p.started = true;
+                    Ok(())
+                }
+                _ => Err(format!("plan {id} is not under way")),
+            },
+            Command::CancelPlan { id, reason } => match self.plan {
+                Some(p) if p.id == *id => {
+                    self.plan = None;
+                    self.last_plan = Some(PlanOutcome {
+                        plan: p,
+                        done: false,
+                        outcome: reason.clone(),
+                    });
+                    Ok(())
+                }
+                _ => Err(format!("plan {id} is not under way")),
+            },
         }
+    }
+
+    fn check_plan(
+        &self,
+        plan: &PrimaryPlan,
+        raft_members: &BTreeSet<NodeId>,
+    ) -> Result<(), String> {
+        if let Some(p) = &self.plan {
+            return Err(format!(
+                "a {:?} from member {} to member {} is already under way; wait for it to end",
+                p.kind, p.from, p.to
+            ));
+        }
+        match self.primary {
+            Some(p) if p.epoch == plan.epoch && p.node == plan.from => {}
+            Some(p) => {
+                return Err(format!(
+                    "stale plan: the primary is member {} in epoch {}, not member {} in epoch {}",
+                    p.node, p.epoch, plan.from, plan.epoch
+                ))
+            }
+            None => return Err("no primary has been chosen yet".into()),
+        }
+        if plan.to == plan.from {
+            return Err(format!("member {} is already the primary", plan.to));
+        }
+        if !raft_members.contains(&plan.to) || !self.members.contains_key(&plan.to) {
+            return Err(format!(
+                "member {} is not a registered member; `pgquorum list` shows the members",
+                plan.to
+            ));
+        }
+        if self
+            .members
+            .get(&plan.to)
+            .is_some_and(|m| m.tags.nofailover)
+        {
+            return Err(format!(
+                "member {} is tagged nofailover: it never becomes primary",
+                plan.to
+            ));
+        }
+        if self.paused {
+            return Err("automatic failover is paused; resume it first (`pgquorum resume`)".into());
+        }
+        Ok(())
     }
 
     fn check_sync_epoch(&self, epoch: Epoch) -> Result<(), String> {
@@ -457,6 +623,91 @@ mod tests {
             pg_port: 5432,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_plan_is_checked_started_and_ended_by_the_promotion_or_a_cancel() {
+        let m = ids(&[1, 2, 3]);
+        let mut st = ClusterState::default();
+        for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
+            assert_eq!(
+                st.apply(&Command::RegisterMember(info(id, name)), &m),
+                CommandOutcome::Applied
+            );
+        }
+        let plan = |to: NodeId| PrimaryPlan {
+            id: 0,
+            kind: PlanKind::Switchover,
+            epoch: 1,
+            from: 1,
+            to,
+            not_before_unix_ms: 0,
+            requested_at_unix_ms: 5,
+            started: false,
+        };
+        let refused = |st: &mut ClusterState, cmd: &Command, what: &str| match st.apply(cmd, &m) {
+            CommandOutcome::Rejected { reason } => assert!(reason.contains(what), "{reason}"),
+            o => panic!("{o:?}"),
+        };
+        let plan2 = Command::PlanPrimary { plan: plan(2) };
+        refused(&mut st, &plan2, "no primary");
+        st.apply(&promote(1, 1), &m);
+        refused(
+            &mut st,
+            &Command::PlanPrimary { plan: plan(1) },
+            "already the primary",
+        );
+        refused(
+            &mut st,
+            &Command::PlanPrimary { plan: plan(9) },
+            "not a registered member",
+        );
+        refused(
+            &mut st,
+            &Command::PlanPrimary {
+                plan: PrimaryPlan {
+                    epoch: 0,
+                    ..plan(2)
+                },
+            },
+            "stale plan",
+        );
+        assert_eq!(st.apply(&plan2, &m), CommandOutcome::Applied);
+        assert_eq!(st.plan.map(|p| (p.id, p.started)), Some((1, false)));
+        refused(&mut st, &plan2, "already under way");
+        refused(&mut st, &Command::SetPaused { paused: true }, "under way");
+        refused(&mut st, &Command::StartPlan { id: 2 }, "not under way");
+        assert_eq!(
+            st.apply(&Command::StartPlan { id: 1 }, &m),
+            CommandOutcome::Applied
+        );
+        st.apply(&promote(2, 2), &m);
+        assert_eq!(st.plan, None);
+        let last = st.last_plan.clone().expect("outcome");
+        assert!(last.done, "{last:?}");
+        // The next plan gets the next id; a cancel ends it with its reason.
+        let back = Command::PlanPrimary {
+            plan: PrimaryPlan {
+                epoch: 2,
+                from: 2,
+                ..plan(1)
+            },
+        };
+        assert_eq!(st.apply(&back, &m), CommandOutcome::Applied);
+        assert_eq!(st.plan.map(|p| p.id), Some(2));
+        let cancel = Command::CancelPlan {
+            id: 2,
+            reason: "target lags".into(),
+        };
+        assert_eq!(st.apply(&cancel, &m), CommandOutcome::Applied);
+        assert_eq!(st.plan, None);
+        assert_eq!(
+            st.last_plan.clone().map(|l| (l.done, l.outcome)),
+            Some((false, "target lags".into()))
+        );
+        // Paused, nothing is planned.
+        st.apply(&Command::SetPaused { paused: true }, &m);
+        refused(&mut st, &back, "paused");
     }
 
     fn promote(node: NodeId, epoch: Epoch) -> Command {

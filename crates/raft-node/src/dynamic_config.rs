@@ -40,6 +40,10 @@ pub struct DynamicConfig {
     /// A replica with fewer free bytes on its data or WAL filesystem is not a failover
     /// candidate, and a member rejoins or clones only once it has this much room.
     pub failover_min_free_bytes: u64,
+    /// How long a switchover or a manual failover may take, from when the leader started it,
+    /// before it is cancelled: past it, a switchover whose target never caught up lets the
+    /// usual failover rules choose among the members instead.
+    pub switchover_timeout_ms: u64,
 }
 
 impl Default for DynamicConfig {
@@ -56,6 +60,7 @@ impl Default for DynamicConfig {
             leader_handoff: true,
             failover_on_write_failure: true,
             failover_min_free_bytes: 64 * 1024 * 1024,
+            switchover_timeout_ms: 10_000,
         }
     }
 }
@@ -183,6 +188,7 @@ pub const KEYS: &[&str] = &[
     "leader_handoff",
     "failover_on_write_failure",
     "failover_min_free_bytes",
+    "switchover_timeout_ms",
 ];
 
 impl DynamicConfig {
@@ -207,6 +213,7 @@ impl DynamicConfig {
             "leader_handoff" => self.leader_handoff.to_string(),
             "failover_on_write_failure" => self.failover_on_write_failure.to_string(),
             "failover_min_free_bytes" => self.failover_min_free_bytes.to_string(),
+            "switchover_timeout_ms" => self.switchover_timeout_ms.to_string(),
             _ => return None,
         })
     }
@@ -240,6 +247,7 @@ impl DynamicConfig {
                     next.failover_on_write_failure = parse_bool(key, value)?
                 }
                 "failover_min_free_bytes" => next.failover_min_free_bytes = parse_u64(key, value)?,
+                "switchover_timeout_ms" => next.switchover_timeout_ms = parse_u64(key, value)?,
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key: key.clone(),
@@ -289,6 +297,14 @@ impl DynamicConfig {
                 "synchronous_node_count",
                 u64::from(self.synchronous_node_count),
                 "must be between 1 and 6 (a cluster has at most 7 members)".into(),
+            ));
+        }
+        // A clean shutdown writes a checkpoint and waits for the standbys to flush it.
+        if !(1_000..=600_000).contains(&self.switchover_timeout_ms) {
+            return Err(range(
+                "switchover_timeout_ms",
+                self.switchover_timeout_ms,
+                "must be between 1000 and 600000".into(),
             ));
         }
         if !(1..=100).contains(&self.failure_threshold) {

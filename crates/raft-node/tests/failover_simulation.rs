@@ -31,16 +31,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use raft_node::cluster_state::{ClusterState, Command, CommandOutcome, PrimaryAssignment, SyncSet};
+use raft_node::cluster_state::{
+    ClusterState, Command, CommandOutcome, PlanKind, PrimaryAssignment, PrimaryPlan, SyncSet,
+};
 use raft_node::dynamic_config::{DynamicConfig, SyncMode};
 use raft_node::failover::assess::{Assessor, Seen};
 use raft_node::failover::lease::{HeldLease, LeaseTerms, Millis};
+use raft_node::failover::plan::{
+    follows_without_rewind, hypothetical_refusal, manual_failover_refusal, switchover_target,
+};
 use raft_node::failover::policy::{
     decide, may_grant_lease, sync_step, wal_fresh_ms, GrantRecord, PolicyInput, Verdict,
 };
 use raft_node::failover::reconcile::{plan, while_paused, Action, LocalView};
 use raft_node::failover::report::{
-    record, LeaderStamp, MemberReport, PgState, ReportBook, StorageReport, SyncApplied,
+    record, HandedOver, LeaderStamp, MemberReport, PgState, ReportBook, StorageReport, SyncApplied,
 };
 use raft_node::failover::sync::{self as syncrules, SyncStep};
 use raft_node::types::NodeId;
@@ -117,6 +122,11 @@ struct Node {
     /// Sim time until which the data directory's filesystem is full: client writes and WAL
     /// receipt fail, the primary's write probe fails, and the sidecar reports no room.
     disk_full_until: u64,
+    /// The sidecar shut its primary down cleanly for a switchover (lost with the process).
+    handed_over: Option<(HandedOver, NodeId, u64)>,
+    /// Where this member's timeline forked off its predecessor's (its WAL position when it
+    /// was promoted): WAL of the old timeline past it is not in its history.
+    fork_lsn: u64,
 }
 
 impl Node {
@@ -141,6 +151,7 @@ impl Node {
         self.leader_stamp = None;
         self.assessor = Assessor::default();
         self.applied_sync = None;
+        self.handed_over = None;
         self.last_heard = t;
     }
 }
@@ -155,6 +166,7 @@ struct Leader {
     pending: Option<PrimaryAssignment>,
     awaiting_reports: bool,
     verdict: String,
+    plan_seen: Option<(u64, Millis)>,
 }
 
 enum Body {
@@ -209,10 +221,18 @@ struct Sim {
     write_failovers: usize,
     /// Maintenance pauses committed.
     pauses: usize,
+    /// Switchovers and manual failovers committed, completed and cancelled.
+    plans: usize,
+    plans_done: usize,
+    plans_cancelled: usize,
+    /// Former primaries that followed their successor without a rewind.
+    followed_without_rewind: usize,
     /// The highest WAL position acknowledged to a client while the primary ran synchronous.
     acked_sync_high: u64,
     /// The highest WAL position acknowledged at all.
     acked_high: u64,
+    /// The highest WAL position acknowledged by the primary of each epoch.
+    acked_by_epoch: BTreeMap<u64, u64>,
     events: Vec<String>,
 }
 
@@ -273,12 +293,23 @@ impl Sim {
                 election_timeout: rng.gen_range(ELECTION_MIN..=ELECTION_MAX),
                 next_tick: 0,
                 disk_full_until: 0,
+                handed_over: None,
+                fork_lsn: 0,
             })
             .collect();
-        let committed = ClusterState {
+        let mut committed = ClusterState {
             config,
             ..Default::default()
         };
+        let ids: BTreeSet<NodeId> = (1..=n as u64).collect();
+        for id in 1..=n as u64 {
+            let info = raft_node::cluster_state::MemberInfo {
+                id,
+                name: format!("n{id}"),
+                ..Default::default()
+            };
+            committed.apply(&Command::RegisterMember(info), &ids);
+        }
         let mut sim = Sim {
             seed,
             rng,
@@ -299,8 +330,13 @@ impl Sim {
             promotions: Vec::new(),
             write_failovers: 0,
             pauses: 0,
+            plans: 0,
+            plans_done: 0,
+            plans_cancelled: 0,
+            followed_without_rewind: 0,
             acked_sync_high: 0,
             acked_high: 0,
+            acked_by_epoch: BTreeMap::new(),
             events: Vec::new(),
         };
         for node in &mut sim.nodes {
@@ -498,6 +534,7 @@ impl Sim {
                         pending: None,
                         awaiting_reports: false,
                         verdict: String::new(),
+                        plan_seen: None,
                     },
                 );
                 self.log(format!("{c} elected leader of term {term}"));
@@ -555,6 +592,9 @@ impl Sim {
             reports: &ld.reports,
             last_grant: ld.last_grant,
             pending: ld.pending,
+            // Sim time stands in for the wall clock of planned switchovers.
+            now_unix_ms: self.t,
+            plan_started_seen: ld.plan_seen.map(|(_, at)| at),
         }
     }
 
@@ -566,6 +606,16 @@ impl Sim {
                 continue;
             }
             let now = self.node(l).local(self.t);
+            let started = self
+                .node(l)
+                .applied
+                .plan
+                .filter(|p| p.started)
+                .map(|p| p.id);
+            let ld = self.leaders.get_mut(&l).expect("leader present");
+            if ld.plan_seen.map(|(id, _)| id) != started {
+                ld.plan_seen = started.map(|id| (id, now));
+            }
             let ld = &self.leaders[&l];
             if now < ld.next_policy || ld.term != self.top_term {
                 continue;
@@ -580,6 +630,7 @@ impl Sim {
             let text = match &verdict {
                 Verdict::Wait { reason }
                 | Verdict::AwaitReports { reason }
+                | Verdict::CancelPlan { reason, .. }
                 | Verdict::NoCandidate { reason } => {
                     reason.split(';').next().unwrap_or("").to_string()
                         + " / "
@@ -664,6 +715,14 @@ impl Sim {
                             sync,
                         },
                     });
+                }
+                Verdict::StartPlan { id } => {
+                    self.commit(l, Command::StartPlan { id });
+                }
+                Verdict::CancelPlan { id, reason } => {
+                    if self.commit(l, Command::CancelPlan { id, reason }) {
+                        self.plans_cancelled += 1;
+                    }
                 }
                 Verdict::Steady => {
                     let epoch = self.committed.primary.map(|p| p.epoch).unwrap_or(0);
@@ -892,6 +951,10 @@ impl Sim {
                 .node_mut(id)
                 .assessor
                 .assess(seen, was_primary, lease, now);
+            if matches!(judged.pg, PgState::Primary | PgState::Replica) {
+                // As the sidecar: what a running Postgres writes was never handed over.
+                self.node_mut(id).handed_over = None;
+            }
             let full = self.node(id).disk_full(t);
             let write_failures = self
                 .node_mut(id)
@@ -924,6 +987,12 @@ impl Sim {
                     read_only: false,
                     write_probe_ms: None,
                 },
+                // Replay keeps up with receipt here; a real replica's may lag behind.
+                replayed_lsn: (judged.pg == PgState::Replica).then_some(n.lsn),
+                handed_over: n
+                    .handed_over
+                    .filter(|_| judged.pg == PgState::Fenced)
+                    .map(|(h, _, _)| h),
             };
             let term = n.term;
             if let Some(l) = self.current_leader_of(id) {
@@ -953,6 +1022,16 @@ impl Sim {
                 // modelled here (tests/partition.rs covers it on real Postgres).
                 cannot_stream: false,
                 free_bytes,
+                hand_over: n.applied.plan.is_some_and(|p| {
+                    p.started
+                        && p.kind == PlanKind::Switchover
+                        && p.from == id
+                        && n.applied.primary.is_some_and(|a| a.epoch == p.epoch)
+                }),
+                handed_over_to: n
+                    .handed_over
+                    .filter(|(h, to, e)| follows_without_rewind(&n.applied, *h, *to, *e))
+                    .map(|(_, to, e)| (to, e)),
             };
             let assigned = n.applied.primary;
             let mut step = plan(id, &view, assigned, n.lease, now, &n.applied.config);
@@ -1026,9 +1105,25 @@ impl Sim {
                             self.acked_sync_high
                         ));
                     }
+                    // A switchover loses nothing, even asynchronous: the target replayed past the
+                    // old primary's last record.
+                    let switchover = self.committed.history.iter().any(|h| {
+                        h.to == id && h.epoch == epoch && h.reason.starts_with("switchover")
+                    });
+                    let acked_before = self.acked_by_epoch.get(&(epoch - 1)).copied();
+                    if switchover && acked_before.is_some_and(|a| lsn < a) {
+                        self.fail(&format!(
+                            "switchover: {id} promotes at WAL {lsn} but the old primary \
+                             acknowledged writes up to {acked_before:?}"
+                        ));
+                    }
+                    if switchover {
+                        self.plans_done += 1;
+                    }
                     self.apply_sync(id, epoch, now);
                     self.promotions.push((id, epoch));
                     let n = self.node_mut(id);
+                    n.fork_lsn = lsn;
                     n.pg = PgState::Primary;
                     n.timeline += 1;
                     n.upstream = None;
@@ -1061,6 +1156,84 @@ impl Sim {
                         n.applied_sync = None;
                         n.assessor.started();
                         self.log(format!("{id} rejoins as a replica of {upstream}"));
+                    }
+                }
+                Action::HandOver => {
+                    let plan = self
+                        .node(id)
+                        .applied
+                        .plan
+                        .filter(|p| p.started && p.from == id);
+                    // A fast shutdown waits until every connected standby flushed the WAL up
+                    // to the shutdown checkpoint; now and then it does not finish in time and
+                    // the sidecar fences instead.
+                    let clean = self.rng.gen_bool(0.9);
+                    // The shutdown checkpoint is the last record: it starts at `final_lsn`
+                    // and a standby that has it is past that.
+                    let final_lsn = self.node(id).lsn;
+                    if clean {
+                        self.node_mut(id).lsn += 1;
+                    }
+                    let end = self.node(id).lsn;
+                    if clean {
+                        for m in self.members.clone() {
+                            let r = self.node(m);
+                            let streams = r.pg == PgState::Replica
+                                && r.upstream == Some(id)
+                                && !r.disk_full(self.t)
+                                && self.hosts_connected(id, m);
+                            if streams {
+                                let r = self.node_mut(m);
+                                r.lsn = r.lsn.max(end);
+                            }
+                        }
+                    }
+                    let n = self.node_mut(id);
+                    n.pg = PgState::Fenced;
+                    n.guard_deadline = None;
+                    n.lease = None;
+                    n.assessor.fenced_at(now);
+                    n.handed_over = plan.filter(|_| clean).map(|p| {
+                        (
+                            HandedOver {
+                                plan: p.id,
+                                final_lsn,
+                            },
+                            p.to,
+                            p.epoch,
+                        )
+                    });
+                    self.log(format!(
+                        "{id} shuts down for the switchover (clean: {clean}, WAL ends at {final_lsn})"
+                    ));
+                }
+                Action::FollowAfterHandOver { upstream } => {
+                    if self.hosts_connected(id, upstream)
+                        && self.node(upstream).pg == PgState::Primary
+                    {
+                        // S7: without a rewind, this member's WAL must end where the new
+                        // primary's timeline forked off it, or it holds writes nobody else has.
+                        let (lsn, fork) = (self.node(id).lsn, self.node(upstream).fork_lsn);
+                        if lsn > fork {
+                            self.fail(&format!(
+                                "S7: {id} follows {upstream} without a rewind, but its WAL ends at \
+                                 {lsn}, past the fork at {fork}"
+                            ));
+                        }
+                        let tl = self.node(upstream).timeline;
+                        let n = self.node_mut(id);
+                        n.pg = PgState::Replica;
+                        n.upstream = Some(upstream);
+                        n.receiver_streaming = false;
+                        n.last_receipt = None;
+                        n.last_primary_epoch = None;
+                        n.handed_over = None;
+                        n.timeline = tl;
+                        n.ssn = SyncSet::asynchronous();
+                        n.applied_sync = None;
+                        n.assessor.started();
+                        self.followed_without_rewind += 1;
+                        self.log(format!("{id} follows {upstream} without a rewind"));
                     }
                 }
                 Action::Fence => {
@@ -1144,7 +1317,9 @@ impl Sim {
             }
             let set = p.ssn.clone();
             if !set.is_synchronous() {
-                self.acked_high = self.acked_high.max(p.lsn);
+                let lsn = p.lsn;
+                self.acked_high = self.acked_high.max(lsn);
+                self.ack_in_epoch(id, lsn);
                 continue;
             }
             let mut held: Vec<u64> = set
@@ -1167,7 +1342,16 @@ impl Sim {
                     self.acked_sync_high = self.acked_sync_high.max(acked);
                 }
                 self.acked_high = self.acked_high.max(acked);
+                self.ack_in_epoch(id, acked);
             }
+        }
+    }
+
+    /// Notes a write acknowledged by primary `id` in the epoch it serves.
+    fn ack_in_epoch(&mut self, id: NodeId, lsn: u64) {
+        if let Some(e) = self.node(id).last_primary_epoch {
+            let high = self.acked_by_epoch.entry(e).or_default();
+            *high = (*high).max(lsn);
         }
     }
 
@@ -1354,6 +1538,60 @@ impl Sim {
                     self.log(format!("operator pauses automatic failover until {until}"));
                 }
             }
+        } else if self.rng.gen_bool(p) && self.committed.plan.is_none() {
+            // An operator asks for a switchover (now or a little later, to a named member or
+            // the best one), or names the successor of a primary that is down, through the
+            // leader with a quorum and the same checks the API runs.
+            if let Some(l) = self.leader_with_quorum() {
+                let to = self
+                    .rng
+                    .gen_bool(0.5)
+                    .then(|| self.rng.gen_range(1..=n as u64));
+                let later = if self.rng.gen_bool(0.3) {
+                    self.t + self.rng.gen_range(100..3_000)
+                } else {
+                    0
+                };
+                let cmd = {
+                    let ld = &self.leaders[&l];
+                    let now = self.node(l).local(t);
+                    let input = self.policy_input(ld, now, l);
+                    let primary = input.cluster.primary;
+                    let plan = |kind, to| {
+                        primary.map(|a| PrimaryPlan {
+                            id: 0,
+                            kind,
+                            epoch: a.epoch,
+                            from: a.node,
+                            to,
+                            not_before_unix_ms: later,
+                            requested_at_unix_ms: t,
+                            started: false,
+                        })
+                    };
+                    match switchover_target(&input, to) {
+                        Ok(target) => plan(PlanKind::Switchover, target),
+                        Err(_) => to
+                            .filter(|&to| manual_failover_refusal(&input, to).is_none())
+                            .and_then(|to| plan(PlanKind::Failover, to))
+                            .filter(|p| {
+                                let mut cluster = input.cluster.clone();
+                                cluster.plan = Some(PrimaryPlan {
+                                    started: true,
+                                    ..*p
+                                });
+                                let mut input = input.clone();
+                                input.cluster = &cluster;
+                                hypothetical_refusal(&input, p.to).is_none()
+                            }),
+                    }
+                };
+                if let Some(plan) = cmd {
+                    if self.commit(l, Command::PlanPrimary { plan }) {
+                        self.plans += 1;
+                    }
+                }
+            }
         } else if self.rng.gen_bool(p / 2.0) {
             // An operator changes the lease mid-run, through whichever leader has a quorum.
             let (lease, margin) = LEASE_CHOICES[self.rng.gen_range(0..LEASE_CHOICES.len())];
@@ -1418,7 +1656,7 @@ impl Sim {
 
     /// Runs the fault phase and the healed phase; returns the recovery time after healing and
     /// the number of promotions and guard fences seen.
-    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize) {
+    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 4]) {
         while self.t < FAULT_PHASE_MS {
             self.step();
         }
@@ -1440,6 +1678,12 @@ impl Sim {
                     fences,
                     self.write_failovers,
                     self.pauses,
+                    [
+                        self.plans,
+                        self.plans_done,
+                        self.plans_cancelled,
+                        self.followed_without_rewind,
+                    ],
                 );
             }
         }
@@ -1482,14 +1726,18 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     let started = std::time::Instant::now();
     let mut worst = 0;
     let (mut promotions, mut fences, mut write_failovers, mut pauses) = (0, 0, 0, 0);
+    let mut plans = [0usize; 4];
     let (seeds, fresh_base) = seeds();
     if let Some(b) = fresh_base {
         eprintln!("simulation: fresh seeds start at {b} (replay one with PGQUORUM_SIM_SEED)");
     }
     for &seed in &seeds {
         let size = if seed % 3 == 0 { 5 } else { 3 };
-        let (recovered_in, p, f, w, z) = Sim::new(seed, size).run_with_stats();
+        let (recovered_in, p, f, w, z, planned) = Sim::new(seed, size).run_with_stats();
         pauses += z;
+        for (sum, n) in plans.iter_mut().zip(planned) {
+            *sum += n;
+        }
         worst = worst.max(recovered_in);
         promotions += p;
         fences += f;
@@ -1498,8 +1746,13 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     eprintln!(
         "FIGURE simulation seeds={} promotions={promotions} guard_fences={fences} \
          failovers_for_a_primary_that_cannot_write={write_failovers} pauses={pauses} \
+         plans={} switchovers_done={} plans_cancelled={} followed_without_rewind={} \
          worst_recovery_after_heal_ms={worst} wall_ms={}",
         seeds.len(),
+        plans[0],
+        plans[1],
+        plans[2],
+        plans[3],
         started.elapsed().as_millis()
     );
     // The faults must actually move the primary around, or the run proves nothing.
@@ -1514,6 +1767,13 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     assert!(
         pauses >= seeds.len() / 20,
         "too few maintenance pauses: {pauses}"
+    );
+    assert!(
+        plans[1] >= seeds.len() / 4 && plans[3] >= seeds.len() / 8,
+        "too few switchovers completed ({}) or former primaries that followed without a rewind \
+         ({})",
+        plans[1],
+        plans[3]
     );
 }
 

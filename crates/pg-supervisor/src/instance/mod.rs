@@ -22,7 +22,7 @@ use crate::probe::{probe_sql, WriteArgs};
 use crate::storage::{classify, fs_space, FsSpace, InFlight, WriteProbe};
 
 pub use lifecycle::StopMode;
-pub use roles::{FollowReport, PromoteReport, RejoinMethod, RejoinReport};
+pub use roles::{FollowReport, HandOverReport, PromoteReport, RejoinMethod, RejoinReport};
 pub use sync::AppliedSync;
 
 /// One member's PostgreSQL. The sidecar owns it and serialises operations

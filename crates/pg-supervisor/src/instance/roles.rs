@@ -63,7 +63,92 @@ pub struct RejoinReport {
     pub elapsed_ms: u64,
 }
 
+/// Result of a clean shutdown for a planned switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandOverReport {
+    /// Start of the shutdown checkpoint: the last record this primary wrote. A standby that
+    /// replayed past it holds every write this primary ever made.
+    pub final_lsn: u64,
+    /// From the call until the postmaster was gone and the control file read.
+    pub elapsed_ms: u64,
+}
+
 impl Instance {
+    /// Stops this primary cleanly for a switchover: a fast shutdown rolls back open
+    /// transactions, writes the shutdown checkpoint and waits (up to `wal_sender_timeout`) until
+    /// every connected standby has flushed the WAL up to it, so the standbys hold everything.
+    /// Fails, leaving the server as it is, if the postmaster is still there after `timeout`:
+    /// the caller then fences.
+    pub async fn hand_over(&mut self, timeout: Duration) -> Result<HandOverReport> {
+        let started = Instant::now();
+        if self.data.has_standby_signal() {
+            return Err(SupervisorError::WrongRole(
+                "hand_over() stops a primary; this data directory is a replica".into(),
+            ));
+        }
+        self.stop(StopMode::Fast, timeout).await?;
+        let control = self.control_data().await?;
+        if control.cluster_state != "shut down" {
+            return Err(SupervisorError::WrongRole(format!(
+                "after the fast shutdown the control file says '{}', not 'shut down'",
+                control.cluster_state
+            )));
+        }
+        let final_lsn = control
+            .checkpoint_lsn
+            .ok_or_else(|| SupervisorError::Parse {
+                what: "pg_controldata output".into(),
+                detail: "no latest checkpoint location".into(),
+            })?;
+        Ok(HandOverReport {
+            final_lsn,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Starts a primary that [`Instance::hand_over`] stopped cleanly as a replica of
+    /// `upstream`, without a rewind: its WAL ends with the shutdown checkpoint, and the new
+    /// primary's timeline forks after it. Refuses a data directory that was not shut down
+    /// cleanly. When streaming never starts (the upstream forked earlier after all), the error
+    /// is a timeout and only a rewind helps.
+    pub async fn follow_after_hand_over(&mut self, upstream: &Upstream) -> Result<FollowReport> {
+        let started = Instant::now();
+        if let Some(pid) = self.live_postmaster() {
+            return Err(SupervisorError::AlreadyRunning {
+                path: self.cfg.data_dir.clone(),
+                pid,
+            });
+        }
+        let control = self.control_data().await?;
+        if control.cluster_state != "shut down" {
+            return Err(SupervisorError::WrongRole(format!(
+                "the control file says '{}': only a cleanly shut down primary follows without \
+                 a rewind",
+                control.cluster_state
+            )));
+        }
+        let timeline = self.follow_from_stopped(upstream).await?;
+        Ok(FollowReport {
+            timeline,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Makes the stopped data directory a replica of `upstream`, starts it and waits until it
+    /// streams; then drops the slots it kept from its time as primary.
+    async fn follow_from_stopped(&mut self, upstream: &Upstream) -> Result<Option<u32>> {
+        self.ensure_own_slot_on(upstream).await?;
+        self.make_replica_files(&self.data.clone(), upstream)?;
+        self.start(Lease::NotRequired).await?;
+        let timeline = self.wait_streaming_from(upstream).await?;
+        // A former primary keeps its own pg_replslot: slots from its time as primary would
+        // pin WAL on this replica forever.
+        if let Err(e) = self.drop_inactive_slots().await {
+            tracing::warn!(error = %e, "could not drop stale replication slots");
+        }
+        Ok(timeline)
+    }
+
     /// Promotes this replica: `pg_promote(wait => true)`, then confirms
     /// `pg_is_in_recovery() = false` and reports the new timeline. Refuses
     /// unless the guard holds a bounded lease (S4: no writable server
@@ -272,15 +357,7 @@ impl Instance {
             .await;
         *rewind_ms = t.elapsed().as_millis() as u64;
         rewound?;
-        self.ensure_own_slot_on(upstream).await?;
-        self.make_replica_files(&self.data.clone(), upstream)?;
-        self.start(Lease::NotRequired).await?;
-        self.wait_streaming_from(upstream).await?;
-        // pg_rewind keeps the target's own pg_replslot: slots from its time
-        // as primary would pin WAL on this replica forever.
-        if let Err(e) = self.drop_inactive_slots().await {
-            tracing::warn!(error = %e, "could not drop stale replication slots after rewind");
-        }
+        self.follow_from_stopped(upstream).await?;
         Ok(())
     }
 

@@ -110,10 +110,13 @@ impl Assessor {
         self.write_failures
     }
 
-    /// The sidecar fenced its Postgres at `now`.
+    /// The sidecar fenced (or cleanly stopped) its Postgres at `now`. No grant counts for a
+    /// report sent at `now` or before: such a report went out while Postgres still ran, possibly
+    /// in this same round (found by the simulation: a grant for the report sent just before a
+    /// switchover's shutdown restarted the primary it had stopped).
     pub fn fenced_at(&mut self, now: Millis) {
         self.fenced = true;
-        self.fence_cutoff = Some(now);
+        self.fence_cutoff = Some(now + 1);
     }
 
     /// The sidecar started Postgres (as primary or replica) or rejoined it.
@@ -172,8 +175,11 @@ mod tests {
         assert_eq!((j.pg, j.failures, j.crashed), (PgState::Stopped, 1, true));
         let j = a.assess(Seen::Down, true, lease(5_000), 200);
         assert_eq!(j.failures, 2);
-        // Fenced after the crash: still counting, so the leader can say why.
+        // Fenced after the crash: still counting, so the leader can say why. A grant for the
+        // report sent in the round of the fence does not count.
         a.fenced_at(300);
+        assert!(!a.accepts_grant_for(300));
+        assert!(a.accepts_grant_for(301));
         let j = a.assess(Seen::Down, true, None, 400);
         assert_eq!((j.pg, j.failures), (PgState::Fenced, 3));
     }

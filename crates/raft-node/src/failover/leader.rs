@@ -10,12 +10,13 @@ use openraft::ServerState;
 use tokio::sync::watch;
 
 use super::lease::{new_leader_wait, LeaseTerms, Millis};
+use super::plan::{hypothetical_refusal, manual_failover_refusal, switchover_target};
 use super::policy::{
     decide, leadership_handoff, may_grant_lease, sync_step, GrantRecord, PolicyInput, Verdict,
 };
 use super::report::{LeaderStamp, MemberReport, PgState, ReportBook};
 use super::sync::SyncStep;
-use crate::cluster_state::{Command, CommandOutcome, PrimaryAssignment, SyncSet};
+use crate::cluster_state::{Command, CommandOutcome, PlanKind, PrimaryAssignment, SyncSet};
 use crate::events::EventLog;
 use crate::network::Dialer;
 use crate::store::state_machine::AppliedState;
@@ -33,6 +34,14 @@ const HANDOFF_EVERY_MS: Millis = 2_000;
 /// keeps counting while the host is suspended (so is the guard's).
 pub fn boot_clock_ms() -> Millis {
     pg_supervisor::lease::clock_now_ns() / 1_000_000
+}
+
+/// Wall-clock milliseconds since the Unix epoch (for the history and planned times only).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A renewal granted to a report.
@@ -88,6 +97,8 @@ struct Book {
     /// The last verdict waits for fresh reports.
     awaiting_reports: bool,
     verdict: String,
+    /// The started plan this leader saw, and when it first saw it.
+    plan_seen: Option<(u64, Millis)>,
 }
 
 /// The leader-side failover state of one sidecar (inactive while it is not the leader).
@@ -191,7 +202,79 @@ impl FailoverLeader {
             reports: &book.reports,
             last_grant: book.last_grant,
             pending: book.pending,
+            now_unix_ms: unix_ms(),
+            plan_started_seen: book.plan_seen.map(|(_, at)| at),
         }
+    }
+
+    /// Notes when this leader first saw the current plan started.
+    fn see_plan(book: &mut Book, state: &AppliedState, now: Millis) {
+        let started = state.cluster.plan.filter(|p| p.started).map(|p| p.id);
+        if book.plan_seen.map(|(id, _)| id) != started {
+            book.plan_seen = started.map(|id| (id, now));
+        }
+    }
+
+    /// Checks a switchover (to `to`, or to the best replica) or a manual failover (to `to`)
+    /// against this leader's reports; returns the plan to commit, or why it is refused.
+    pub fn check_plan(
+        &self,
+        kind: PlanKind,
+        to: Option<NodeId>,
+        not_before_unix_ms: u64,
+    ) -> Result<Command, String> {
+        let term = self
+            .leading_term()
+            .ok_or("this node is not the Raft leader")?;
+        let now = self.now();
+        let state = self.state.borrow().clone();
+        let members = state.member_ids();
+        let primary = state
+            .cluster
+            .primary
+            .ok_or("no primary has been chosen yet")?;
+        self.with_book(term, |book| {
+            if let Some(why) = duty_blocked(&state, book.read_index, self.heartbeat_ms) {
+                return Err(why);
+            }
+            let input = self.policy_input(book, now, &state, &members);
+            let to = match kind {
+                PlanKind::Switchover => switchover_target(&input, to)?,
+                PlanKind::Failover => {
+                    let to = to.ok_or("a manual failover needs --to NODE")?;
+                    if let Some(why) = manual_failover_refusal(&input, to) {
+                        return Err(why);
+                    }
+                    to
+                }
+            };
+            let plan = crate::cluster_state::PrimaryPlan {
+                id: 0,
+                kind,
+                epoch: primary.epoch,
+                from: primary.node,
+                to,
+                not_before_unix_ms,
+                requested_at_unix_ms: unix_ms(),
+                started: false,
+            };
+            // A manual failover must name a member the policy could promote once every wait
+            // is over; a switchover's target was checked above.
+            if kind == PlanKind::Failover {
+                let mut cluster = state.cluster.clone();
+                cluster.plan = Some(crate::cluster_state::PrimaryPlan {
+                    started: true,
+                    ..plan
+                });
+                let mut input = self.policy_input(book, now, &state, &members);
+                input.cluster = &cluster;
+                if let Some(why) = hypothetical_refusal(&input, to) {
+                    return Err(why);
+                }
+            }
+            Ok(Command::PlanPrimary { plan })
+        })
+        .ok_or("the failover book is unavailable")?
     }
 
     /// Forgets a pending promotion once the applied state shows it (or a later one).
@@ -326,6 +409,13 @@ impl FailoverLeader {
                     sync,
                 }) => self.promote(term, node, epoch, reason, lsn, sync).await,
                 Some(Verdict::Steady) => self.upkeep(term).await,
+                Some(Verdict::StartPlan { id }) => {
+                    self.commit_plan_step(Command::StartPlan { id }).await
+                }
+                Some(Verdict::CancelPlan { id, reason }) => {
+                    self.commit_plan_step(Command::CancelPlan { id, reason })
+                        .await
+                }
                 _ => {}
             }
         }
@@ -516,6 +606,7 @@ impl FailoverLeader {
         let members = state.member_ids();
         self.with_book(term, |book| {
             Self::settle_pending(book, &state);
+            Self::see_plan(book, &state, now);
             let verdict = match duty_blocked(&state, book.read_index, self.heartbeat_ms) {
                 // Nothing committed yet needs a current state to be judged.
                 Some(why) if state.cluster.primary.is_some() => Verdict::Wait { reason: why },
@@ -525,6 +616,8 @@ impl FailoverLeader {
             let text = match &verdict {
                 Verdict::Steady => String::new(),
                 Verdict::Promote { reason, node, .. } => format!("promoting {node}: {reason}"),
+                Verdict::StartPlan { id } => format!("starting plan {id}"),
+                Verdict::CancelPlan { reason, .. } => reason.clone(),
                 Verdict::Wait { reason }
                 | Verdict::AwaitReports { reason }
                 | Verdict::NoCandidate { reason } => reason.clone(),
@@ -543,6 +636,25 @@ impl FailoverLeader {
         })
     }
 
+    async fn commit_plan_step(&self, cmd: Command) {
+        let epoch = self.state.borrow().cluster.primary.map_or(0, |p| p.epoch);
+        let what = match &cmd {
+            Command::StartPlan { id } => {
+                format!("switchover plan {id} starts: the primary shuts down")
+            }
+            Command::CancelPlan { id, reason } => format!("plan {id} ends: {reason}"),
+            other => format!("{other:?}"),
+        };
+        match self.raft.client_write(cmd).await {
+            Ok(r) if r.data == CommandOutcome::Applied => {
+                tracing::info!(epoch, "{what}");
+                self.events.record("failover", what, epoch, 0);
+            }
+            Ok(r) => tracing::warn!(outcome = ?r.data, "{what}: refused"),
+            Err(e) => tracing::warn!(error = %e, "{what}: not committed"),
+        }
+    }
+
     async fn promote(
         &self,
         term: u64,
@@ -552,10 +664,7 @@ impl FailoverLeader {
         lsn: u64,
         sync: SyncSet,
     ) {
-        let at_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let at_unix_ms = unix_ms();
         let cmd = Command::Promote {
             node,
             epoch,

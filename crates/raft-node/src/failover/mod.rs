@@ -6,6 +6,7 @@
 pub mod assess;
 pub mod leader;
 pub mod lease;
+pub mod plan;
 pub mod policy;
 pub mod reconcile;
 pub mod report;

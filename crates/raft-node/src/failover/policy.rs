@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::lease::{grantor_safe_after, new_leader_wait, LeaseTerms, Millis};
 use super::report::{MemberReport, PgState, ReportBook};
 use super::sync::{self, SyncStep};
-use crate::cluster_state::{ClusterState, Epoch, PrimaryAssignment, SyncSet};
+use crate::cluster_state::{ClusterState, Epoch, PlanKind, PrimaryAssignment, SyncSet};
 use crate::types::NodeId;
 
 /// The last lease the current leader granted, as the grantor recorded it.
@@ -48,6 +48,12 @@ pub struct PolicyInput<'a> {
     /// A promotion this leader decided and is still committing: the member it demotes gets no
     /// lease in the meantime.
     pub pending: Option<PrimaryAssignment>,
+    /// Wall-clock time, milliseconds since the Unix epoch: only a plan's planned time is
+    /// judged by it, never a lease.
+    pub now_unix_ms: u64,
+    /// Leader's clock when it first saw the current plan started (its timeout counts from
+    /// there; a new leader starts counting anew).
+    pub plan_started_seen: Option<Millis>,
 }
 
 /// What the leader should do now.
@@ -85,10 +91,24 @@ pub enum Verdict {
         /// Why each member was excluded.
         reason: String,
     },
+    /// Commit [`crate::cluster_state::Command::StartPlan`]: the switchover's time has come and
+    /// its target is fit, so the primary may stop.
+    StartPlan {
+        /// The plan.
+        id: u64,
+    },
+    /// Commit [`crate::cluster_state::Command::CancelPlan`].
+    CancelPlan {
+        /// The plan.
+        id: u64,
+        /// Why, in an operator's words.
+        reason: String,
+    },
 }
 
 impl PolicyInput<'_> {
-    fn fresh(&self, node: NodeId) -> Option<&MemberReport> {
+    /// The latest report of `node`, if it arrived within a lease.
+    pub(crate) fn fresh(&self, node: NodeId) -> Option<&MemberReport> {
         let r = self.reports.get(&node)?;
         (self.now.saturating_sub(r.at) <= self.cluster.config.lease_ms).then_some(&r.report)
     }
@@ -100,7 +120,7 @@ impl PolicyInput<'_> {
             .is_some_and(|s| s.term == self.term && s.at >= since)
     }
 
-    fn tags(&self, node: NodeId) -> crate::cluster_state::Tags {
+    pub(crate) fn tags(&self, node: NodeId) -> crate::cluster_state::Tags {
         self.cluster
             .members
             .get(&node)
@@ -209,7 +229,7 @@ pub fn may_grant_lease(
 }
 
 /// Whether `r` is a primary that failed to write for long enough to be failed over.
-fn cannot_write(cfg: &crate::dynamic_config::DynamicConfig, r: &MemberReport) -> bool {
+pub(crate) fn cannot_write(cfg: &crate::dynamic_config::DynamicConfig, r: &MemberReport) -> bool {
     cfg.failover_on_write_failure && r.cannot_write_for(cfg.failure_threshold)
 }
 
@@ -225,6 +245,12 @@ pub fn decide(input: &PolicyInput<'_>) -> Verdict {
         }
     }
     verdict
+}
+
+/// The verdict that would follow once every wait is over (no pause, pending promotion, lease,
+/// report or live-WAL wait).
+pub fn judge_hypothetically(input: &PolicyInput<'_>) -> Verdict {
+    judge(input, true)
 }
 
 /// The verdict; with `hypothetical`, the one that would follow once every wait is over (no
@@ -254,12 +280,46 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
                 .unwrap_or("write probe failed"),
             r.storage.write_failures
         ),
-        Some(_) => return Verdict::Steady,
+        Some(r)
+            if r.pg == PgState::Fenced
+                && input
+                    .plan()
+                    .is_some_and(|p| r.handed_over.is_some_and(|h| h.plan == p.id)) =>
+        {
+            format!(
+                "primary {} shut down cleanly for the switchover (its WAL ends at {})",
+                primary.node,
+                r.handed_over.map_or(0, |h| h.final_lsn)
+            )
+        }
+        Some(_) => return super::plan::while_primary_runs(input, hypothetical),
         None => format!(
             "primary {} has not reported for more than {} ms",
             primary.node, cfg.lease_ms
         ),
     };
+    // A started switchover whose primary failed before it handed over is a failover like any
+    // other: the usual rules choose, the most advanced member first.
+    let plan = input.plan().filter(|p| p.started);
+    let handed_over = plan.is_some_and(|p| {
+        primary_report.is_some_and(|r| {
+            r.pg == PgState::Fenced && r.handed_over.is_some_and(|h| h.plan == p.id)
+        })
+    });
+    // (A leader that has no fresh word of the primary, a new one above all, cannot tell.)
+    if let Some(p) = plan.filter(|p| p.kind == PlanKind::Switchover && !handed_over) {
+        if !hypothetical && primary_report.is_some() {
+            return Verdict::CancelPlan {
+                id: p.id,
+                reason: format!(
+                    "switchover to member {} cancelled: {why} before it handed over; the usual \
+                     failover rules choose instead",
+                    p.to
+                ),
+            };
+        }
+    }
+    let plan = plan.filter(|p| p.kind == PlanKind::Failover || handed_over);
     if input.cluster.paused && !hypothetical {
         return Verdict::Wait {
             reason: format!("{why}, but automatic failover is paused"),
@@ -448,6 +508,20 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
             }
         });
     }
+    let mut why = why;
+    if let Some(plan) = plan {
+        let restricted = super::plan::Restriction {
+            plan: &plan,
+            primary_report,
+            excluded: &excluded,
+            why: &why,
+            hypothetical,
+        };
+        if let Err(verdict) = restricted.apply(input, &mut candidates) {
+            return verdict;
+        }
+        why = format!("{}: {why}", super::plan::requested(&plan));
+    }
     candidates.sort_by(|(a, pa), (b, pb)| {
         b.timeline
             .cmp(&a.timeline)
@@ -620,6 +694,8 @@ mod tests {
             epoch_seen: 1,
             sent_at: 0,
             storage: Default::default(),
+            replayed_lsn: None,
+            handed_over: None,
         }
     }
 
@@ -718,8 +794,191 @@ mod tests {
                     terms: LeaseTerms::of(&self.cluster.config),
                 }),
                 pending: None,
+                now_unix_ms: 1_000_000,
+                plan_started_seen: None,
             }
         }
+
+        /// Both replicas stream from the primary now.
+        fn streaming(mut self) -> Self {
+            for n in [2, 3] {
+                let r = &mut self.reports.get_mut(&n).unwrap().report;
+                r.streaming = true;
+                r.wal_receipt_age_ms = Some(10);
+                r.upstream = Some(1);
+            }
+            self
+        }
+
+        fn plan(&mut self, kind: crate::cluster_state::PlanKind, to: NodeId, started: bool) {
+            self.cluster.plan = Some(crate::cluster_state::PrimaryPlan {
+                id: 7,
+                kind,
+                epoch: 1,
+                from: 1,
+                to,
+                not_before_unix_ms: 0,
+                requested_at_unix_ms: 0,
+                started,
+            });
+        }
+    }
+
+    #[test]
+    fn a_switchover_needs_a_running_primary_and_a_streaming_target_within_the_lag_bound() {
+        use crate::failover::plan::switchover_target;
+        let f = Fixture::new();
+        let why = switchover_target(&f.input(10_100), Some(2)).unwrap_err();
+        assert!(why.contains("does not stream"), "{why}");
+        let mut f = Fixture::new().streaming();
+        assert_eq!(switchover_target(&f.input(10_100), Some(3)), Ok(3));
+        // Without a target: the most advanced replica.
+        assert_eq!(switchover_target(&f.input(10_100), None), Ok(2));
+        assert!(switchover_target(&f.input(10_100), Some(1))
+            .unwrap_err()
+            .contains("already the primary"));
+        assert!(switchover_target(&f.input(10_100), Some(9))
+            .unwrap_err()
+            .contains("not a member"));
+        f.cluster.members.insert(
+            3,
+            MemberInfo {
+                id: 3,
+                tags: Tags {
+                    nofailover: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        assert!(switchover_target(&f.input(10_100), Some(3))
+            .unwrap_err()
+            .contains("nofailover"));
+        f.cluster.config.maximum_lag_on_failover = 5;
+        let why = switchover_target(&f.input(10_100), Some(2)).unwrap_err();
+        assert!(why.contains("10 bytes behind"), "{why}");
+        // A primary that is down has nothing to hand over.
+        let mut f = Fixture::new().streaming();
+        f.reports.get_mut(&1).unwrap().report.pg = PgState::Fenced;
+        let why = switchover_target(&f.input(10_100), Some(2)).unwrap_err();
+        assert!(why.contains("pgquorum failover"), "{why}");
+    }
+
+    #[test]
+    fn a_planned_switchover_starts_at_its_time_and_promotes_the_target_only_past_the_last_record() {
+        use crate::cluster_state::PlanKind;
+        let mut f = Fixture::new().streaming();
+        f.plan(PlanKind::Switchover, 3, false);
+        f.cluster.plan.as_mut().unwrap().not_before_unix_ms = 2_000_000;
+        assert_eq!(decide(&f.input(10_100)), Verdict::Steady, "not yet");
+        f.cluster.plan.as_mut().unwrap().not_before_unix_ms = 0;
+        assert_eq!(decide(&f.input(10_100)), Verdict::StartPlan { id: 7 });
+        f.plan(PlanKind::Switchover, 3, true);
+        match decide(&f.input(10_100)) {
+            Verdict::Wait { reason } => assert!(reason.contains("shut down"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+        // The primary keeps its lease while it shuts down.
+        let r1 = f.reports[&1].report.clone();
+        assert_eq!(may_grant_lease(&f.input(10_100), &r1, Some(10)), Some(1));
+        // It stopped cleanly; the target has replayed only up to the last record's start.
+        let p = &mut f.reports.get_mut(&1).unwrap();
+        p.report.pg = PgState::Fenced;
+        p.report.sent_at = 5;
+        p.report.handed_over = Some(super::super::report::HandedOver {
+            plan: 7,
+            final_lsn: 500,
+        });
+        p.fenced_since = Some(10_050);
+        for n in [2, 3] {
+            let r = &mut f.reports.get_mut(&n).unwrap();
+            r.report.lsn = 520;
+            r.report.replayed_lsn = Some(500);
+            r.report.streaming = false;
+        }
+        match decide(&f.input(10_100)) {
+            Verdict::Wait { reason } => assert!(reason.contains("replayed"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+        f.reports.get_mut(&3).unwrap().report.replayed_lsn = Some(520);
+        // Member 2 is as far along, but the operator asked for 3: no lease wait either.
+        match decide(&f.input(10_100)) {
+            Verdict::Promote {
+                node,
+                epoch,
+                reason,
+                ..
+            } => {
+                assert_eq!((node, epoch), (3, 2));
+                assert!(reason.contains("switchover"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_switchover_whose_target_never_catches_up_is_cancelled_after_its_timeout() {
+        use crate::cluster_state::PlanKind;
+        let mut f = Fixture::new().streaming();
+        f.plan(PlanKind::Switchover, 3, true);
+        let p = &mut f.reports.get_mut(&1).unwrap();
+        p.report.pg = PgState::Fenced;
+        p.report.sent_at = 5;
+        p.report.handed_over = Some(super::super::report::HandedOver {
+            plan: 7,
+            final_lsn: 500,
+        });
+        f.reports.get_mut(&3).unwrap().report.pg = PgState::Unresponsive;
+        let mut input = f.input(10_100);
+        input.plan_started_seen = Some(10_000);
+        assert!(matches!(decide(&input), Verdict::Wait { .. }));
+        let late = 10_000 + f.cluster.config.switchover_timeout_ms;
+        for r in f.reports.values_mut() {
+            r.at = late;
+        }
+        let mut input = f.input(late);
+        input.plan_started_seen = Some(10_000);
+        match decide(&input) {
+            Verdict::CancelPlan { id, reason } => {
+                assert_eq!(id, 7);
+                assert!(reason.contains("not a healthy replica"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_manual_failover_is_refused_while_the_primary_is_healthy_and_narrows_the_choice() {
+        use crate::cluster_state::PlanKind;
+        use crate::failover::plan::{hypothetical_refusal, manual_failover_refusal};
+        let mut f = Fixture::new().streaming();
+        let why = manual_failover_refusal(&f.input(10_100), 3).unwrap();
+        assert!(why.contains("switchover --to 3"), "{why}");
+        // The primary fenced itself: member 2 is the most advanced, but the operator names 3.
+        let p = &mut f.reports.get_mut(&1).unwrap();
+        p.report.pg = PgState::Fenced;
+        p.report.sent_at = 5;
+        p.fenced_since = Some(10_050);
+        assert_eq!(manual_failover_refusal(&f.input(10_100), 3), None);
+        f.plan(PlanKind::Failover, 3, true);
+        assert_eq!(hypothetical_refusal(&f.input(10_100), 3), None);
+        match decide(&f.input(10_100)) {
+            Verdict::Promote { node, reason, .. } => {
+                assert_eq!(node, 3);
+                assert!(reason.contains("manual failover"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // Under synchronous replication only a member holding every acknowledged write.
+        let mut f = Fixture::synchronous_with_standby(2).streaming();
+        let p = &mut f.reports.get_mut(&1).unwrap();
+        p.report.pg = PgState::Fenced;
+        p.report.sent_at = 5;
+        p.fenced_since = Some(10_050);
+        f.plan(PlanKind::Failover, 3, true);
+        f.reports.get_mut(&3).unwrap().report.lsn = 400;
+        let why = hypothetical_refusal(&f.input(10_100), 3).unwrap();
+        assert!(why.contains("acknowledged"), "{why}");
     }
 
     #[test]

@@ -35,6 +35,15 @@ pub struct LocalView {
     /// Free bytes on the data or WAL filesystem, whichever has fewer; `None` when unknown.
     #[serde(default)]
     pub free_bytes: Option<u64>,
+    /// A started switchover moves the primary away from this member in the assigned epoch.
+    #[serde(default)]
+    pub hand_over: bool,
+    /// This member shut its primary down cleanly for a switchover to the member named, in the
+    /// epoch given, and the committed promotion of the next epoch took that member past this
+    /// one's last record ([`super::plan::follows_without_rewind`]): it follows without a rewind
+    /// (its WAL ends where the new timeline forks).
+    #[serde(default)]
+    pub handed_over_to: Option<(NodeId, Epoch)>,
 }
 
 /// What the sidecar does next.
@@ -74,6 +83,15 @@ pub enum Action {
     /// Stop Postgres immediately and verify the postmaster is gone. The sidecar drops its lease
     /// and accepts no grant for a report it sent before the fence.
     Fence,
+    /// Switchover: a clean (fast) shutdown, so that every connected standby receives the WAL up
+    /// to the shutdown checkpoint; then as after a fence, and the report says where the WAL
+    /// ends. If the shutdown does not finish in time, fence.
+    HandOver,
+    /// A former primary that handed over follows the new primary without a rewind.
+    FollowAfterHandOver {
+        /// The committed primary.
+        upstream: NodeId,
+    },
 }
 
 /// One fired row of the table.
@@ -131,6 +149,12 @@ pub fn plan(
     let was_primary_in = |epoch: Epoch| local.last_primary_epoch == Some(epoch);
     let diverged = |epoch: Epoch| local.last_primary_epoch.is_some_and(|e| e < epoch);
     let rebuilds = |epoch: Epoch| diverged(epoch) || local.cannot_stream;
+    let handed_over_to = |of: NodeId, epoch: Epoch| {
+        !local.cannot_stream
+            && local
+                .handed_over_to
+                .is_some_and(|(to, from_epoch)| to == of && epoch == from_epoch + 1)
+    };
     match (local.pg, target) {
         // A new member.
         (Pg::NoData, Target::Undecided) => {
@@ -153,6 +177,10 @@ pub fn plan(
         }
 
         // Running as primary.
+        (Pg::Primary, Target::Primary { lease: true, .. }) if local.hand_over => step(
+            HandOver,
+            "switchover: shutting down cleanly so that the standbys receive every WAL record",
+        ),
         (Pg::Primary, Target::Primary { lease: true, .. }) => {
             step(Nothing, "primary with a valid lease")
         }
@@ -220,6 +248,13 @@ pub fn plan(
             "stopped: waiting for room on the data or WAL filesystem before rejoining \
              (failover_min_free_bytes)",
         ),
+        (Pg::Stopped | Pg::Fenced, Target::Replica { of, epoch }) if handed_over_to(of, epoch) => {
+            step(
+                FollowAfterHandOver { upstream: of },
+                "former primary shut down cleanly for the switchover: following the new primary \
+                 without a rewind",
+            )
+        }
         (Pg::Stopped, Target::Replica { of, epoch }) if diverged(epoch) => step(
             Rejoin { upstream: of },
             "former primary comes back: rejoining as a replica",
@@ -265,8 +300,13 @@ pub fn plan(
 /// undoing it.
 pub fn while_paused(step: Step) -> Step {
     match step.action {
-        Action::Nothing | Action::Fence | Action::Promote { .. } | Action::Follow { .. } => step,
-        Action::InitPrimary
+        Action::Nothing
+        | Action::Fence
+        | Action::HandOver
+        | Action::Promote { .. }
+        | Action::Follow { .. } => step,
+        Action::FollowAfterHandOver { .. }
+        | Action::InitPrimary
         | Action::Clone { .. }
         | Action::StartPrimary
         | Action::StartReplica { .. }
@@ -336,7 +376,40 @@ mod tests {
             epoch_seen: 1,
             cannot_stream: false,
             free_bytes: None,
+            hand_over: false,
+            handed_over_to: None,
         }
+    }
+
+    #[test]
+    fn a_switchover_shuts_the_primary_down_cleanly_and_it_follows_without_a_rewind() {
+        let mut p = view(PgState::Primary);
+        p.last_primary_epoch = Some(1);
+        p.hand_over = true;
+        assert_eq!(run(p, primary(1, 1), lease(1)), Action::HandOver);
+        // Without a lease it fences, switchover or not.
+        assert_eq!(run(p, primary(1, 1), None), Action::Fence);
+        let mut f = view(PgState::Fenced);
+        f.last_primary_epoch = Some(1);
+        f.handed_over_to = Some((2, 1));
+        // Until the target is committed: nothing (no restart of the old primary).
+        assert_eq!(run(f, primary(1, 1), None), Action::Nothing);
+        assert_eq!(
+            run(f, primary(2, 2), None),
+            Action::FollowAfterHandOver { upstream: 2 }
+        );
+        // Another member was promoted instead, or a later epoch: a rewind it is.
+        assert_eq!(run(f, primary(3, 2), None), Action::Rejoin { upstream: 3 });
+        assert_eq!(run(f, primary(2, 3), None), Action::Rejoin { upstream: 2 });
+        // The follow found it could not stream: rewind.
+        f.cannot_stream = true;
+        assert_eq!(run(f, primary(2, 2), None), Action::Rejoin { upstream: 2 });
+        // Paused, it stays down like any start.
+        let s = Step {
+            action: Action::FollowAfterHandOver { upstream: 2 },
+            reason: "x",
+        };
+        assert_eq!(while_paused(s).action, Action::Nothing);
     }
 
     fn primary(node: NodeId, epoch: Epoch) -> Option<PrimaryAssignment> {

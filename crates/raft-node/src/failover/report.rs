@@ -66,6 +66,23 @@ pub struct MemberReport {
     /// Whether the member's Postgres can write, and the room it has.
     #[serde(default)]
     pub storage: StorageReport,
+    /// A replica's replay position: the end of the last WAL record it applied.
+    #[serde(default)]
+    pub replayed_lsn: Option<u64>,
+    /// A primary that shut down cleanly for a planned switchover, and where its WAL ends.
+    #[serde(default)]
+    pub handed_over: Option<HandedOver>,
+}
+
+/// A primary stopped by a clean shutdown for a switchover plan: nothing on it writes any more
+/// (its report is `Fenced`), and every standby connected at the time received its WAL up to
+/// `final_lsn`, the start of its shutdown checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedOver {
+    /// The plan it stopped for.
+    pub plan: u64,
+    /// Start of its last WAL record (the shutdown checkpoint).
+    pub final_lsn: u64,
 }
 
 /// A member's storage: room on its filesystems and, on a primary, the write probe.
@@ -216,6 +233,8 @@ mod tests {
             epoch_seen: 1,
             sent_at,
             storage: Default::default(),
+            replayed_lsn: None,
+            handed_over: None,
         }
     }
 

@@ -17,10 +17,11 @@ use tokio::sync::watch;
 use super::assess::{Assessor, Seen};
 use super::leader::{boot_clock_ms, FailoverLeader, Grant, ReportAnswer};
 use super::lease::{HeldLease, Millis};
+use super::plan::follows_without_rewind;
 use super::reconcile::{plan, while_paused, Action, LocalView};
-use super::report::{LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied};
+use super::report::{HandedOver, LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied};
 use super::sync;
-use crate::cluster_state::{ClusterState, Epoch, SyncSet};
+use crate::cluster_state::{ClusterState, Epoch, PlanKind, SyncSet};
 use crate::events::EventLog;
 use crate::http::LocalHealth;
 use crate::network::Dialer;
@@ -88,6 +89,7 @@ struct Observed {
     seen: Option<Seen>,
     timeline: u32,
     lsn: u64,
+    replayed: Option<u64>,
     streaming: bool,
     receipt_age_ms: Option<u64>,
     upstream_addr: Option<String>,
@@ -160,6 +162,9 @@ pub struct Sidecar {
     /// Where the HTTP health endpoints read this member's state.
     health_tx: Option<watch::Sender<LocalHealth>>,
     storage_seen: StorageSeen,
+    /// This member's primary shut down cleanly for a switchover: the plan, where its WAL
+    /// ends, the target and the epoch it handed over.
+    handed_over: Option<(HandedOver, NodeId, Epoch)>,
 }
 
 /// Why the failover memory could not be loaded or rebuilt.
@@ -210,6 +215,7 @@ impl Sidecar {
                 write_kind: "none",
                 low_space: false,
             },
+            handed_over: None,
         })
     }
 
@@ -370,6 +376,7 @@ impl Sidecar {
             seen: Some(seen),
             timeline: obs.timeline.unwrap_or(0),
             lsn,
+            replayed: obs.replayed_lsn.map(|l| l.0),
             streaming: receiver.is_some_and(|w| w.status == "streaming"),
             receipt_age_ms: receiver.and_then(|w| w.last_msg_receipt_age_ms),
             upstream_addr: receiver
@@ -526,6 +533,10 @@ impl Sidecar {
             now,
         );
         let pg = judged.pg;
+        if matches!(pg, PgState::Primary | PgState::Replica) {
+            // Postgres runs again: whatever it writes now was never handed over.
+            self.handed_over = None;
+        }
         let wrote = obs.write.as_ref().map(|w| w.check.is_ok());
         let write_failures = self.assessor.judge_write(pg, wrote);
         let free_bytes = obs.free_bytes();
@@ -573,6 +584,11 @@ impl Sidecar {
             epoch_seen: self.memory.epoch_seen,
             sent_at: now,
             storage,
+            replayed_lsn: obs.replayed.filter(|_| pg == PgState::Replica),
+            handed_over: self
+                .handed_over
+                .filter(|_| pg == PgState::Fenced)
+                .map(|(h, _, _)| h),
         };
         let answer = self.send_report(&report, report_timeout(&cfg)).await;
         let report_again = answer.is_some_and(|a| a.report_again);
@@ -615,6 +631,16 @@ impl Sidecar {
             cannot_stream: self.cannot_stream.is_some()
                 && self.cannot_stream == state.cluster.primary.map(|a| (a.node, a.epoch)),
             free_bytes,
+            hand_over: state.cluster.plan.is_some_and(|p| {
+                p.started
+                    && p.kind == PlanKind::Switchover
+                    && p.from == self.node_id
+                    && state.cluster.primary.is_some_and(|a| a.epoch == p.epoch)
+            }),
+            handed_over_to: self
+                .handed_over
+                .filter(|(h, to, e)| follows_without_rewind(&state.cluster, *h, *to, *e))
+                .map(|(_, to, epoch)| (to, epoch)),
         };
         let assigned = state.cluster.primary;
         let mut step = plan(
@@ -776,6 +802,64 @@ impl Sidecar {
                 memory.last_primary_epoch = None;
                 self.applied_sync = None;
                 self.assessor.started();
+            }
+            Action::HandOver => {
+                let plan = cluster
+                    .plan
+                    .filter(|p| p.started && p.from == self.node_id)
+                    .ok_or("no started switchover names this member")?;
+                // The guard fences at the lease's end anyway; a shutdown still running then
+                // is no longer clean.
+                let timeout = Duration::from_millis(cluster.config.lease_ms);
+                let outcome = self.instance.hand_over(timeout).await;
+                self.lease = None;
+                self.assessor.fenced_at(boot_clock_ms());
+                match outcome {
+                    Ok(r) => {
+                        tracing::info!(
+                            epoch,
+                            lsn = r.final_lsn,
+                            elapsed_ms = r.elapsed_ms,
+                            to = plan.to,
+                            "switchover: primary shut down cleanly"
+                        );
+                        self.handed_over = Some((
+                            HandedOver {
+                                plan: plan.id,
+                                final_lsn: r.final_lsn,
+                            },
+                            plan.to,
+                            epoch,
+                        ));
+                    }
+                    Err(e) => {
+                        let r = self.instance.fence().await.map_err(|f| f.to_string())?;
+                        tracing::warn!(epoch, error = %e, elapsed_ms = r.elapsed_ms, "switchover: the clean shutdown failed; fenced instead");
+                        return Err(format!("clean shutdown failed ({e}); fenced instead"));
+                    }
+                }
+            }
+            Action::FollowAfterHandOver { upstream } => {
+                let u = up(self, upstream)?;
+                match self.instance.follow_after_hand_over(&u).await {
+                    Ok(r) => {
+                        tracing::info!(epoch, upstream, elapsed_ms = r.elapsed_ms, timeline = ?r.timeline, "former primary follows the new primary without a rewind");
+                        memory.last_primary_epoch = None;
+                        self.handed_over = None;
+                        self.applied_sync = None;
+                        self.cannot_stream = None;
+                        self.assessor.started();
+                    }
+                    Err(e) => {
+                        // Reached the new primary but streaming never started: this history
+                        // went past the fork after all, and only a rewind helps.
+                        if matches!(e, pg_supervisor::error::SupervisorError::Timeout { .. }) {
+                            self.cannot_stream = Some((upstream, epoch));
+                            self.handed_over = None;
+                        }
+                        return Err(e.to_string());
+                    }
+                }
             }
             Action::Fence => {
                 let r = self.instance.fence().await.map_err(|e| e.to_string())?;
