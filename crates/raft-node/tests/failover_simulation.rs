@@ -171,7 +171,7 @@ struct Leader {
 
 enum Body {
     Report {
-        report: MemberReport,
+        report: Box<MemberReport>,
         term: u64,
     },
     Reply {
@@ -720,9 +720,8 @@ impl Sim {
                     self.commit(l, Command::StartPlan { id });
                 }
                 Verdict::CancelPlan { id, reason } => {
-                    if self.commit(l, Command::CancelPlan { id, reason }) {
-                        self.plans_cancelled += 1;
-                    }
+                    let cancelled = self.commit(l, Command::CancelPlan { id, reason });
+                    self.plans_cancelled += usize::from(cancelled);
                 }
                 Verdict::Steady => {
                     let epoch = self.committed.primary.map(|p| p.epoch).unwrap_or(0);
@@ -761,6 +760,7 @@ impl Sim {
             }
             match m.body {
                 Body::Report { report, term } => {
+                    let report = *report;
                     let l = m.to;
                     let Some(ld) = self.leaders.get(&l) else {
                         continue;
@@ -996,7 +996,10 @@ impl Sim {
             };
             let term = n.term;
             if let Some(l) = self.current_leader_of(id) {
-                let body = Body::Report { report, term };
+                let body = Body::Report {
+                    report: Box::new(report),
+                    term,
+                };
                 if l == id {
                     // The leader reports to itself without the network.
                     self.msgs.push(Msg {
