@@ -8,7 +8,8 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::workload::{
-    missing_on, outage_ms, rows_on, topology, wait_sync_committed, Checker, Writer,
+    missing_on, outage_ms, rows_on, topology, wait_leader_settled, wait_sync_committed, Checker,
+    Writer,
 };
 use harness::{wait_for, TestCluster};
 use raft_node::proto;
@@ -776,4 +777,182 @@ async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
         crash.elapsed().as_millis(),
         committed_after.map(|d| d.as_millis())
     );
+}
+
+/// Runs a switchover with the CLI to `to` and returns how long the verb took; asserts it
+/// reports success.
+fn switch_over(c: &TestCluster, to: u64, extra: &[&str]) -> Duration {
+    let started = Instant::now();
+    let endpoints = c.endpoints().join(",");
+    let to = to.to_string();
+    let mut args = vec!["switchover", "--to", &to, "--endpoints", &endpoints];
+    args.extend(extra);
+    let (ok, said, err) = harness::cli(&args, &[]);
+    if !ok || !said.contains("done in") {
+        c.keep_logs();
+        panic!("switchover to {to} failed: {said}{err}\n{}", c.log_tails());
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_under_writes_loses_nothing_and_the_old_primary_follows_without_a_rewind() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    wait_sync_committed(&c).await;
+    // Refusals name the problem, and nothing is committed.
+    let endpoints = c.endpoints().join(",");
+    let refused = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--endpoints", &endpoints]);
+        let (ok, out, err) = harness::cli(&all, &[]);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        err
+    };
+    let err = refused(&["switchover", "--to", &old.to_string()]);
+    assert!(err.contains("already the primary"), "{err}");
+    let err = refused(&["switchover", "--to", "nobody"]);
+    assert!(err.contains("no member is called"), "{err}");
+    let err = refused(&["switchover", "--at", "yesterday"]);
+    assert!(err.contains("--at"), "{err}");
+    let target = *c.nodes.keys().find(|id| **id != old).expect("a replica");
+    let err = refused(&["failover", "--to", &target.to_string()]);
+    assert!(err.contains("is healthy"), "{err}");
+    let t = topology(&c).await;
+    assert!(
+        t.plan.is_none() && t.last_plan.is_none(),
+        "a refusal committed a plan"
+    );
+    wait_leader_settled(&c, Duration::from_secs(6)).await;
+
+    // At least 50 writes a second through the multi-host URL.
+    let writer = Writer::start_paced(c.pg_url(), 1, Duration::from_millis(2)).await;
+    wait_for("writes before the switchover", START, || async {
+        (writer.acked_count() >= 100).then_some(())
+    })
+    .await;
+    let at = Instant::now();
+    let took = switch_over(&c, target, &[]);
+    let (new, t) = c.wait_postgres(FAILOVER).await;
+    assert_eq!(new, target, "the switchover promoted another member");
+    let last = t.history.last().expect("history");
+    assert!(last.reason.contains("switchover"), "{}", last.reason);
+    assert!(
+        t.last_plan.as_ref().is_some_and(|o| o.done),
+        "{:?}",
+        t.last_plan
+    );
+    // The old primary came back as a replica without a rewind.
+    let log = std::fs::read_to_string(c.nodes[&old].log_path()).unwrap_or_default();
+    assert!(
+        log.contains("former primary follows the new primary without a rewind"),
+        "the old primary did not follow cleanly:\n{}",
+        c.log_tails()
+    );
+    assert!(
+        !log.contains("rejoined as a replica"),
+        "the old primary rewound"
+    );
+    let since = Instant::now();
+    wait_for("writes after the switchover", FAILOVER, || async {
+        (writer.acked_after(since)).then_some(())
+    })
+    .await;
+    // And back again, two seconds from now: nothing moves before then. (Leadership may have
+    // moved off the new primary's node; a new leader's wait would count in the outage.)
+    wait_leader_settled(&c, Duration::from_secs(6)).await;
+    let back_at = Instant::now();
+    let back_took = switch_over(&c, old, &["--at", "+2s"]);
+    assert!(
+        back_took >= Duration::from_secs(2),
+        "the switch back did not wait: {back_took:?}"
+    );
+    let first_after = writer
+        .acked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, at)| *at > back_at)
+        .count();
+    assert!(first_after > 20, "writes stopped before the planned time");
+    let (again, _) = c.wait_postgres(FAILOVER).await;
+    assert_eq!(again, old, "the switch back promoted another member");
+    let since = Instant::now();
+    wait_for("writes after the switch back", FAILOVER, || async {
+        (writer.acked_after(since)).then_some(())
+    })
+    .await;
+    let acked = writer.stop().await;
+    // The pace while nothing moved, before the switchover.
+    let steady: Vec<Instant> = acked.iter().map(|(_, t)| *t).filter(|t| *t <= at).collect();
+    let span = match (steady.first(), steady.last()) {
+        (Some(a), Some(b)) if b > a => (*b - *a).as_secs_f64(),
+        _ => 1.0,
+    };
+    let rate = (steady.len() - 1) as f64 / span;
+    assert!(
+        rate >= 50.0,
+        "only {rate:.0} writes/s: the workload proves little"
+    );
+    let missing = missing_on(&c, old, &acked).await;
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    let gap = harness::workload::max_gap_ms(&acked, at, at + took);
+    let back_from = back_at + Duration::from_secs(2);
+    let back_gap = harness::workload::max_gap_ms(&acked, back_from, back_at + back_took);
+    eprintln!(
+        "FIGURE switchover_write_outage_ms={gap} switch_back_write_outage_ms={back_gap} \
+         writes_per_s={rate:.0} acked={} lost=0 verb_ms={} back_verb_ms={}",
+        acked.len(),
+        took.as_millis(),
+        back_took.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_failover_names_the_successor_of_a_dead_primary_even_while_paused() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, t) = c.wait_postgres(START).await;
+    let epoch = t.primary.map(|p| p.epoch).expect("an epoch");
+    wait_sync_committed(&c).await;
+    // The member the usual rules would not pick on a tie: the higher id.
+    let chosen = *c
+        .nodes
+        .keys()
+        .filter(|id| **id != old)
+        .max()
+        .expect("replicas");
+    cli(&c, &["pause"]);
+    let postmaster = c.postmaster_pid(old).expect("postmaster pid");
+    // SAFETY: killing the test's own Postgres.
+    unsafe { libc::kill(postmaster, libc::SIGKILL) };
+    wait_for("the leader to see the primary down", FAILOVER, || async {
+        let t = topology(&c).await;
+        t.failover_status.contains("paused").then_some(())
+    })
+    .await;
+    let said = cli(&c, &["failover", "--to", &chosen.to_string()]);
+    assert!(said.contains("done in"), "{said}");
+    let t = topology(&c).await;
+    assert_eq!(
+        t.primary.as_ref().map(|p| (p.node_id, p.epoch)),
+        Some((chosen, epoch + 1))
+    );
+    assert!(t.paused, "the failover ended the pause");
+    let last = t.history.last().expect("history");
+    assert!(last.reason.contains("manual failover"), "{}", last.reason);
+    wait_for("the chosen member to take writes", FAILOVER, || async {
+        (c.writable(chosen).await == Some(true)).then_some(())
+    })
+    .await;
+    // Paused, the old primary stays down; resumed, it rejoins.
+    assert!(
+        c.postmaster_pid(old)
+            .is_none_or(|pid| unsafe { libc::kill(pid, 0) } != 0),
+        "pgquorum restarted the old primary while paused"
+    );
+    cli(&c, &["resume"]);
+    let (now, _) = c.wait_postgres(FAILOVER).await;
+    assert_eq!(now, chosen);
 }

@@ -21,7 +21,8 @@ pub async fn connect_within(url: &str, within: Duration) -> Option<tokio_postgre
     Some(client)
 }
 
-/// Inserts increasing ids every 100 ms; remembers which were acknowledged and when.
+/// Inserts increasing ids every 100 ms (or at another pace); remembers which were acknowledged
+/// and when.
 pub struct Writer {
     pub acked: Arc<Mutex<Vec<(i64, Instant)>>>,
     stop: Arc<AtomicBool>,
@@ -51,8 +52,17 @@ impl Writer {
         Self::start_urls(vec![url], first).await
     }
 
+    /// Like [`Writer::start_at`], pausing `pause` between writes instead of 100 ms.
+    pub async fn start_paced(url: String, first: i64, pause: Duration) -> Writer {
+        Self::start_urls_paced(vec![url], first, pause).await
+    }
+
     /// Writes through the first of `urls` that takes a connection within its bound.
     async fn start_urls(urls: Vec<String>, first: i64) -> Writer {
+        Self::start_urls_paced(urls, first, Duration::from_millis(100)).await
+    }
+
+    async fn start_urls_paced(urls: Vec<String>, first: i64, pause: Duration) -> Writer {
         // A member that just started may refuse or reset the first connection.
         let (client, conn) = wait_for("the writer's first connection", PATIENCE, || async {
             for url in &urls {
@@ -97,7 +107,7 @@ impl Writer {
                         _ => client = None,
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(pause).await;
             }
         });
         Writer { acked, stop, task }
@@ -436,4 +446,28 @@ pub fn max_gap_ms(acked: &[(i64, Instant)], from: Instant, to: Instant) -> u128 
         last = t;
     }
     gap.as_millis()
+}
+
+/// Waits until the Raft leader has held office unchanged for `settled` (a new leader waits a
+/// lease and more before it promotes anyone, so a planned switchover right after a leadership
+/// change costs that wait); returns its id.
+pub async fn wait_leader_settled(c: &TestCluster, settled: Duration) -> u64 {
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen: Option<(u64, u64, Instant)> = None;
+    loop {
+        let t = topology(c).await;
+        match seen {
+            Some((l, term, since)) if (l, term) == (t.leader_id, t.term) && l != 0 => {
+                if since.elapsed() >= settled {
+                    return l;
+                }
+            }
+            _ => seen = Some((t.leader_id, t.term, Instant::now())),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Raft leader held office for {settled:?} within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

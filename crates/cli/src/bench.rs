@@ -28,13 +28,14 @@ pub enum BenchCmd {
         dir: Option<PathBuf>,
     },
     /// Write outage and lost acknowledged writes of a client writing every 100 ms through a
-    /// multi-host URL, on fresh local 3-member clusters with real Postgres, for each fault; and
-    /// the commit latency before the fault.
+    /// multi-host URL, on fresh local 3-member clusters with real Postgres, for each fault (and
+    /// for a planned switchover); and the commit latency before the fault.
     Failover {
         /// Runs per fault.
         #[arg(long, default_value_t = 5)]
         runs: u32,
-        /// Faults to inject (default: all).
+        /// Faults to inject (default: host-crash, postgres-crash, sidecar-freeze; `switchover`
+        /// times a planned switchover).
         #[arg(long, value_enum, value_delimiter = ',')]
         faults: Vec<Fault>,
         /// synchronous_mode of the clusters: off, on, strict or quorum.
@@ -59,6 +60,9 @@ pub enum Fault {
     PostgresCrash,
     /// SIGSTOP of the sidecar (a frozen or partitioned agent); Postgres runs on until fenced.
     SidecarFreeze,
+    /// A planned switchover (`pgquorum switchover`) to the most advanced replica, once the Raft
+    /// leader has been in office for longer than a new leader's wait.
+    Switchover,
 }
 
 pub async fn run(cmd: BenchCmd) -> Result<()> {
@@ -119,6 +123,9 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
         BenchCmd::Raft { runs, commits, dir } => {
+            if runs == 0 || commits == 0 {
+                bail!("--runs and --commits must be at least 1");
+            }
             let (dir, remove) = match dir {
                 Some(d) => (d, false),
                 None => (
@@ -485,6 +492,23 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if fault == Fault::Switchover {
+        // A new Raft leader waits a lease and more before it promotes anyone (its predecessor
+        // may have granted one), and leadership just moved off the primary's node: measure the
+        // switchover of a settled cluster.
+        let term = wait_topology(&api, "a leader", limit, |t| t.leader_id != 0)
+            .await?
+            .term;
+        let settle = Duration::from_millis(2 * setup.lease_ms.unwrap_or(2_500) + 1_000);
+        let since = Instant::now();
+        while since.elapsed() < settle {
+            let t = wait_topology(&api, "a leader", limit, |t| t.leader_id != 0).await?;
+            if t.term != term {
+                bail!("the Raft leader changed while the cluster settled; run again");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let pid_file = node.dir.join("pgdata/postmaster.pid");
     let postmaster: i32 = std::fs::read_to_string(&pid_file)?
         .lines()
@@ -510,7 +534,19 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
             Fault::SidecarFreeze => {
                 libc::kill(sidecar, libc::SIGSTOP);
             }
+            Fault::Switchover => {}
         }
+    }
+    if fault == Fault::Switchover {
+        api.call(|mut c| async move {
+            c.switchover(proto::SwitchoverRequest {
+                to: 0,
+                at_unix_ms: 0,
+            })
+            .await
+        })
+        .await
+        .context("switchover refused")?;
     }
     // Done once another member is the committed primary and writes have flowed for a second
     // since; the outage is the largest gap between acknowledged writes from the fault on. The

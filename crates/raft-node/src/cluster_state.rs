@@ -550,8 +550,13 @@ impl ClusterState {
                 plan.to
             ));
         }
-        if self.paused {
-            return Err("automatic failover is paused; resume it first (`pgquorum resume`)".into());
+        // A manual failover is the operator's own decision, which a pause leaves to them.
+        if self.paused && plan.kind == PlanKind::Switchover {
+            return Err(
+                "automatic failover is paused; resume it first (`pgquorum resume`), or name the \
+                 successor of a failed primary with `pgquorum failover --to NODE`"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -705,9 +710,22 @@ mod tests {
             st.last_plan.clone().map(|l| (l.done, l.outcome)),
             Some((false, "target lags".into()))
         );
-        // Paused, nothing is planned.
+        // Paused, no switchover is planned; a manual failover is.
         st.apply(&Command::SetPaused { paused: true }, &m);
         refused(&mut st, &back, "paused");
+        let manual = Command::PlanPrimary {
+            plan: PrimaryPlan {
+                kind: PlanKind::Failover,
+                epoch: 2,
+                from: 2,
+                ..plan(1)
+            },
+        };
+        assert_eq!(st.apply(&manual, &m), CommandOutcome::Applied);
+        assert!(
+            st.plan.is_some_and(|p| p.started),
+            "a manual failover starts at once"
+        );
     }
 
     fn promote(node: NodeId, epoch: Epoch) -> Command {

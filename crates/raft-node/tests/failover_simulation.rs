@@ -225,6 +225,7 @@ struct Sim {
     plans: usize,
     plans_done: usize,
     plans_cancelled: usize,
+    manual_failovers: usize,
     /// Former primaries that followed their successor without a rewind.
     followed_without_rewind: usize,
     /// The highest WAL position acknowledged to a client while the primary ran synchronous.
@@ -333,6 +334,7 @@ impl Sim {
             plans: 0,
             plans_done: 0,
             plans_cancelled: 0,
+            manual_failovers: 0,
             followed_without_rewind: 0,
             acked_sync_high: 0,
             acked_high: 0,
@@ -682,7 +684,11 @@ impl Sim {
                             }
                         }
                     }
-                    if self.node(l).applied.paused {
+                    let manual =
+                        self.node(l).applied.plan.is_some_and(|p| {
+                            p.started && p.kind == PlanKind::Failover && p.to == node
+                        });
+                    if self.node(l).applied.paused && !manual {
                         self.fail(&format!(
                             "pause: leader {l} decides to promote {node} while automatic \
                              failover is paused"
@@ -1123,6 +1129,10 @@ impl Sim {
                     if switchover {
                         self.plans_done += 1;
                     }
+                    let manual = self.committed.history.iter().any(|h| {
+                        h.to == id && h.epoch == epoch && h.reason.starts_with("manual failover")
+                    });
+                    self.manual_failovers += usize::from(manual);
                     self.apply_sync(id, epoch, now);
                     self.promotions.push((id, epoch));
                     let n = self.node_mut(id);
@@ -1550,6 +1560,7 @@ impl Sim {
                     .rng
                     .gen_bool(0.5)
                     .then(|| self.rng.gen_range(1..=n as u64));
+                let any = self.rng.gen_range(1..=n as u64);
                 let later = if self.rng.gen_bool(0.3) {
                     self.t + self.rng.gen_range(100..3_000)
                 } else {
@@ -1574,7 +1585,7 @@ impl Sim {
                     };
                     match switchover_target(&input, to) {
                         Ok(target) => plan(PlanKind::Switchover, target),
-                        Err(_) => to
+                        Err(_) => Some(to.unwrap_or(any))
                             .filter(|&to| manual_failover_refusal(&input, to).is_none())
                             .and_then(|to| plan(PlanKind::Failover, to))
                             .filter(|p| {
@@ -1659,7 +1670,7 @@ impl Sim {
 
     /// Runs the fault phase and the healed phase; returns the recovery time after healing and
     /// the number of promotions and guard fences seen.
-    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 4]) {
+    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 5]) {
         while self.t < FAULT_PHASE_MS {
             self.step();
         }
@@ -1686,6 +1697,7 @@ impl Sim {
                         self.plans_done,
                         self.plans_cancelled,
                         self.followed_without_rewind,
+                        self.manual_failovers,
                     ],
                 );
             }
@@ -1729,7 +1741,7 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     let started = std::time::Instant::now();
     let mut worst = 0;
     let (mut promotions, mut fences, mut write_failovers, mut pauses) = (0, 0, 0, 0);
-    let mut plans = [0usize; 4];
+    let mut plans = [0usize; 5];
     let (seeds, fresh_base) = seeds();
     if let Some(b) = fresh_base {
         eprintln!("simulation: fresh seeds start at {b} (replay one with PGQUORUM_SIM_SEED)");
@@ -1750,12 +1762,14 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         "FIGURE simulation seeds={} promotions={promotions} guard_fences={fences} \
          failovers_for_a_primary_that_cannot_write={write_failovers} pauses={pauses} \
          plans={} switchovers_done={} plans_cancelled={} followed_without_rewind={} \
+         manual_failovers={} \
          worst_recovery_after_heal_ms={worst} wall_ms={}",
         seeds.len(),
         plans[0],
         plans[1],
         plans[2],
         plans[3],
+        plans[4],
         started.elapsed().as_millis()
     );
     // The faults must actually move the primary around, or the run proves nothing.
@@ -1770,6 +1784,11 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     assert!(
         pauses >= seeds.len() / 20,
         "too few maintenance pauses: {pauses}"
+    );
+    assert!(
+        plans[4] >= seeds.len() / 100,
+        "too few manual failovers: {}",
+        plans[4]
     );
     assert!(
         plans[1] >= seeds.len() / 4 && plans[3] >= seeds.len() / 8,

@@ -163,15 +163,12 @@ pub fn switchover_target(input: &PolicyInput<'_>, to: Option<NodeId>) -> Result<
 
 /// Whether a manual failover to `to` may be planned: only when the primary is not healthy
 /// (a healthy one is switched over), and only to a member that could be promoted once every
-/// wait is over.
+/// wait is over. Also while paused: the operator decides, as in maintenance mode.
 pub fn manual_failover_refusal(input: &PolicyInput<'_>, to: NodeId) -> Option<String> {
     let cfg = &input.cluster.config;
     let primary = input.cluster.primary?;
     if to == primary.node {
         return Some(format!("member {to} is already the primary"));
-    }
-    if input.cluster.paused {
-        return Some("automatic failover is paused; resume it first (`pgquorum resume`)".into());
     }
     let healthy = input.fresh(primary.node).is_some_and(|r| {
         r.pg == PgState::Primary
@@ -291,6 +288,11 @@ impl Restriction<'_> {
         }
         if !candidates.is_empty() {
             return Ok(());
+        }
+        if why_not.is_empty() {
+            // Nothing names the target: a rule for every member (the synchronous standbys'
+            // reports) stands in the way.
+            why_not = self.excluded.to_vec();
         }
         if why_not.is_empty() {
             why_not.push(format!("{to}: no recent report"));

@@ -320,7 +320,9 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
         }
     }
     let plan = plan.filter(|p| p.kind == PlanKind::Failover || handed_over);
-    if input.cluster.paused && !hypothetical {
+    // Paused, only the operator's own choice of successor promotes anyone.
+    let manual = plan.is_some_and(|p| p.kind == PlanKind::Failover);
+    if input.cluster.paused && !hypothetical && !manual {
         return Verdict::Wait {
             reason: format!("{why}, but automatic failover is paused"),
         };
