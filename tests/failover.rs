@@ -684,6 +684,60 @@ async fn http_status(addr: &str, path: &str) -> Option<u16> {
         .flatten()
 }
 
+/// The body of `GET path` on `addr`, or `None` when nothing answers within two seconds.
+async fn http_body(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.ok()?;
+        let text = String::from_utf8_lossy(&all).into_owned();
+        Some(text.split_once("\r\n\r\n")?.1.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// `/metrics` of `addr`, parsed as a Prometheus scraper parses it: series name (with labels
+/// rendered `name{k="v"}`) to value.
+async fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let text = http_body(addr, "/metrics").await.expect("/metrics answers");
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let parsed =
+        prometheus_parse::Scrape::parse(lines).expect("/metrics parses as Prometheus text");
+    assert!(!parsed.samples.is_empty(), "no samples in:\n{text}");
+    parsed
+        .samples
+        .into_iter()
+        .map(|s| {
+            let labels = s
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{v}\""))
+                .collect::<Vec<_>>();
+            let name = if labels.is_empty() {
+                s.metric
+            } else {
+                format!("{}{{{}}}", s.metric, labels.join(","))
+            };
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(_) | prometheus_parse::Value::Summary(_) => {
+                    f64::NAN
+                }
+            };
+            (name, value)
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
     let mut c = TestCluster::with_postgres(3);
@@ -777,6 +831,42 @@ async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
         crash.elapsed().as_millis(),
         committed_after.map(|d| d.as_millis())
     );
+    // The metrics tell the same story.
+    let epoch = t.primary.map(|p| p.epoch as f64).expect("epoch");
+    let m = scrape(&http[&new]).await;
+    for (series, want) in [
+        ("pgquorum_postgres_role{role=\"primary\"}", 1.0),
+        ("pgquorum_postgres_role{role=\"replica\"}", 0.0),
+        ("pgquorum_assigned_primary", 1.0),
+        ("pgquorum_epoch", epoch),
+        ("pgquorum_promotions_total", 1.0),
+        ("pgquorum_failovers_total", 1.0),
+    ] {
+        assert_eq!(
+            m.get(series),
+            Some(&want),
+            "{series} on the new primary: {m:?}"
+        );
+    }
+    assert!(m["pgquorum_lease_remaining_seconds"] > 0.0, "{m:?}");
+    assert!(m["pgquorum_raft_term"] >= 1.0, "{m:?}");
+    assert!(m.contains_key("pgquorum_raft_applied_index"), "{m:?}");
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("pgquorum_report_round_trip_seconds")),
+        "{m:?}"
+    );
+    wait_for(
+        "the old primary's fence in its metrics",
+        FAILOVER,
+        || async {
+            let m = scrape(&http[&old]).await;
+            (m.get("pgquorum_fences_total") >= Some(&1.0)
+                && m.get("pgquorum_assigned_primary") == Some(&0.0))
+            .then_some(())
+        },
+    )
+    .await;
 }
 
 /// Runs a switchover with the CLI to `to` and returns how long the verb took; asserts it

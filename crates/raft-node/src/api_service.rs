@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster_state::{Command, CommandOutcome, MemberInfo, PlanKind, PrimaryPlan, Tags};
 use crate::events::EventLog;
 use crate::failover::leader::{FailoverLeader, MemberHealth};
-use crate::failover::report::{MemberReport, PgState};
+use crate::failover::report::MemberReport;
 use crate::network::Dialer;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::cluster_server::Cluster;
@@ -368,15 +368,7 @@ fn add_health(
             m.pg_role = if health.is_empty() { "" } else { "unknown" }.to_string();
             continue;
         };
-        m.pg_role = match h.pg {
-            PgState::NoData => "no_data",
-            PgState::Stopped => "stopped",
-            PgState::Fenced => "fenced",
-            PgState::Primary => "primary",
-            PgState::Replica => "replica",
-            PgState::Unresponsive => "unresponsive",
-        }
-        .to_string();
+        m.pg_role = crate::metrics::role_name(Some(h.pg)).to_string();
         m.timeline = h.timeline;
         m.lsn = h.lsn;
         m.lag_bytes = best.saturating_sub(h.lsn);

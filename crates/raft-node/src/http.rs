@@ -1,5 +1,5 @@
 //! HTTP health endpoints on `http_addr`, for load balancers and monitoring: `/primary`,
-//! `/replica`, `/health` and `/cluster`. They answer from this member's own view (no quorum
+//! `/replica`, `/health`, `/cluster` and `/metrics` (Prometheus). They answer from this member's own view (no quorum
 //! needed), so a load balancer's check never waits for the Raft group. Unauthenticated and
 //! read-only.
 
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::cluster_state::{ClusterState, Epoch};
 use crate::failover::lease::Millis;
 use crate::failover::report::PgState;
+use crate::metrics::{Metrics, RaftView, View};
 use crate::store::state_machine::AppliedState;
 use crate::types::NodeId;
 
@@ -35,6 +36,8 @@ pub struct LocalHealth {
     pub timeline: u32,
     /// When (boot clock) the sidecar published this.
     pub at: Millis,
+    /// Free bytes on the data or WAL filesystem, whichever has fewer.
+    pub free_bytes: Option<u64>,
 }
 
 /// Which check a request asks for.
@@ -63,15 +66,7 @@ pub fn judge(
     let stale_after = 2 * cluster.config.lease_ms.max(cluster.config.tick_ms);
     let fresh = health.pg.is_some() && now.saturating_sub(health.at) <= stale_after;
     let assigned = cluster.primary.filter(|p| p.node == me);
-    let role = match health.pg {
-        Some(PgState::Primary) => "primary",
-        Some(PgState::Replica) => "replica",
-        Some(PgState::Stopped) => "stopped",
-        Some(PgState::Fenced) => "fenced",
-        Some(PgState::NoData) => "no_data",
-        Some(PgState::Unresponsive) => "unresponsive",
-        None => "unknown",
-    };
+    let role = crate::metrics::role_name(health.pg);
     let lag = cluster
         .primary_lsn
         .filter(|r| cluster.primary.is_some_and(|p| p.epoch == r.epoch))
@@ -139,6 +134,8 @@ struct Shared {
     me: NodeId,
     health: watch::Receiver<LocalHealth>,
     state: watch::Receiver<Arc<AppliedState>>,
+    metrics: Metrics,
+    raft: crate::types::Raft,
 }
 
 async fn answer(s: &Shared, check: Check) -> Response {
@@ -197,12 +194,51 @@ async fn cluster(State(s): State<Shared>) -> Response {
     axum::Json(body).into_response()
 }
 
+/// `GET /metrics`: Prometheus text (OpenMetrics flavour, which Prometheus reads).
+async fn metrics(State(s): State<Shared>) -> Response {
+    let health = *s.health.borrow();
+    let state = s.state.borrow().clone();
+    let m = s.raft.metrics().borrow().clone();
+    let text = s.metrics.render(&View {
+        me: s.me,
+        health: &health,
+        cluster: &state.cluster,
+        raft: RaftView {
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+        },
+        now: crate::failover::leader::boot_clock_ms(),
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// What the endpoints read.
+pub struct Sources {
+    /// This member.
+    pub me: NodeId,
+    /// The sidecar's published observation.
+    pub health: watch::Receiver<LocalHealth>,
+    /// The applied state.
+    pub state: watch::Receiver<Arc<AppliedState>>,
+    /// The sidecar's counters.
+    pub metrics: Metrics,
+    /// Raft, for its metrics.
+    pub raft: crate::types::Raft,
+}
+
 /// Serves the endpoints on `listener` until `stop`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    me: NodeId,
-    health_rx: watch::Receiver<LocalHealth>,
-    state: watch::Receiver<Arc<AppliedState>>,
+    sources: Sources,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -210,10 +246,13 @@ pub async fn serve(
         .route("/replica", get(replica))
         .route("/health", get(health))
         .route("/cluster", get(cluster))
+        .route("/metrics", get(metrics))
         .with_state(Shared {
-            me,
-            health: health_rx,
-            state,
+            me: sources.me,
+            health: sources.health,
+            state: sources.state,
+            metrics: sources.metrics,
+            raft: sources.raft,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -246,6 +285,7 @@ mod tests {
             lsn: 9_000,
             timeline: 2,
             at: 100_000,
+            free_bytes: None,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod dynamic_config;
 pub mod events;
 pub mod failover;
 pub mod http;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod node_config;

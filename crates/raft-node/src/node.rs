@@ -223,11 +223,19 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let (health_tx, health_rx) = watch::channel(crate::http::LocalHealth::default());
+    let metrics = crate::metrics::Metrics::new();
     if let Some(l) = http_listener {
-        let (state, stop) = (state.clone(), stop_rx.clone());
+        let sources = crate::http::Sources {
+            me: cfg.node_id,
+            health: health_rx,
+            state: state.clone(),
+            metrics: metrics.clone(),
+            raft: raft.clone(),
+        };
+        let stop = stop_rx.clone();
         let addr = cfg.http_addr.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::http::serve(l, cfg.node_id, health_rx, state, stop).await {
+            if let Err(e) = crate::http::serve(l, sources, stop).await {
                 tracing::warn!(%addr, error = %e, "HTTP health endpoints stopped");
             }
         });
@@ -247,7 +255,8 @@ pub async fn run(
             )
             .await?
             .warn_below(cfg.postgres.free_space_warn_bytes)
-            .publish_health(health_tx);
+            .publish_health(health_tx)
+            .count_in(metrics);
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
         None => None,

@@ -24,6 +24,7 @@ use super::sync;
 use crate::cluster_state::{ClusterState, Epoch, PlanKind, SyncSet};
 use crate::events::EventLog;
 use crate::http::LocalHealth;
+use crate::metrics::Metrics;
 use crate::network::Dialer;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::ReportRequest;
@@ -165,6 +166,10 @@ pub struct Sidecar {
     /// This member's primary shut down cleanly for a switchover: the plan, where its WAL
     /// ends, the target and the epoch it handed over.
     handed_over: Option<(HandedOver, NodeId, Epoch)>,
+    metrics: Metrics,
+    /// What the last tick judged, and the committed epoch it saw, for the counters.
+    last_pg: Option<PgState>,
+    last_epoch: Epoch,
 }
 
 /// Why the failover memory could not be loaded or rebuilt.
@@ -216,12 +221,21 @@ impl Sidecar {
                 low_space: false,
             },
             handed_over: None,
+            metrics: Metrics::default(),
+            last_pg: None,
+            last_epoch: 0,
         })
     }
 
     /// Publish this member's state every tick to `tx` (the HTTP health endpoints).
     pub fn publish_health(mut self, tx: watch::Sender<LocalHealth>) -> Self {
         self.health_tx = Some(tx);
+        self
+    }
+
+    /// Count fences, promotions, failovers and report round trips in `metrics`.
+    pub fn count_in(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -410,17 +424,24 @@ impl Sidecar {
         }
         let payload = serde_json::to_vec(report).ok()?;
         let mut client = ClusterClient::new(self.dialer.kept(&addr).ok()?);
+        let sent = Instant::now();
         let reply =
             match tokio::time::timeout(timeout, client.report(ReportRequest { report: payload }))
                 .await
             {
-                Ok(Ok(reply)) => reply.into_inner(),
+                Ok(Ok(reply)) => {
+                    self.metrics
+                        .report_rtt
+                        .observe(sent.elapsed().as_secs_f64());
+                    reply.into_inner()
+                }
                 failed => {
                     let why = match failed {
                         Ok(Err(status)) => status.to_string(),
                         _ => format!("no answer within {} ms", timeout.as_millis()),
                     };
                     tracing::debug!(leader, %why, "report to the Raft leader failed");
+                    self.metrics.report_failures.inc();
                     // The kept connection may be the one a cut silenced: dial afresh next time.
                     self.dialer.forget(&addr);
                     return None;
@@ -533,6 +554,15 @@ impl Sidecar {
             now,
         );
         let pg = judged.pg;
+        if pg == PgState::Fenced && self.last_pg != Some(PgState::Fenced) {
+            self.metrics.fences.inc();
+        }
+        self.last_pg = Some(pg);
+        let committed_epoch = state.cluster.primary.map_or(0, |p| p.epoch);
+        if self.last_epoch != 0 && committed_epoch > self.last_epoch {
+            self.metrics.failovers.inc();
+        }
+        self.last_epoch = self.last_epoch.max(committed_epoch);
         if matches!(pg, PgState::Primary | PgState::Replica) {
             // Postgres runs again: whatever it writes now was never handed over.
             self.handed_over = None;
@@ -619,6 +649,7 @@ impl Sidecar {
                 lsn: obs.lsn,
                 timeline: obs.timeline,
                 at: boot_clock_ms(),
+                free_bytes,
             });
         }
         let view = LocalView {
@@ -774,6 +805,7 @@ impl Sidecar {
                     elapsed_ms = r.elapsed_ms,
                     "promoted"
                 );
+                self.metrics.promotions.inc();
                 memory.last_primary_epoch = Some(epoch);
             }
             Action::Follow { upstream } => {
@@ -799,6 +831,7 @@ impl Sidecar {
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::info!(method = ?r.method, elapsed_ms = r.elapsed_ms, epoch, "rejoined as a replica");
+                self.metrics.rejoins.inc();
                 memory.last_primary_epoch = None;
                 self.applied_sync = None;
                 self.assessor.started();
@@ -844,6 +877,7 @@ impl Sidecar {
                 match self.instance.follow_after_hand_over(&u).await {
                     Ok(r) => {
                         tracing::info!(epoch, upstream, elapsed_ms = r.elapsed_ms, timeline = ?r.timeline, "former primary follows the new primary without a rewind");
+                        self.metrics.rejoins.inc();
                         memory.last_primary_epoch = None;
                         self.handed_over = None;
                         self.applied_sync = None;
