@@ -999,6 +999,13 @@ async fn a_switchover_under_writes_loses_nothing_and_the_old_primary_follows_wit
     );
 }
 
+/// Member `id`'s own events, from its API.
+async fn events_of(c: &TestCluster, id: u64) -> Option<Vec<proto::Event>> {
+    let mut client = c.raw(id).await?;
+    let list = client.get_events(proto::GetEventsRequest {}).await.ok()?;
+    Some(list.into_inner().events)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_failover_names_the_successor_of_a_dead_primary_even_while_paused() {
     let mut c = TestCluster::with_postgres(3);
@@ -1045,4 +1052,23 @@ async fn a_manual_failover_names_the_successor_of_a_dead_primary_even_while_paus
     cli(&c, &["resume"]);
     let (now, _) = c.wait_postgres(FAILOVER).await;
     assert_eq!(now, chosen);
+    // The old primary's events (its fence, its rejoin) outlive a restart of its sidecar.
+    let before = events_of(&c, old).await.expect("events before the restart");
+    let rejoined = before
+        .iter()
+        .find(|e| e.message.contains("Rejoin"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no rejoin among {before:?}"));
+    c.stop(old);
+    c.start(old);
+    let after = wait_for("the restarted sidecar's events", START, || async {
+        events_of(&c, old).await
+    })
+    .await;
+    assert!(
+        after.contains(&rejoined),
+        "the rejoin event was lost in the restart: {after:?}"
+    );
+    let said = cli(&c, &["events"]);
+    assert!(said.contains("Rejoin"), "{said}");
 }

@@ -175,7 +175,13 @@ pub async fn run(
 
     // Leases are granted only while the leader confirmed its quorum within three heartbeats;
     // it confirms every heartbeat. The same bound lengthens a new leader's wait (S2).
-    let events = EventLog::new(cfg.node_id);
+    let events = db
+        .open_tree("events")
+        .and_then(|tree| EventLog::open(cfg.node_id, tree))
+        .map_err(|source| NodeError::Store {
+            path: data_path.clone(),
+            source,
+        })?;
     let failover = FailoverLeader::new(
         cfg.node_id,
         raft.clone(),
