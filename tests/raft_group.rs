@@ -435,3 +435,59 @@ async fn bad_cli_input_fails_clearly() {
     let default = raft_node::dynamic_config::DynamicConfig::default();
     assert_eq!(cfg.values["lease_ms"], default.lease_ms.to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_watch_redraws_on_a_commit_and_local_reads_need_no_quorum() {
+    use std::io::{BufRead, BufReader};
+    let mut c = TestCluster::started(3, DEFAULT_RAFT).await;
+    c.wait_leader(T).await;
+    let ep = c.endpoints().join(",");
+    // `list --watch` prints the current state at once, then again on a commit.
+    let mut child = std::process::Command::new(harness::BIN)
+        .args(["list", "--watch", "--output", "json", "--endpoints", &ep])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn list --watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let saw = |rx: &std::sync::mpsc::Receiver<String>, what: &str| {
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                if line.contains(what) {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    assert!(saw(&rx, "\"paused\": false"), "no first drawing");
+    let env = [("PGQUORUM_ENDPOINTS", ep.as_str())];
+    let (ok, out, err) = cli(&["pause"], &env);
+    assert!(ok, "{out}{err}");
+    assert!(saw(&rx, "\"paused\": true"), "no redraw after the pause");
+    let _ = child.kill();
+    let _ = child.wait();
+    // Without a quorum, --local still answers.
+    let alone = 3;
+    c.kill9(1);
+    c.kill9(2);
+    let one = c.nodes[&alone].addr.clone();
+    let env = [("PGQUORUM_ENDPOINTS", one.as_str())];
+    let (ok, out, err) = cli(&["list", "--local", "--output", "json"], &env);
+    assert!(ok, "list --local without a quorum: {out}{err}");
+    assert!(out.contains("\"paused\": true"), "{out}");
+    assert!(err.contains("may be stale"), "{err}");
+    let (ok, out, err) = cli(&["config", "show", "--local"], &env);
+    assert!(ok && out.contains("lease_ms"), "{out}{err}");
+    let (ok, _, _) = cli(&["history", "--local"], &env);
+    assert!(ok);
+}

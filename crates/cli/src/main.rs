@@ -36,6 +36,12 @@ enum Command {
         conn: Conn,
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
+        #[command(flatten)]
+        read: Read,
+        /// Redraw whenever the cluster state changes (driven by the watch stream), until
+        /// interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// The committed history of primaries (epoch, from, to, reason, LSN).
     History {
@@ -43,6 +49,8 @@ enum Command {
         conn: Conn,
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
+        #[command(flatten)]
+        read: Read,
     },
     /// Recent events of every member: transitions, fences, promotions, failover verdicts.
     Events {
@@ -107,6 +115,8 @@ enum Command {
         /// Database to connect to.
         #[arg(long, default_value = "postgres")]
         dbname: String,
+        #[command(flatten)]
+        read: Read,
     },
     /// Add or remove members.
     #[command(subcommand)]
@@ -146,6 +156,15 @@ impl Conn {
     fn client(&self) -> Result<ApiClient> {
         Ok(ApiClient::new(self.endpoints.clone())?)
     }
+}
+
+/// How read verbs read.
+#[derive(Args, Clone, Copy)]
+pub struct Read {
+    /// Answer from the first reachable member's own applied state, without the Raft leader
+    /// or a quorum: available during an outage, but possibly stale.
+    #[arg(long)]
+    local: bool,
 }
 
 /// Output format of read verbs.
@@ -188,6 +207,8 @@ enum ConfigCmd {
         conn: Conn,
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
+        #[command(flatten)]
+        read: Read,
     },
     /// Change settings: `pgquorum config set lease_ms=3000 tick_ms=250`.
     Set {
@@ -250,13 +271,23 @@ async fn run(cli: Cli) -> Result<()> {
             raft_node::node::run(cfg, shutdown_signal(), None).await?;
             Ok(())
         }
-        Command::List { conn, output } => {
+        Command::List {
+            conn,
+            output,
+            read,
+            watch,
+        } => {
             init_logging("warn");
-            print_topology(&conn.client()?, output).await
+            if watch {
+                return watch_topology(&conn.client()?, output, read).await;
+            }
+            let topo = read_topology(&conn.client()?, read).await?;
+            print!("{}", output::topology(&topo, output));
+            Ok(())
         }
-        Command::History { conn, output } => {
+        Command::History { conn, output, read } => {
             init_logging("warn");
-            let topo = fetch_topology(&conn.client()?).await?;
+            let topo = read_topology(&conn.client()?, read).await?;
             print!("{}", output::history(&topo, output));
             note_paused(topo.paused, output);
             Ok(())
@@ -305,9 +336,10 @@ async fn run(cli: Cli) -> Result<()> {
             read_only,
             user,
             dbname,
+            read,
         } => {
             init_logging("warn");
-            let topo = fetch_topology(&conn.client()?).await?;
+            let topo = read_topology(&conn.client()?, read).await?;
             println!("{}", output::libpq_uri(&topo, read_only, &user, &dbname)?);
             Ok(())
         }
@@ -383,6 +415,56 @@ pub(crate) async fn print_topology(client: &ApiClient, out: Output) -> Result<()
     let topo = fetch_topology(client).await?;
     print!("{}", output::topology(&topo, out));
     Ok(())
+}
+
+/// The topology as `read` asks: linearizable from the leader, or the first reachable member's
+/// own view (said so on standard error).
+async fn read_topology(client: &ApiClient, read: Read) -> Result<proto::Topology> {
+    if !read.local {
+        return Ok(fetch_topology(client).await?);
+    }
+    let topo = client
+        .call(|mut c| async move {
+            c.get_topology(proto::GetTopologyRequest { local: true })
+                .await
+        })
+        .await?;
+    eprintln!(
+        "note: answered by one member from its own applied state (log index {}), without the \
+         leader: it may be stale",
+        topo.last_applied
+    );
+    Ok(topo)
+}
+
+/// `list --watch`: redraws on every committed change the watch stream reports, with the
+/// leader's view of the members (or the watched member's own, with `--local`); reconnects
+/// when the member serving the stream goes away.
+async fn watch_topology(client: &ApiClient, out: Output, read: Read) -> Result<()> {
+    let clear = out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let mut stream = client
+            .call(|mut c| async move { c.watch_topology(proto::WatchTopologyRequest {}).await })
+            .await?;
+        while let Ok(Some(watched)) = stream.message().await {
+            let topo = if read.local {
+                watched
+            } else {
+                // The stream carries committed state; the leader adds what members report.
+                fetch_topology(client).await.unwrap_or(watched)
+            };
+            if clear {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", output::topology(&topo, out));
+            if out == Output::Table {
+                println!();
+            }
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+        eprintln!("note: the watch stream ended; reconnecting");
+    }
 }
 
 /// Commits a pause or a resume of automatic failover.
@@ -593,13 +675,19 @@ fn parse_settings(args: &[String]) -> Result<HashMap<String, String>> {
 
 async fn config(cmd: ConfigCmd) -> Result<()> {
     match cmd {
-        ConfigCmd::Show { conn, output } => {
+        ConfigCmd::Show { conn, output, read } => {
+            let local = read.local;
             let cfg = conn
                 .client()?
-                .call(|mut c| async move {
-                    c.get_config(proto::GetConfigRequest { local: false }).await
-                })
+                .call(|mut c| async move { c.get_config(proto::GetConfigRequest { local }).await })
                 .await?;
+            if local {
+                eprintln!(
+                    "note: answered by one member from its own applied state (log index {}): it \
+                     may be stale",
+                    cfg.log_index
+                );
+            }
             print!("{}", output::config(&cfg, output));
             note_paused(cfg.paused, output);
         }
