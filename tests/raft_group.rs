@@ -405,6 +405,13 @@ async fn bad_cli_input_fails_clearly() {
         (vec!["config", "set", "nope=1"], "unknown setting 'nope'"),
         (vec!["config", "set", "lease_ms=100"], "must be at least"),
         (
+            vec!["config", "set", "lease_ms=1200"],
+            "outlast a Raft election",
+        ),
+        (vec!["switchover"], "no primary has been chosen"),
+        (vec!["failover", "--to", "1"], "no primary"),
+        (vec!["switchover", "--at", "+3d"], "not s, m or h"),
+        (
             vec!["member", "add", "--id", "0", "--addr", "127.0.0.1:1"],
             "positive",
         ),

@@ -601,9 +601,8 @@ impl Cluster for ClusterService {
         self.state
             .borrow()
             .cluster
-            .config
-            .with_changes(&changes)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .config_after(&changes)
+            .map_err(Status::invalid_argument)?;
         let index = self.write(Command::SetConfig { changes }).await?;
         let state = self.state.borrow().clone();
         Ok(Response::new(config_reply(&state, index)))
@@ -679,6 +678,7 @@ impl Cluster for ClusterService {
                 nosync: tags.nosync,
             },
             raft_heartbeat_ms: r.raft_heartbeat_ms,
+            raft_election_max_ms: r.raft_election_max_ms,
         };
         let log_index = self.write(Command::RegisterMember(info)).await?;
         Ok(Response::new(proto::RegisterMemberReply { log_index }))

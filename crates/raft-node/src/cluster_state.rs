@@ -12,6 +12,14 @@ use crate::dynamic_config::DynamicConfig;
 use crate::failover::lease::LeaseTerms;
 use crate::types::NodeId;
 
+/// The shortest lease that outlasts a Raft election: a follower waits the leader lease (the
+/// upper election timeout) and then its own election timeout (at most the same) before it
+/// stands; the new leader confirms its quorum (a heartbeat round) and the primary's next report
+/// (within a tick) renews the lease.
+pub fn lease_floor_ms(heartbeat_ms: u64, election_max_ms: u64, tick_ms: u64) -> u64 {
+    2 * election_max_ms + 2 * heartbeat_ms + tick_ms
+}
+
 /// How many role changes the history keeps; older ones are dropped first.
 pub const HISTORY_LIMIT: usize = 200;
 
@@ -50,6 +58,9 @@ pub struct MemberInfo {
     /// which is three heartbeats.
     #[serde(default)]
     pub raft_heartbeat_ms: u64,
+    /// The upper Raft election timeout this member runs with (0: not said).
+    #[serde(default)]
+    pub raft_election_max_ms: u64,
 }
 
 /// The committed primary: which member, in which epoch.
@@ -289,6 +300,9 @@ pub struct ClusterState {
     /// The Raft heartbeat interval every member runs with, from the first registration.
     #[serde(default)]
     pub raft_heartbeat_ms: Option<u64>,
+    /// The longest upper election timeout any member registered with.
+    #[serde(default)]
+    pub raft_election_max_ms: Option<u64>,
     /// A switchover or manual failover under way.
     #[serde(default)]
     pub plan: Option<PrimaryPlan>,
@@ -351,14 +365,15 @@ impl ClusterState {
                     }
                     _ => {}
                 }
+                if info.raft_election_max_ms != 0 {
+                    let longest = self.raft_election_max_ms.unwrap_or(0);
+                    self.raft_election_max_ms = Some(longest.max(info.raft_election_max_ms));
+                }
                 self.members.insert(info.id, info.clone());
                 Ok(())
             }
             Command::SetConfig { changes } => {
-                let next = self
-                    .config
-                    .with_changes(changes)
-                    .map_err(|e| e.to_string())?;
+                let next = self.config_after(changes)?;
                 let (old, new) = (LeaseTerms::of(&self.config), LeaseTerms::of(&next));
                 if new.grantor_span() < old.grantor_span() {
                     // Leases granted under the old terms still run; keep their bound.
@@ -561,6 +576,26 @@ impl ClusterState {
         Ok(())
     }
 
+    /// The configuration `changes` would make, or why it is refused: a value out of range, or
+    /// a lease that cannot outlast a Raft election with the members' registered timings.
+    pub fn config_after(&self, changes: &BTreeMap<String, String>) -> Result<DynamicConfig, String> {
+        let next = self.config.with_changes(changes).map_err(|e| e.to_string())?;
+        if let (Some(hb), Some(election)) = (self.raft_heartbeat_ms, self.raft_election_max_ms) {
+            let floor = lease_floor_ms(hb, election, next.tick_ms);
+            if next.lease_ms < floor {
+                return Err(format!(
+                    "setting 'lease_ms' = {}: a lease must outlast a Raft election, or a leader \
+                     change alone fences a healthy primary. With raft.election_timeout_max_ms = \
+                     {election}, raft.heartbeat_ms = {hb} and tick_ms = {} that takes up to \
+                     {floor} ms (two election timeouts, a quorum confirmation and a report); \
+                     set lease_ms to at least {floor}, or shorten the Raft timings of every member",
+                    next.lease_ms, next.tick_ms
+                ));
+            }
+        }
+        Ok(next)
+    }
+
     fn check_sync_epoch(&self, epoch: Epoch) -> Result<(), String> {
         match self.primary {
             Some(p) if p.epoch == epoch && self.sync.epoch == epoch => Ok(()),
@@ -628,6 +663,35 @@ mod tests {
             pg_port: 5432,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_lease_that_cannot_outlast_an_election_is_refused_and_changes_nothing() {
+        let m = ids(&[1]);
+        let mut st = ClusterState::default();
+        let mut a = info(1, "a");
+        a.raft_heartbeat_ms = 150;
+        a.raft_election_max_ms = 600;
+        st.apply(&Command::RegisterMember(a), &m);
+        assert_eq!(lease_floor_ms(150, 600, 250), 1_750);
+        let set = |v: &str| Command::SetConfig {
+            changes: [("lease_ms".to_string(), v.to_string())].into(),
+        };
+        let before = st.clone();
+        match st.apply(&set("1500"), &m) {
+            CommandOutcome::Rejected { reason } => {
+                assert!(reason.contains("outlast a Raft election"), "{reason}");
+                assert!(reason.contains("at least 1750"), "{reason}");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(st, before, "a refused change leaves no trace");
+        assert_eq!(st.apply(&set("1750"), &m), CommandOutcome::Applied);
+        // A slower tick raises the floor.
+        let slower = Command::SetConfig {
+            changes: [("tick_ms".to_string(), "500".to_string())].into(),
+        };
+        assert!(matches!(st.apply(&slower, &m), CommandOutcome::Rejected { .. }));
     }
 
     #[test]

@@ -396,6 +396,7 @@ fn own_details(cfg: &NodeConfig) -> MemberInfo {
         pg_port: cfg.postgres.port,
         tags: cfg.tags.clone(),
         raft_heartbeat_ms: cfg.raft.heartbeat_ms,
+        raft_election_max_ms: cfg.raft.election_timeout_max_ms,
     }
 }
 
@@ -430,6 +431,7 @@ async fn publish_own_details(
                     nosync: mine.tags.nosync,
                 }),
                 raft_heartbeat_ms: mine.raft_heartbeat_ms,
+                raft_election_max_ms: mine.raft_election_max_ms,
             };
             match client
                 .call(|mut c| {
