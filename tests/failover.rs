@@ -887,7 +887,31 @@ fn switch_over(c: &TestCluster, to: u64, extra: &[&str]) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_under_writes_loses_nothing_and_the_old_primary_follows_without_a_rewind() {
+    use std::os::unix::fs::PermissionsExt;
     let mut c = TestCluster::with_postgres(3);
+    // Every member records its callbacks.
+    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+        let dir = c.nodes[&id].dir.clone();
+        let script = dir.join("callback.sh");
+        let log = dir.join("callbacks.log");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho \"$@\" >> {}\n", log.display()),
+        )
+        .expect("write the callback");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the callback");
+        let s = script.display();
+        c.append_config(
+            id,
+            &format!(
+                "\n[callbacks]\non_start = \"{s}\"\non_stop = \"{s}\"\non_role_change = \"{s}\"\n"
+            ),
+        );
+    }
+    let callbacks_of = |c: &TestCluster, id: u64| {
+        std::fs::read_to_string(c.nodes[&id].dir.join("callbacks.log")).unwrap_or_default()
+    };
     c.start_all();
     let (old, _) = c.wait_postgres(START).await;
     wait_sync_committed(&c).await;
@@ -944,6 +968,17 @@ async fn a_switchover_under_writes_loses_nothing_and_the_old_primary_follows_wit
         !log.contains("rejoined as a replica"),
         "the old primary rewound"
     );
+    // The callbacks ran, with the action, the role and the cluster's name.
+    let cluster = &c.cluster_name;
+    wait_for("the callbacks of the switchover", FAILOVER, || async {
+        let (o, n) = (callbacks_of(&c, old), callbacks_of(&c, target));
+        (o.contains(&format!("on_stop primary {cluster}"))
+            && o.contains(&format!("on_role_change replica {cluster}"))
+            && n.contains(&format!("on_role_change primary {cluster}"))
+            && n.contains(&format!("on_start replica {cluster}")))
+        .then_some(())
+    })
+    .await;
     let since = Instant::now();
     wait_for("writes after the switchover", FAILOVER, || async {
         (writer.acked_after(since)).then_some(())

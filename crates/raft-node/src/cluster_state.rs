@@ -578,8 +578,14 @@ impl ClusterState {
 
     /// The configuration `changes` would make, or why it is refused: a value out of range, or
     /// a lease that cannot outlast a Raft election with the members' registered timings.
-    pub fn config_after(&self, changes: &BTreeMap<String, String>) -> Result<DynamicConfig, String> {
-        let next = self.config.with_changes(changes).map_err(|e| e.to_string())?;
+    pub fn config_after(
+        &self,
+        changes: &BTreeMap<String, String>,
+    ) -> Result<DynamicConfig, String> {
+        let next = self
+            .config
+            .with_changes(changes)
+            .map_err(|e| e.to_string())?;
         if let (Some(hb), Some(election)) = (self.raft_heartbeat_ms, self.raft_election_max_ms) {
             let floor = lease_floor_ms(hb, election, next.tick_ms);
             if next.lease_ms < floor {
@@ -691,7 +697,10 @@ mod tests {
         let slower = Command::SetConfig {
             changes: [("tick_ms".to_string(), "500".to_string())].into(),
         };
-        assert!(matches!(st.apply(&slower, &m), CommandOutcome::Rejected { .. }));
+        assert!(matches!(
+            st.apply(&slower, &m),
+            CommandOutcome::Rejected { .. }
+        ));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod api_service;
+pub mod callbacks;
 pub mod client;
 pub mod cluster_state;
 pub mod dynamic_config;

@@ -262,7 +262,11 @@ pub async fn run(
             .await?
             .warn_below(cfg.postgres.free_space_warn_bytes)
             .publish_health(health_tx)
-            .count_in(metrics);
+            .count_in(metrics)
+            .with_callbacks(crate::callbacks::Callbacks::new(
+                cfg.callbacks.clone(),
+                cfg.cluster_name.clone(),
+            ));
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
         None => None,

@@ -47,6 +47,9 @@ pub struct NodeConfig {
     /// another `host:port`: a NAT, a port forward, or a test's fault proxy on one directed link.
     #[serde(default)]
     pub dial_via: BTreeMap<String, String>,
+    /// Executables run when this member's Postgres starts, stops or changes role.
+    #[serde(default)]
+    pub callbacks: crate::callbacks::CallbackConfig,
 }
 
 /// This member's Postgres: where clients reach it and, when `data_dir` is set, how the sidecar
@@ -187,6 +190,21 @@ impl NodeConfig {
         if let Some(pg) = cfg.postgres.data_dir.as_mut().filter(|d| d.is_relative()) {
             *pg = base.join(&*pg);
         }
+        let cb = &mut cfg.callbacks;
+        for p in [&mut cb.on_start, &mut cb.on_stop, &mut cb.on_role_change]
+            .into_iter()
+            .flatten()
+            .filter(|p| p.is_relative())
+        {
+            *p = base.join(&*p);
+        }
+        cfg.callbacks
+            .validate()
+            .map_err(|e| NodeConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: "callbacks".into(),
+                problem: e.to_string(),
+            })?;
         Ok(cfg)
     }
 

@@ -21,6 +21,7 @@ use super::plan::follows_without_rewind;
 use super::reconcile::{plan, while_paused, Action, LocalView};
 use super::report::{HandedOver, LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied};
 use super::sync;
+use crate::callbacks::{CallbackAction, Callbacks};
 use crate::cluster_state::{ClusterState, Epoch, PlanKind, SyncSet};
 use crate::events::EventLog;
 use crate::http::LocalHealth;
@@ -167,6 +168,7 @@ pub struct Sidecar {
     /// ends, the target and the epoch it handed over.
     handed_over: Option<(HandedOver, NodeId, Epoch)>,
     metrics: Metrics,
+    callbacks: Callbacks,
     /// What the last tick judged, and the committed epoch it saw, for the counters.
     last_pg: Option<PgState>,
     last_epoch: Epoch,
@@ -222,6 +224,7 @@ impl Sidecar {
             },
             handed_over: None,
             metrics: Metrics::default(),
+            callbacks: Callbacks::default(),
             last_pg: None,
             last_epoch: 0,
         })
@@ -230,6 +233,12 @@ impl Sidecar {
     /// Publish this member's state every tick to `tx` (the HTTP health endpoints).
     pub fn publish_health(mut self, tx: watch::Sender<LocalHealth>) -> Self {
         self.health_tx = Some(tx);
+        self
+    }
+
+    /// Run the operator's callbacks on starts, stops and role changes.
+    pub fn with_callbacks(mut self, callbacks: Callbacks) -> Self {
+        self.callbacks = callbacks;
         self
     }
 
@@ -693,6 +702,9 @@ impl Sidecar {
         let mut memory = self.memory;
         memory.epoch_seen = memory.epoch_seen.max(epoch);
         let result = self.execute(step.action, &state.cluster, &mut memory).await;
+        if result.is_ok() {
+            self.call_back(step.action, pg);
+        }
         if let Err(e) = &result {
             tracing::warn!(action = ?step.action, epoch, error = %e, "action failed; retrying next tick");
         }
@@ -721,6 +733,24 @@ impl Sidecar {
             Pace::Soon
         } else {
             Pace::Tick
+        }
+    }
+
+    /// Fires the callbacks of a successful `action` taken while Postgres was `was`.
+    fn call_back(&self, action: Action, was: PgState) {
+        use CallbackAction::{RoleChange, Start, Stop};
+        let (fire, role): (&[CallbackAction], &str) = match action {
+            Action::Nothing | Action::Follow { .. } => (&[], ""),
+            Action::InitPrimary | Action::StartPrimary => (&[Start], "primary"),
+            Action::Clone { .. } | Action::StartReplica { .. } => (&[Start], "replica"),
+            Action::Promote { .. } => (&[RoleChange], "primary"),
+            Action::Rejoin { .. } | Action::FollowAfterHandOver { .. } => {
+                (&[Start, RoleChange], "replica")
+            }
+            Action::Fence | Action::HandOver => (&[Stop], crate::metrics::role_name(Some(was))),
+        };
+        for a in fire {
+            self.callbacks.fire(*a, role);
         }
     }
 
