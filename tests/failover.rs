@@ -1107,3 +1107,104 @@ async fn a_manual_failover_names_the_successor_of_a_dead_primary_even_while_paus
     let said = cli(&c, &["events"]);
     assert!(said.contains("Rejoin"), "{said}");
 }
+
+/// `SHOW name` on member `id`, or `None` when it does not answer.
+async fn show(c: &TestCluster, id: u64, name: &str) -> Option<String> {
+    let client =
+        harness::workload::connect_within(&c.pg_url_of(id), Duration::from_secs(2)).await?;
+    let row = client.query_one(&format!("SHOW {name}"), &[]).await.ok()?;
+    Some(row.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_settings_reach_every_member_and_member_verbs_restart_reload_and_reinit() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (primary, _) = c.wait_postgres(START).await;
+    let ids: Vec<u64> = c.nodes.keys().copied().collect();
+    let replica = *ids.iter().find(|id| **id != primary).expect("a replica");
+    // Refused with the reason, and nothing committed.
+    let endpoints = c.endpoints().join(",");
+    let (ok, _, err) = harness::cli(
+        &[
+            "config",
+            "set",
+            "postgresql.parameters.port=1",
+            "--endpoints",
+            &endpoints,
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("manages port"), "{err}");
+    // A reload setting reaches every member.
+    cli(&c, &["config", "set", "postgresql.parameters.work_mem=7MB"]);
+    for &id in &ids {
+        wait_for("work_mem on every member", FAILOVER, || async {
+            (show(&c, id, "work_mem").await.as_deref() == Some("7MB")).then_some(())
+        })
+        .await;
+    }
+    let shown = cli(&c, &["config", "show"]);
+    assert!(shown.contains("postgresql.parameters.work_mem"), "{shown}");
+    // Extra pg_hba lines land in every member's file.
+    let line = "host all app 127.0.0.1/32 scram-sha-256";
+    cli(&c, &["config", "set", &format!("postgresql.pg_hba={line}")]);
+    for &id in &ids {
+        wait_for("the extra pg_hba line", FAILOVER, || async {
+            let hba = std::fs::read_to_string(c.nodes[&id].dir.join("pgdata/pg_hba.conf")).ok()?;
+            hba.contains(line).then_some(())
+        })
+        .await;
+    }
+    // A restart-only setting waits, and `list` says so, until `restart`.
+    cli(
+        &c,
+        &["config", "set", "postgresql.parameters.max_connections=123"],
+    );
+    wait_for(
+        "max_connections pending on every member",
+        FAILOVER,
+        || async {
+            let t = topology(&c).await;
+            t.members
+                .iter()
+                .all(|m| m.pending_restart.iter().any(|p| p == "max_connections"))
+                .then_some(())
+        },
+    )
+    .await;
+    let listed = cli(&c, &["list"]);
+    assert!(listed.contains("pending restart"), "{listed}");
+    let name = format!("n{replica}");
+    let said = cli(&c, &["restart", &name, "--pending"]);
+    assert!(said.contains("now in effect: max_connections"), "{said}");
+    assert_eq!(
+        show(&c, replica, "max_connections").await.as_deref(),
+        Some("123")
+    );
+    wait_for(
+        "the restarted member no longer pending",
+        FAILOVER,
+        || async {
+            let t = topology(&c).await;
+            let m = t.members.iter().find(|m| m.id == replica)?;
+            (m.pg_role == "replica" && m.pending_restart.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let said = cli(&c, &["restart", &name, "--pending"]);
+    assert!(said.contains("nothing done"), "{said}");
+    let said = cli(&c, &["reload", &name]);
+    assert!(said.contains("reloaded"), "{said}");
+    // Re-clone the replica; the primary is refused.
+    let (ok, _, err) = harness::cli(
+        &["reinit", &primary.to_string(), "--endpoints", &endpoints],
+        &[],
+    );
+    assert!(!ok && err.contains("switch over first"), "{err}");
+    let said = cli(&c, &["reinit", &name]);
+    assert!(said.contains("re-cloned"), "{said}");
+    let (p, _) = c.wait_postgres(FAILOVER).await;
+    assert_eq!(p, primary, "a reinit moved the primary");
+    assert_eq!(show(&c, replica, "work_mem").await.as_deref(), Some("7MB"));
+}

@@ -101,6 +101,32 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Restart one member's Postgres (a primary restarts under its lease: a short write
+    /// outage, no failover).
+    Restart {
+        #[command(flatten)]
+        conn: Conn,
+        /// The member (id or name).
+        member: String,
+        /// Only when a committed setting waits for a restart (`list` shows them).
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Make one member's Postgres re-read its configuration files.
+    Reload {
+        #[command(flatten)]
+        conn: Conn,
+        /// The member (id or name).
+        member: String,
+    },
+    /// Re-clone a broken replica from the primary (a fresh base backup replaces its data
+    /// directory once complete).
+    Reinit {
+        #[command(flatten)]
+        conn: Conn,
+        /// The member (id or name).
+        member: String,
+    },
     /// Print a libpq multi-host connection URL for every member's Postgres.
     Uri {
         #[command(flatten)]
@@ -331,6 +357,22 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             plan_primary(&conn, PlanVerb::Failover, Some(&to), no_wait).await
         }
+        Command::Restart {
+            conn,
+            member,
+            pending,
+        } => {
+            init_logging("warn");
+            manage(&conn, &member, "restart", pending).await
+        }
+        Command::Reload { conn, member } => {
+            init_logging("warn");
+            manage(&conn, &member, "reload", false).await
+        }
+        Command::Reinit { conn, member } => {
+            init_logging("warn");
+            manage(&conn, &member, "reinit", false).await
+        }
         Command::Uri {
             conn,
             read_only,
@@ -488,6 +530,36 @@ async fn set_paused(conn: &Conn, paused: bool) -> Result<()> {
     } else {
         println!("automatic failover resumed (log index {})", r.log_index);
     }
+    Ok(())
+}
+
+/// Asks member `who`'s own sidecar to restart, reload or re-clone its Postgres, and waits for
+/// the outcome.
+async fn manage(conn: &Conn, who: &str, action: &str, only_if_pending: bool) -> Result<()> {
+    let topo = fetch_topology(&conn.client()?).await?;
+    let id = member_id(&topo, who)?;
+    let addr = topo
+        .members
+        .iter()
+        .find(|m| m.id == id)
+        .map(|m| m.raft_addr.clone())
+        .context("the member has no API address")?;
+    // A re-clone copies the whole data directory.
+    let one =
+        ApiClient::new(vec![addr])?.with_request_timeout(std::time::Duration::from_secs(3600));
+    let req = proto::ManageMemberRequest {
+        action: action.to_string(),
+        only_if_pending,
+    };
+    let r = one
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.manage_member(req).await }
+        })
+        .await
+        .with_context(|| format!("{action} of {} refused", output::member_name(&topo, id)))?;
+    println!("{}: {}", output::member_name(&topo, id), r.outcome);
+    note_paused(topo.paused, Output::Table);
     Ok(())
 }
 

@@ -29,6 +29,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                         "cannot_write": (!m.cannot_write.is_empty()).then_some(&m.cannot_write),
                         "read_only_storage": m.read_only_storage,
                         "write_probe_ms": (m.pg_role == "primary").then_some(m.write_probe_ms),
+                        "pending_restart": m.pending_restart,
                         "registered": m.registered,
                         "membership": m.membership,
                         "raft_role": m.raft_role,
@@ -151,6 +152,24 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
             }
             if let Some(line) = plan_line(t) {
                 s.push_str(&line);
+            }
+            let pending: Vec<String> = t
+                .members
+                .iter()
+                .filter(|m| !m.pending_restart.is_empty())
+                .map(|m| {
+                    format!(
+                        "{} ({})",
+                        member_name(t, m.id),
+                        m.pending_restart.join(", ")
+                    )
+                })
+                .collect();
+            if !pending.is_empty() {
+                s.push_str(&format!(
+                    "pending restart: {} (`pgquorum restart MEMBER --pending`)\n",
+                    pending.join("; ")
+                ));
             }
             if !t.failover_status.is_empty() {
                 s.push_str(&format!("failover: {}\n", t.failover_status));

@@ -21,6 +21,7 @@ use crate::cluster_state::{Command, CommandOutcome, MemberInfo, PlanKind, Primar
 use crate::events::EventLog;
 use crate::failover::leader::{FailoverLeader, MemberHealth};
 use crate::failover::report::MemberReport;
+use crate::failover::sidecar::{MemberAction, MemberRequest};
 use crate::network::Dialer;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::cluster_server::Cluster;
@@ -41,6 +42,8 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The cluster API of one sidecar.
 #[derive(Clone)]
 pub struct ClusterService {
+    /// Where operator requests for this member's Postgres go (none without a Postgres).
+    requests: Option<tokio::sync::mpsc::Sender<MemberRequest>>,
     node_id: NodeId,
     cluster_name: String,
     raft: Raft,
@@ -64,6 +67,7 @@ impl ClusterService {
         dialer: Dialer,
     ) -> Self {
         Self {
+            requests: None,
             node_id,
             cluster_name,
             raft,
@@ -72,6 +76,12 @@ impl ClusterService {
             events,
             dialer,
         }
+    }
+
+    /// Send operator requests for this member's Postgres to `tx` (the sidecar loop).
+    pub fn with_requests(mut self, tx: tokio::sync::mpsc::Sender<MemberRequest>) -> Self {
+        self.requests = Some(tx);
+        self
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
@@ -377,6 +387,7 @@ fn add_health(
         m.cannot_write = h.storage.cannot_write.clone().unwrap_or_default();
         m.read_only_storage = h.storage.read_only;
         m.write_probe_ms = h.storage.write_probe_ms.unwrap_or(0);
+        m.pending_restart = h.pending_restart.clone();
     }
 }
 
@@ -413,8 +424,10 @@ fn forwarded<T>(inner: T) -> Request<T> {
 }
 
 fn config_reply(state: &AppliedState, log_index: u64) -> proto::ClusterConfig {
+    let mut values = state.cluster.config.to_map();
+    values.extend(state.cluster.pg.to_map());
     proto::ClusterConfig {
-        values: state.cluster.config.to_map().into_iter().collect(),
+        values: values.into_iter().collect(),
         log_index,
         paused: state.cluster.paused,
     }
@@ -601,7 +614,7 @@ impl Cluster for ClusterService {
         self.state
             .borrow()
             .cluster
-            .config_after(&changes)
+            .split_changes(&changes)
             .map_err(Status::invalid_argument)?;
         let index = self.write(Command::SetConfig { changes }).await?;
         let state = self.state.borrow().clone();
@@ -652,6 +665,42 @@ impl Cluster for ClusterService {
             ));
         }
         self.plan(PlanKind::Failover, Some(to), 0).await
+    }
+
+    async fn manage_member(
+        &self,
+        req: Request<proto::ManageMemberRequest>,
+    ) -> Result<Response<proto::ManageMemberReply>, Status> {
+        let r = req.into_inner();
+        let action = match r.action.as_str() {
+            "restart" => MemberAction::Restart {
+                only_if_pending: r.only_if_pending,
+            },
+            "reload" => MemberAction::Reload,
+            "reinit" => MemberAction::Reinit,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown member action '{other}'; use restart, reload or reinit"
+                )))
+            }
+        };
+        let Some(tx) = &self.requests else {
+            return Err(Status::failed_precondition(format!(
+                "node {} manages no Postgres (no postgres.data_dir in its config)",
+                self.node_id
+            )));
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(MemberRequest { action, reply })
+            .await
+            .map_err(|_| Status::unavailable("this member's sidecar loop has stopped"))?;
+        match answer.await {
+            Ok(Ok(outcome)) => Ok(Response::new(proto::ManageMemberReply { outcome })),
+            Ok(Err(why)) => Err(Status::failed_precondition(why)),
+            Err(_) => Err(Status::unavailable(
+                "this member's sidecar loop stopped before it answered",
+            )),
+        }
     }
 
     async fn register_member(

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dynamic_config::DynamicConfig;
 use crate::failover::lease::LeaseTerms;
+use crate::pg_settings::PgSettings;
 use crate::types::NodeId;
 
 /// The shortest lease that outlasts a Raft election: a follower waits the leader lease (the
@@ -312,6 +313,9 @@ pub struct ClusterState {
     /// The id of the last plan committed.
     #[serde(default)]
     pub plan_seq: u64,
+    /// Postgres parameters and extra `pg_hba.conf` lines every member applies.
+    #[serde(default)]
+    pub pg: PgSettings,
 }
 
 impl ClusterState {
@@ -373,7 +377,12 @@ impl ClusterState {
                 Ok(())
             }
             Command::SetConfig { changes } => {
-                let next = self.config_after(changes)?;
+                let (pg, changes) = self.split_changes(changes)?;
+                self.pg = pg;
+                if changes.is_empty() {
+                    return Ok(());
+                }
+                let next = self.config_after(&changes)?;
                 let (old, new) = (LeaseTerms::of(&self.config), LeaseTerms::of(&next));
                 if new.grantor_span() < old.grantor_span() {
                     // Leases granted under the old terms still run; keep their bound.
@@ -574,6 +583,26 @@ impl ClusterState {
             );
         }
         Ok(())
+    }
+
+    /// The Postgres settings `changes` make, and the rest of the changes; or why they are
+    /// refused.
+    pub fn split_changes(
+        &self,
+        changes: &BTreeMap<String, String>,
+    ) -> Result<(PgSettings, BTreeMap<String, String>), String> {
+        let (pg, rest): (BTreeMap<String, String>, BTreeMap<String, String>) = changes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(k, _)| crate::pg_settings::is_pg_key(k));
+        let pg = self.pg.with_changes(&pg)?;
+        if !rest.is_empty() {
+            self.config_after(&rest)?;
+        }
+        if changes.is_empty() {
+            return Err("no settings given; pass at least one key=value".into());
+        }
+        Ok((pg, rest))
     }
 
     /// The configuration `changes` would make, or why it is refused: a value out of range, or

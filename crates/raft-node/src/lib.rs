@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod node_config;
+pub mod pg_settings;
 pub mod store;
 pub mod transport_service;
 pub mod types;

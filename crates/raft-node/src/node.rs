@@ -190,7 +190,8 @@ pub async fn run(
         events.clone(),
         dialer.clone(),
     );
-    let api = ClusterService::new(
+    let (request_tx, request_rx) = tokio::sync::mpsc::channel(4);
+    let mut api = ClusterService::new(
         cfg.node_id,
         cfg.cluster_name.clone(),
         raft.clone(),
@@ -199,6 +200,9 @@ pub async fn run(
         events.clone(),
         dialer.clone(),
     );
+    if cfg.postgres.data_dir.is_some() {
+        api = api.with_requests(request_tx);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_stop = stop_rx.clone();
     let server = tonic::transport::Server::builder()
@@ -266,7 +270,8 @@ pub async fn run(
             .with_callbacks(crate::callbacks::Callbacks::new(
                 cfg.callbacks.clone(),
                 cfg.cluster_name.clone(),
-            ));
+            ))
+            .take_requests(request_rx);
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
         None => None,

@@ -999,6 +999,7 @@ impl Sim {
                     .handed_over
                     .filter(|_| judged.pg == PgState::Fenced)
                     .map(|(h, _, _)| h),
+                pending_restart: Vec::new(),
             };
             let term = n.term;
             if let Some(l) = self.current_leader_of(id) {

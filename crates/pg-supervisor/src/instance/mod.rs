@@ -3,6 +3,7 @@
 mod bootstrap;
 mod lifecycle;
 mod roles;
+mod settings;
 mod slots;
 mod sync;
 

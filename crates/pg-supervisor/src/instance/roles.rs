@@ -362,7 +362,7 @@ impl Instance {
     }
 
     /// Fresh clone next to the data directory, exchanged in atomically.
-    async fn reclone(&mut self, upstream: &Upstream) -> Result<()> {
+    pub(crate) async fn reclone(&mut self, upstream: &Upstream) -> Result<()> {
         let staging = crate::data_dir::DataDir::new(self.data.sibling(".pgq-reclone"));
         if staging.path().exists() {
             // Only ever our own leftover from an interrupted re-clone.
@@ -387,7 +387,7 @@ impl Instance {
             .map_err(|e| SupervisorError::io(format!("remove {}", staging.path().display()), e))
     }
 
-    async fn stop_or_fence(&mut self) -> Result<()> {
+    pub(crate) async fn stop_or_fence(&mut self) -> Result<()> {
         if self.live_postmaster().is_none() {
             self.guard = None;
             return Ok(());
@@ -448,7 +448,7 @@ impl Instance {
     /// Streaming on an older timeline than the upstream's is not following
     /// it: a server past the fork point streams the old timeline up to the
     /// fork, then fails, over and over.
-    async fn wait_streaming_from(&self, upstream: &Upstream) -> Result<Option<u32>> {
+    pub(crate) async fn wait_streaming_from(&self, upstream: &Upstream) -> Result<Option<u32>> {
         let t = self.cfg.timeouts.clone();
         let upstream_tli = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement, None)
             .await?

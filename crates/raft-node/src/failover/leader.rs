@@ -77,6 +77,8 @@ pub struct MemberHealth {
     pub fresh: bool,
     /// Room and write health.
     pub storage: super::report::StorageReport,
+    /// Settings waiting for a restart.
+    pub pending_restart: Vec<String>,
 }
 
 #[derive(Default)]
@@ -374,6 +376,7 @@ impl FailoverLeader {
                         lsn: r.report.lsn,
                         fresh: now.saturating_sub(r.at) <= lease,
                         storage: r.report.storage.clone(),
+                        pending_restart: r.report.pending_restart.clone(),
                     },
                 )
             })

@@ -698,6 +698,7 @@ mod tests {
             storage: Default::default(),
             replayed_lsn: None,
             handed_over: None,
+            pending_restart: Vec::new(),
         }
     }
 

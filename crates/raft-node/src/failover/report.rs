@@ -72,6 +72,9 @@ pub struct MemberReport {
     /// A primary that shut down cleanly for a planned switchover, and where its WAL ends.
     #[serde(default)]
     pub handed_over: Option<HandedOver>,
+    /// Settings whose committed value waits for a restart of this member's Postgres.
+    #[serde(default)]
+    pub pending_restart: Vec<String>,
 }
 
 /// A primary stopped by a clean shutdown for a switchover plan: nothing on it writes any more
@@ -235,6 +238,7 @@ mod tests {
             storage: Default::default(),
             replayed_lsn: None,
             handed_over: None,
+            pending_restart: Vec::new(),
         }
     }
 

@@ -169,6 +169,11 @@ pub struct Sidecar {
     handed_over: Option<(HandedOver, NodeId, Epoch)>,
     metrics: Metrics,
     callbacks: Callbacks,
+    /// Operator requests for this member's Postgres (`pgquorum restart`, `reload`, `reinit`).
+    requests: Option<tokio::sync::mpsc::Receiver<MemberRequest>>,
+    /// Settings waiting for a restart, as last read, and how many ticks ago.
+    pending_restart: Vec<String>,
+    pending_checked: u32,
     /// What the last tick judged, and the committed epoch it saw, for the counters.
     last_pg: Option<PgState>,
     last_epoch: Epoch,
@@ -225,6 +230,9 @@ impl Sidecar {
             handed_over: None,
             metrics: Metrics::default(),
             callbacks: Callbacks::default(),
+            requests: None,
+            pending_restart: Vec::new(),
+            pending_checked: u32::MAX,
             last_pg: None,
             last_epoch: 0,
         })
@@ -233,6 +241,12 @@ impl Sidecar {
     /// Publish this member's state every tick to `tx` (the HTTP health endpoints).
     pub fn publish_health(mut self, tx: watch::Sender<LocalHealth>) -> Self {
         self.health_tx = Some(tx);
+        self
+    }
+
+    /// Take operator requests for this member's Postgres from `rx`.
+    pub fn take_requests(mut self, rx: tokio::sync::mpsc::Receiver<MemberRequest>) -> Self {
+        self.requests = Some(rx);
         self
     }
 
@@ -323,6 +337,7 @@ impl Sidecar {
         // A commit that concerns this member (a promotion above all) is acted on at once, not
         // at the next tick.
         let mut commits = self.state.clone();
+        let mut requests = self.requests.take();
         loop {
             commits.borrow_and_update();
             let tick = Duration::from_millis(self.state.borrow().cluster.config.tick_ms);
@@ -334,11 +349,26 @@ impl Sidecar {
                 Pace::Soon => (tick / 5).saturating_sub(started.elapsed()),
                 Pace::Tick => tick.saturating_sub(started.elapsed()),
             };
-            let commits_gone = tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                _ = tokio::time::sleep(rest) => false,
-                changed = commits.changed() => changed.is_err(),
+            let next_request = async {
+                match requests.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
             };
+            let (commits_gone, request) = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(rest) => (false, None),
+                changed = commits.changed() => (changed.is_err(), None),
+                req = next_request => (false, Some(req)),
+            };
+            match request {
+                Some(Some(r)) => {
+                    let outcome = self.handle_request(r.action).await;
+                    let _ = r.reply.send(outcome);
+                }
+                Some(None) => requests = None,
+                None => {}
+            }
             if commits_gone {
                 // The state machine is gone (shutting down): no more commits to wait for.
                 tokio::time::sleep(rest).await;
@@ -624,6 +654,7 @@ impl Sidecar {
             sent_at: now,
             storage,
             replayed_lsn: obs.replayed.filter(|_| pg == PgState::Replica),
+            pending_restart: self.pending_restart.clone(),
             handed_over: self
                 .handed_over
                 .filter(|_| pg == PgState::Fenced)
@@ -696,6 +727,7 @@ impl Sidecar {
         }
         let epoch = assigned.map(|a| a.epoch).unwrap_or(0);
         self.note_storage(&obs, epoch, obs.lsn);
+        self.apply_pg_settings(&state.cluster, pg, epoch).await;
         if step.action != Action::Nothing {
             tracing::info!(action = ?step.action, epoch, lsn = obs.lsn, "{}", step.reason);
         }
@@ -734,6 +766,125 @@ impl Sidecar {
         } else {
             Pace::Tick
         }
+    }
+
+    /// Makes this member's Postgres run the committed parameters and `pg_hba.conf` lines, and
+    /// reads which settings wait for a restart (right after a change, then every few ticks).
+    async fn apply_pg_settings(&mut self, cluster: &ClusterState, pg: PgState, epoch: Epoch) {
+        match self
+            .instance
+            .set_cluster_settings(cluster.pg.parameter_pairs(), cluster.pg.hba.clone())
+        {
+            Ok(true) => {
+                tracing::info!(epoch, parameters = ?cluster.pg.parameters, hba_lines = cluster.pg.hba.len(), "applied the committed Postgres settings");
+                self.events.record(
+                    "transition",
+                    format!(
+                        "applied Postgres settings: {} parameters, {} extra pg_hba lines",
+                        cluster.pg.parameters.len(),
+                        cluster.pg.hba.len()
+                    ),
+                    epoch,
+                    0,
+                );
+                self.pending_checked = u32::MAX;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot apply the committed Postgres settings"),
+        }
+        if !matches!(pg, PgState::Primary | PgState::Replica) {
+            self.pending_restart.clear();
+            return;
+        }
+        // A reload reaches the postmaster a moment after the signal: look again next tick too.
+        self.pending_checked = self.pending_checked.saturating_add(1);
+        if self.pending_checked >= 8 {
+            match self.instance.pending_restart().await {
+                Ok(names) => {
+                    if names != self.pending_restart && !names.is_empty() {
+                        tracing::info!(epoch, settings = ?names, "settings wait for a restart of Postgres");
+                    }
+                    self.pending_restart = names;
+                    self.pending_checked = 0;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read pending_restart"),
+            }
+        }
+    }
+
+    /// Carries out an operator's request for this member's Postgres.
+    async fn handle_request(&mut self, action: MemberAction) -> Result<String, String> {
+        let cluster = self.state.borrow().cluster.clone();
+        let epoch = cluster.primary.map_or(0, |p| p.epoch);
+        let primary_here = cluster.primary.is_some_and(|p| p.node == self.node_id);
+        tracing::info!(?action, epoch, "operator request");
+        let outcome = match action {
+            MemberAction::Reload => self
+                .instance
+                .reload()
+                .map(|()| "Postgres reloaded its configuration".to_string())
+                .map_err(|e| e.to_string()),
+            MemberAction::Restart { only_if_pending } => {
+                let pending = self.instance.pending_restart().await.unwrap_or_default();
+                if only_if_pending && pending.is_empty() {
+                    return Ok("no setting waits for a restart: nothing done".into());
+                }
+                if primary_here && !self.lease.is_some_and(|l| l.valid_at(boot_clock_ms())) {
+                    return Err("this member is the primary and holds no valid lease: it                                 must not start writable; retry in a moment"
+                        .into());
+                }
+                let r = self.instance.restart().await.map_err(|e| e.to_string());
+                if r.is_ok() {
+                    self.assessor.started();
+                    self.pending_restart.clear();
+                    self.pending_checked = u32::MAX;
+                    self.callbacks.fire(
+                        CallbackAction::Start,
+                        if primary_here { "primary" } else { "replica" },
+                    );
+                }
+                r.map(|()| {
+                    if pending.is_empty() {
+                        "Postgres restarted".to_string()
+                    } else {
+                        format!("Postgres restarted; now in effect: {}", pending.join(", "))
+                    }
+                })
+            }
+            MemberAction::Reinit => {
+                let Some(primary) = cluster.primary.filter(|p| p.node != self.node_id) else {
+                    return Err("reinit re-clones a replica from the primary, and this member                                 is the primary (or none is chosen yet); switch over first"
+                        .into());
+                };
+                let u = self.upstream_of(primary.node).ok_or_else(|| {
+                    format!(
+                        "member {} has not registered its Postgres address",
+                        primary.node
+                    )
+                })?;
+                let r = self
+                    .instance
+                    .reinit_from(&u)
+                    .await
+                    .map_err(|e| e.to_string());
+                if r.is_ok() {
+                    self.assessor.started();
+                    self.cannot_stream = None;
+                    let mut memory = self.memory;
+                    memory.last_primary_epoch = None;
+                    self.remember(memory);
+                    self.callbacks.fire(CallbackAction::Start, "replica");
+                }
+                r.map(|()| format!("re-cloned from member {} and streaming", primary.node))
+            }
+        };
+        let what = match &outcome {
+            Ok(o) => format!("{action:?}: {o}"),
+            Err(e) => format!("{action:?} failed: {e}"),
+        };
+        tracing::info!(epoch, "{what}");
+        self.events.record("transition", what, epoch, 0);
+        outcome
     }
 
     /// Fires the callbacks of a successful `action` taken while Postgres was `was`.
@@ -940,6 +1091,29 @@ impl Sidecar {
         }
         Ok(())
     }
+}
+
+/// What an operator asks of a member's Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberAction {
+    /// Re-read the configuration files.
+    Reload,
+    /// Stop and start (a primary under its lease); with `only_if_pending`, only when a setting
+    /// waits for it.
+    Restart {
+        /// Only when a committed setting waits for a restart.
+        only_if_pending: bool,
+    },
+    /// Re-clone a replica from the primary.
+    Reinit,
+}
+
+/// A request from the API to the sidecar loop, answered once carried out.
+pub struct MemberRequest {
+    /// What to do.
+    pub action: MemberAction,
+    /// Where the outcome goes.
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
 }
 
 /// `synchronous_standby_names` for `set`: the members' names (their `application_name`). A
