@@ -1208,3 +1208,137 @@ async fn postgres_settings_reach_every_member_and_member_verbs_restart_reload_an
     assert_eq!(p, primary, "a reinit moved the primary");
     assert_eq!(show(&c, replica, "work_mem").await.as_deref(), Some("7MB"));
 }
+
+/// The repository's `deploy/haproxy.cfg` with this cluster's addresses and free bind ports;
+/// returns the text and the (primary, replicas) ports.
+fn haproxy_cfg(
+    c: &TestCluster,
+    http: &std::collections::BTreeMap<u64, String>,
+) -> (String, u16, u16) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/haproxy.cfg");
+    let mut text = std::fs::read_to_string(path).expect("read deploy/haproxy.cfg");
+    for (i, (id, addr)) in http.iter().enumerate() {
+        let n = &c.nodes[id];
+        let port = addr.rsplit_once(':').map(|(_, p)| p).expect("http port");
+        text = text.replace(
+            &format!("10.0.0.{}:5432 check port 8008", i + 1),
+            &format!(
+                "{}:{} check addr 127.0.0.1 port {port}",
+                n.pg_host, n.pg_port
+            ),
+        );
+    }
+    assert!(
+        !text.contains("10.0.0."),
+        "a server line was not rewritten:\n{text}"
+    );
+    let (w, r) = (harness::free_port(), harness::free_port());
+    let text = text
+        .replace("bind *:5000", &format!("bind 127.0.0.1:{w}"))
+        .replace("bind *:5001", &format!("bind 127.0.0.1:{r}"));
+    (text, w, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_haproxy_example_routes_writes_to_the_primary_and_follows_a_failover() {
+    let Ok(haproxy) = which("haproxy") else {
+        eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy; .ci/run does)");
+        return;
+    };
+    let mut c = TestCluster::with_postgres(3);
+    let mut http = std::collections::BTreeMap::new();
+    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+        let addr = format!("127.0.0.1:{}", harness::free_port());
+        c.insert_config(id, "listen_addr", &format!("http_addr = \"{addr}\""));
+        http.insert(id, addr);
+    }
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    let (cfg, write_port, read_port) = haproxy_cfg(&c, &http);
+    let cfg_path = c.root.path().join("haproxy.cfg");
+    std::fs::write(&cfg_path, cfg).expect("write haproxy.cfg");
+    let check = std::process::Command::new(&haproxy)
+        .args(["-c", "-f"])
+        .arg(&cfg_path)
+        .output()
+        .expect("haproxy -c");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    /// Stops HAProxy however the test ends.
+    struct Proxy(std::process::Child);
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _proxy = Proxy(
+        std::process::Command::new(&haproxy)
+            .args(["-db", "-f"])
+            .arg(&cfg_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start haproxy"),
+    );
+    let through = |port: u16| {
+        let url = harness::pg_url_at("127.0.0.1", port);
+        async move {
+            let client = harness::workload::connect_within(&url, Duration::from_secs(2)).await?;
+            let row = client
+                .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+                .await
+                .ok()?;
+            Some((row.get::<_, bool>(0), row.get::<_, i32>(1)))
+        }
+    };
+    let port_of = |id: u64| i32::from(c.nodes[&id].pg_port);
+    {
+        wait_for(
+            "writes through haproxy reach the primary",
+            FAILOVER,
+            || async { (through(write_port).await == Some((false, port_of(old)))).then_some(()) },
+        )
+        .await;
+        wait_for(
+            "reads through haproxy reach a replica",
+            FAILOVER,
+            || async {
+                through(read_port)
+                    .await
+                    .filter(|(in_recovery, port)| *in_recovery && *port != port_of(old))
+            },
+        )
+        .await;
+        let postmaster = c.postmaster_pid(old).expect("postmaster pid");
+        // SAFETY: killing the test's own Postgres.
+        unsafe { libc::kill(postmaster, libc::SIGKILL) };
+        let killed = Instant::now();
+        let (new, _) = c.wait_postgres(FAILOVER).await;
+        assert_ne!(new, old);
+        wait_for(
+            "writes through haproxy reach the new primary",
+            FAILOVER,
+            || async { (through(write_port).await == Some((false, port_of(new)))).then_some(()) },
+        )
+        .await;
+        eprintln!(
+            "FIGURE haproxy_write_port_follows_failover_ms={}",
+            killed.elapsed().as_millis()
+        );
+    }
+}
+
+/// The path of `program` on PATH.
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
