@@ -1317,6 +1317,14 @@ async fn the_haproxy_example_routes_writes_to_the_primary_and_follows_a_failover
         // SAFETY: killing the test's own Postgres.
         unsafe { libc::kill(postmaster, libc::SIGKILL) };
         let killed = Instant::now();
+        wait_for("another committed primary", FAILOVER, || async {
+            topology(&c)
+                .await
+                .primary
+                .filter(|p| p.node_id != old)
+                .map(|_| ())
+        })
+        .await;
         let (new, _) = c.wait_postgres(FAILOVER).await;
         assert_ne!(new, old);
         wait_for(
