@@ -105,7 +105,7 @@ async fn postgres_crash_with_sidecar_alive_fails_over() {
     // The crashed member comes back as a replica of the new primary.
     let (_, t) = c.wait_postgres(FAILOVER).await;
     let m = t.members.iter().find(|m| m.id == old).unwrap();
-    assert_eq!(m.pg_role, "replica");
+    assert_eq!(m.pg_role_name(), "replica");
     // Operators see why: the transitions and the decision are events, the change is history.
     let ep = c.endpoints().join(",");
     let (ok, out, err) = harness::cli(
@@ -189,7 +189,11 @@ async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins
     let (primary, t) = c.wait_postgres(FAILOVER).await;
     assert_eq!(primary, new);
     assert_eq!(
-        t.members.iter().find(|m| m.id == old).unwrap().pg_role,
+        t.members
+            .iter()
+            .find(|m| m.id == old)
+            .unwrap()
+            .pg_role_name(),
         "replica"
     );
     let acked = writer.stop().await;
@@ -329,7 +333,11 @@ async fn fenced_at_birth_a_restarted_primary_stays_read_only_until_it_rejoins() 
     assert_eq!(most, 1, "two writable members at once: {who:?}");
     if new != old {
         assert_eq!(
-            t.members.iter().find(|m| m.id == old).unwrap().pg_role,
+            t.members
+                .iter()
+                .find(|m| m.id == old)
+                .unwrap()
+                .pg_role_name(),
             "replica",
             "the old primary rejoined as a replica"
         );
@@ -570,7 +578,7 @@ async fn a_torn_failover_memory_is_rebuilt_and_the_former_primary_rewinds() {
         t.members
             .iter()
             .find(|m| m.id == old)
-            .map(|m| m.pg_role.as_str()),
+            .map(|m| m.pg_role_name()),
         Some("replica")
     );
     let acked = writer.stop().await;
@@ -1188,7 +1196,7 @@ async fn postgres_settings_reach_every_member_and_member_verbs_restart_reload_an
         || async {
             let t = topology(&c).await;
             let m = t.members.iter().find(|m| m.id == replica)?;
-            (m.pg_role == "replica" && m.pending_restart.is_empty()).then_some(())
+            (m.pg_role_name() == "replica" && m.pending_restart.is_empty()).then_some(())
         },
     )
     .await;

@@ -38,12 +38,12 @@ async fn three_nodes_elect_one_leader_and_all_see_a_committed_config() {
     for m in &topo.members {
         assert!(m.registered, "member {} registered", m.id);
         assert_eq!(m.name, format!("n{}", m.id));
-        assert_eq!(m.membership, "voter");
+        assert_eq!(m.membership_name(), "voter");
     }
     assert_eq!(
         topo.members
             .iter()
-            .filter(|m| m.raft_role == "leader")
+            .filter(|m| m.raft_role_name() == "leader")
             .count(),
         1
     );
@@ -74,7 +74,7 @@ async fn killing_the_leader_elects_a_new_one_and_writes_resume() {
     })
     .await;
     assert_eq!(s.leader_id, new);
-    assert_eq!(s.raft_role, "follower");
+    assert_eq!(s.raft_role_name(), "follower");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,10 +125,10 @@ fn strip_live(mut t: proto::Topology) -> proto::Topology {
     t.last_applied = 0;
     t.failover_status.clear();
     for m in &mut t.members {
-        m.raft_role.clear();
+        m.raft_role = 0;
         m.term = 0;
         m.last_applied = 0;
-        m.pg_role.clear();
+        m.pg_role = 0;
         m.timeline = 0;
         m.lsn = 0;
         m.lag_bytes = 0;
@@ -265,7 +265,11 @@ async fn a_fourth_node_joins_then_leaves() {
     for id in 1..=4 {
         wait_for("4 voters, node 4 registered, everywhere", T, || async {
             let t = c.local_topology(id).await?;
-            let voters = t.members.iter().filter(|m| m.membership == "voter").count();
+            let voters = t
+                .members
+                .iter()
+                .filter(|m| m.membership_name() == "voter")
+                .count();
             let four = t.members.iter().find(|m| m.id == 4)?;
             (voters == 4 && four.registered && four.name == "n4").then_some(())
         })
@@ -288,7 +292,7 @@ async fn a_fourth_node_joins_then_leaves() {
         wait_for("3 voters and no node 4", T, || async {
             let t = c.local_topology(id).await?;
             let ids: Vec<u64> = t.members.iter().map(|m| m.id).collect();
-            (ids == vec![1, 2, 3] && t.members.iter().all(|m| m.membership == "voter"))
+            (ids == vec![1, 2, 3] && t.members.iter().all(|m| m.membership_name() == "voter"))
                 .then_some(())
         })
         .await;

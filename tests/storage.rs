@@ -150,7 +150,7 @@ async fn wait_replica_caught_up(c: &TestCluster, id: u64, primary: u64) -> proto
             let t = topology(c).await;
             let m = member(&t, id);
             let p = t.primary.as_ref()?.node_id;
-            (p == primary && m.pg_role == "replica" && m.lag_bytes < 1 << 20).then_some(t)
+            (p == primary && m.pg_role_name() == "replica" && m.lag_bytes < 1 << 20).then_some(t)
         },
     )
     .await
@@ -234,7 +234,7 @@ async fn a_full_disk_on_the_primary_fails_over_to_a_member_with_room() {
         PATIENCE,
         || async {
             let m = member(&topology(&c).await, old);
-            (m.low_space && m.pg_role != "primary").then_some(m)
+            (m.low_space && m.pg_role_name() != "primary").then_some(m)
         },
     )
     .await;
@@ -448,7 +448,7 @@ async fn read_only_storage_on_the_primary_fails_over() {
     )
     .await;
     assert_eq!(shown.free_bytes, 0, "{shown:?}");
-    assert_ne!(shown.pg_role, "replica", "{shown:?}");
+    assert_ne!(shown.pg_role_name(), "replica", "{shown:?}");
     eprintln!(
         "FIGURE read_only_primary write_outage_ms={} acked={} lost=0",
         longest_gap_after(&acked, ro_at).as_millis(),

@@ -405,10 +405,13 @@ impl TestCluster {
                 && seen
                     .iter()
                     .all(|s| s.leader_id == leader && s.term == first.term);
-            let leaders = seen.iter().filter(|s| s.raft_role == "leader").count();
+            let leaders = seen
+                .iter()
+                .filter(|s| s.raft_role_name() == "leader")
+                .count();
             let leader_says = seen
                 .iter()
-                .any(|s| s.id == leader && s.raft_role == "leader");
+                .any(|s| s.id == leader && s.raft_role_name() == "leader");
             (agreed && leaders == 1 && leader_says).then_some(leader)
         })
         .await
@@ -525,9 +528,9 @@ impl TestCluster {
                 .filter(|m| running.contains(&m.id))
                 .all(|m| {
                     if m.id == primary {
-                        m.pg_role == "primary"
+                        m.pg_role_name() == "primary"
                     } else {
-                        m.pg_role == "replica"
+                        m.pg_role_name() == "replica"
                     }
                 });
             (ok && running.contains(&primary)).then_some((primary, t))

@@ -315,8 +315,16 @@ pub(crate) fn start_missing(layout: &Layout, quiet: bool) -> Result<()> {
 
 /// One member runs as primary, every other as a replica.
 fn postgres_ready(t: &proto::Topology) -> bool {
-    let primaries = t.members.iter().filter(|m| m.pg_role == "primary").count();
-    let replicas = t.members.iter().filter(|m| m.pg_role == "replica").count();
+    let primaries = t
+        .members
+        .iter()
+        .filter(|m| m.pg_role_name() == "primary")
+        .count();
+    let replicas = t
+        .members
+        .iter()
+        .filter(|m| m.pg_role_name() == "replica")
+        .count();
     primaries == 1 && primaries + replicas == t.members.len()
 }
 
@@ -332,9 +340,13 @@ pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<pro
             Ok(t)
                 if t.leader_id != 0
                     && t.members.iter().all(|m| {
-                        m.registered && m.term == t.term && m.raft_role != "unreachable"
+                        m.registered && m.term == t.term && m.raft_role_name() != "unreachable"
                     })
-                    && t.members.iter().filter(|m| m.raft_role == "leader").count() == 1
+                    && t.members
+                        .iter()
+                        .filter(|m| m.raft_role_name() == "leader")
+                        .count()
+                        == 1
                     && (layout.postgres.is_none() || postgres_ready(&t)) =>
             {
                 return Ok(t)

@@ -655,7 +655,7 @@ async fn plan_primary(conn: &Conn, verb: PlanVerb, to: Option<&str>, no_wait: bo
     };
     println!(
         "{} planned (plan {}, log index {}): from {} to {}, {when}",
-        plan.kind,
+        plan.kind_name(),
         plan.id,
         reply.log_index,
         name(plan.from_node),
@@ -672,7 +672,7 @@ async fn plan_primary(conn: &Conn, verb: PlanVerb, to: Option<&str>, no_wait: bo
     } else {
         bail!(
             "{} did not complete ({secs:.2} s): {}",
-            plan.kind,
+            plan.kind_name(),
             outcome.outcome
         )
     }

@@ -18,7 +18,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                     json!({
                         "id": m.id,
                         "name": m.name,
-                        "role": if m.pg_role.is_empty() { "unknown" } else { m.pg_role.as_str() },
+                        "role": m.pg_role_name(),
                         "assigned_primary": assigned,
                         "epoch": t.primary.as_ref().map(|p| p.epoch),
                         "timeline": m.timeline,
@@ -28,11 +28,11 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                         "low_space": m.low_space,
                         "cannot_write": (!m.cannot_write.is_empty()).then_some(&m.cannot_write),
                         "read_only_storage": m.read_only_storage,
-                        "write_probe_ms": (m.pg_role == "primary").then_some(m.write_probe_ms),
+                        "write_probe_ms": (m.pg_role_name() == "primary").then_some(m.write_probe_ms),
                         "pending_restart": m.pending_restart,
                         "registered": m.registered,
-                        "membership": m.membership,
-                        "raft_role": m.raft_role,
+                        "membership": m.membership_name(),
+                        "raft_role": m.raft_role_name(),
                         "leader": m.id == t.leader_id,
                         "term": m.term,
                         "last_applied": m.last_applied,
@@ -66,7 +66,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 "history": history_json(t),
                 "plan": t.plan.as_ref().map(|p| json!({
                     "id": p.id,
-                    "kind": p.kind,
+                    "kind": p.kind_name(),
                     "from": p.from_node,
                     "to": p.to_node,
                     "epoch": p.epoch,
@@ -75,7 +75,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 })),
                 "last_plan": t.last_plan.as_ref().map(|o| json!({
                     "id": o.plan.as_ref().map(|p| p.id),
-                    "kind": o.plan.as_ref().map(|p| p.kind.clone()),
+                    "kind": o.plan.as_ref().map(|p| p.kind_name().to_string()),
                     "done": o.done,
                     "outcome": o.outcome,
                 })),
@@ -118,13 +118,13 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                     } else {
                         m.timeline.to_string()
                     },
-                    if m.pg_role.is_empty() || m.pg_role == "unknown" {
+                    if m.pg_role_name() == "unknown" {
                         "-".into()
                     } else {
                         m.lag_bytes.to_string()
                     },
-                    m.membership.clone(),
-                    m.raft_role.clone(),
+                    m.membership_name().to_string(),
+                    m.raft_role_name().to_string(),
                     m.term.to_string(),
                     m.last_applied.to_string(),
                     if m.id == t.leader_id { "*" } else { "" }.into(),
@@ -190,7 +190,7 @@ pub fn member_name(t: &proto::Topology, id: u64) -> String {
 /// A line on a switchover or manual failover under way, if one is.
 fn plan_line(t: &proto::Topology) -> Option<String> {
     let p = t.plan.as_ref()?;
-    let state = match (p.kind.as_str(), p.started) {
+    let state = match (p.kind_name(), p.started) {
         ("switchover", false) if p.not_before_unix_ms > 0 => {
             format!("scheduled for {} UTC", clock(p.not_before_unix_ms))
         }
@@ -200,7 +200,7 @@ fn plan_line(t: &proto::Topology) -> Option<String> {
     };
     Some(format!(
         "{} {} -> {}: {state} (plan {})\n",
-        p.kind,
+        p.kind_name(),
         member_name(t, p.from_node),
         member_name(t, p.to_node),
         p.id
@@ -435,8 +435,8 @@ fn percent_encode(s: &str) -> String {
 /// primary still reports itself a replica until its promotion ends).
 fn role_cell(t: &proto::Topology, m: &proto::Member) -> String {
     let assigned = t.primary.as_ref().is_some_and(|p| p.node_id == m.id);
-    match (assigned, m.pg_role.as_str()) {
-        (_, "") => "-".into(),
+    match (assigned, m.pg_role_name()) {
+        (_, "unknown") => "-".into(),
         (true, "primary") => "primary".into(),
         (true, "replica") => "primary (promoting)".into(),
         (true, other) => format!("primary ({other})"),
@@ -539,21 +539,19 @@ mod tests {
             }),
             ..Default::default()
         };
-        let m = |id: u64, role: &str| proto::Member {
+        let m = |id: u64, role: proto::PgRole| proto::Member {
             id,
             pg_role: role.into(),
             ..Default::default()
         };
-        assert_eq!(role_cell(&t, &m(2, "replica")), "primary (promoting)");
-        assert_eq!(role_cell(&t, &m(2, "primary")), "primary");
-        assert_eq!(role_cell(&t, &m(2, "stopped")), "primary (stopped)");
-        assert_eq!(
-            role_cell(&t, &m(1, "primary")),
-            "primary (demoted: fencing)"
-        );
-        assert_eq!(role_cell(&t, &m(1, "fenced")), "fenced");
-        assert_eq!(role_cell(&t, &m(3, "replica")), "replica");
-        assert_eq!(role_cell(&t, &m(3, "")), "-");
+        use proto::PgRole::{Fenced, Primary, Replica, Stopped, Unspecified};
+        assert_eq!(role_cell(&t, &m(2, Replica)), "primary (promoting)");
+        assert_eq!(role_cell(&t, &m(2, Primary)), "primary");
+        assert_eq!(role_cell(&t, &m(2, Stopped)), "primary (stopped)");
+        assert_eq!(role_cell(&t, &m(1, Primary)), "primary (demoted: fencing)");
+        assert_eq!(role_cell(&t, &m(1, Fenced)), "fenced");
+        assert_eq!(role_cell(&t, &m(3, Replica)), "replica");
+        assert_eq!(role_cell(&t, &m(3, Unspecified)), "-");
     }
 
     #[test]

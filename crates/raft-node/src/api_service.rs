@@ -25,6 +25,8 @@ use crate::failover::sidecar::{MemberAction, MemberRequest};
 use crate::network::Dialer;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::cluster_server::Cluster;
+use crate::proto::internal_client::InternalClient;
+use crate::proto::internal_server::Internal;
 use crate::proto::{self, NodeStatus};
 use crate::store::state_machine::AppliedState;
 use crate::types::{NodeId, Raft};
@@ -92,6 +94,11 @@ impl ClusterService {
 
     /// `None` when this node leads; otherwise a client for the leader, or the error to return.
     fn leader_client<T>(&self, req: &Request<T>) -> Result<Option<ClusterClient<Channel>>, Status> {
+        Ok(self.leader_channel(req)?.map(ClusterClient::new))
+    }
+
+    /// `None` when this node leads; otherwise a channel to the leader, or the error to return.
+    fn leader_channel<T>(&self, req: &Request<T>) -> Result<Option<Channel>, Status> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.current_leader == Some(self.node_id) && metrics.state == ServerState::Leader {
             return Ok(None);
@@ -105,7 +112,7 @@ impl ClusterService {
         });
         match leader {
             Some((_, addr)) if req.metadata().get(FORWARDED_METADATA).is_none() => {
-                Ok(Some(ClusterClient::new(self.channel(&addr)?)))
+                Ok(Some(self.channel(&addr)?))
             }
             Some((id, addr)) => Err(not_leader(self.node_id, Some((id, addr)))),
             None => Err(not_leader(self.node_id, None)),
@@ -115,7 +122,7 @@ impl ClusterService {
     fn status_from_metrics(&self, m: &RaftMetrics<NodeId, BasicNode>) -> NodeStatus {
         NodeStatus {
             id: self.node_id,
-            raft_role: role_name(m.state).to_string(),
+            raft_role: raft_role(m.state).into(),
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
@@ -222,13 +229,13 @@ impl ClusterService {
     }
 }
 
-fn role_name(s: ServerState) -> &'static str {
+fn raft_role(s: ServerState) -> proto::RaftRole {
     match s {
-        ServerState::Leader => "leader",
-        ServerState::Follower => "follower",
-        ServerState::Candidate => "candidate",
-        ServerState::Learner => "learner",
-        ServerState::Shutdown => "shutdown",
+        ServerState::Leader => proto::RaftRole::Leader,
+        ServerState::Follower => proto::RaftRole::Follower,
+        ServerState::Candidate => proto::RaftRole::Candidate,
+        ServerState::Learner => proto::RaftRole::Learner,
+        ServerState::Shutdown => proto::RaftRole::Shutdown,
     }
 }
 
@@ -278,9 +285,9 @@ pub fn build_topology(
             let info = state.cluster.members.get(id);
             let status = statuses.and_then(|s| s.get(id));
             let raft_role = match (statuses, status) {
-                (_, Some(s)) => s.raft_role.clone(),
-                (Some(_), None) => "unreachable".to_string(),
-                (None, None) => String::new(),
+                (_, Some(s)) => s.raft_role,
+                (Some(_), None) => proto::RaftRole::Unreachable.into(),
+                (None, None) => proto::RaftRole::Unspecified.into(),
             };
             proto::Member {
                 id: *id,
@@ -291,11 +298,11 @@ pub fn build_topology(
                 pg_port: info.map(|i| u32::from(i.pg_port)).unwrap_or(0),
                 tags: info.map(|i| tags_to_proto(&i.tags)),
                 membership: if voters.contains(id) {
-                    "voter"
+                    proto::Membership::Voter
                 } else {
-                    "learner"
+                    proto::Membership::Learner
                 }
-                .to_string(),
+                .into(),
                 raft_role,
                 term: status.map(|s| s.term).unwrap_or(0),
                 last_applied: status.map(|s| s.last_applied).unwrap_or(0),
@@ -375,10 +382,10 @@ fn add_health(
         .unwrap_or(0);
     for m in &mut topo.members {
         let Some(h) = health.get(&m.id).filter(|h| h.fresh) else {
-            m.pg_role = if health.is_empty() { "" } else { "unknown" }.to_string();
+            m.pg_role = proto::PgRole::Unspecified.into();
             continue;
         };
-        m.pg_role = crate::metrics::role_name(Some(h.pg)).to_string();
+        m.pg_role = crate::wire::pg_role(h.pg).into();
         m.timeline = h.timeline;
         m.lsn = h.lsn;
         m.lag_bytes = best.saturating_sub(h.lsn);
@@ -395,10 +402,10 @@ fn plan_to_proto(p: &PrimaryPlan) -> proto::Plan {
     proto::Plan {
         id: p.id,
         kind: match p.kind {
-            PlanKind::Switchover => "switchover",
-            PlanKind::Failover => "failover",
+            PlanKind::Switchover => proto::PlanKind::Switchover,
+            PlanKind::Failover => proto::PlanKind::Failover,
         }
-        .to_string(),
+        .into(),
         epoch: p.epoch,
         from_node: p.from,
         to_node: p.to,
@@ -446,7 +453,7 @@ impl Cluster for ClusterService {
             let mut topo = self.topology(&state, None);
             // Only this member's own Raft status is known without asking the others.
             for m in topo.members.iter_mut().filter(|m| m.id == self.node_id) {
-                m.raft_role = own.raft_role.clone();
+                m.raft_role = own.raft_role;
                 m.term = own.term;
                 m.last_applied = own.last_applied;
             }
@@ -703,12 +710,34 @@ impl Cluster for ClusterService {
         }
     }
 
+    async fn get_events(
+        &self,
+        _req: Request<proto::GetEventsRequest>,
+    ) -> Result<Response<proto::EventList>, Status> {
+        Ok(Response::new(proto::EventList {
+            events: self.events.snapshot(),
+        }))
+    }
+
+    async fn get_node_status(
+        &self,
+        _req: Request<proto::GetNodeStatusRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let metrics = self.raft.metrics().borrow().clone();
+        Ok(Response::new(self.status_from_metrics(&metrics)))
+    }
+}
+
+#[tonic::async_trait]
+impl Internal for ClusterService {
     async fn register_member(
         &self,
         req: Request<proto::RegisterMemberRequest>,
     ) -> Result<Response<proto::RegisterMemberReply>, Status> {
-        if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.register_member(forwarded(req.into_inner())).await;
+        if let Some(channel) = self.leader_channel(&req)? {
+            return InternalClient::new(channel)
+                .register_member(forwarded(req.into_inner()))
+                .await;
         }
         let r = req.into_inner();
         let pg_port = u16::try_from(r.pg_port).map_err(|_| {
@@ -737,7 +766,11 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::ReportRequest>,
     ) -> Result<Response<proto::ReportReply>, Status> {
-        let report: MemberReport = serde_json::from_slice(&req.into_inner().report)
+        let report = req
+            .into_inner()
+            .report
+            .ok_or_else(|| Status::invalid_argument("malformed report: no report"))?;
+        let report = MemberReport::try_from(report)
             .map_err(|e| Status::invalid_argument(format!("malformed report: {e}")))?;
         // Never forwarded: a lease is only worth what its grantor's own clock and quorum say.
         let Some(answer) = self.failover.on_report(report) else {
@@ -752,22 +785,5 @@ impl Cluster for ClusterService {
             leader_at_ms: answer.stamp.at,
             report_again: answer.report_again,
         }))
-    }
-
-    async fn get_events(
-        &self,
-        _req: Request<proto::GetEventsRequest>,
-    ) -> Result<Response<proto::EventList>, Status> {
-        Ok(Response::new(proto::EventList {
-            events: self.events.snapshot(),
-        }))
-    }
-
-    async fn get_node_status(
-        &self,
-        _req: Request<proto::GetNodeStatusRequest>,
-    ) -> Result<Response<NodeStatus>, Status> {
-        let metrics = self.raft.metrics().borrow().clone();
-        Ok(Response::new(self.status_from_metrics(&metrics)))
     }
 }

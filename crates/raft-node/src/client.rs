@@ -10,6 +10,7 @@ use tonic::{Code, Response, Status};
 
 use crate::api_service::LEADER_METADATA;
 use crate::proto::cluster_client::ClusterClient;
+use crate::proto::internal_client::InternalClient;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +108,7 @@ impl ApiClient {
         &self.endpoints
     }
 
-    async fn connect(&self, addr: &str) -> Result<ClusterClient<Channel>, String> {
+    async fn connect(&self, addr: &str) -> Result<Channel, String> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_millis(1000))
@@ -116,7 +117,7 @@ impl ApiClient {
             .connect()
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
-        Ok(ClusterClient::new(channel))
+        Ok(channel)
     }
 
     /// Runs `call` against the cluster: a transient failure (unreachable member, no leader yet)
@@ -127,6 +128,23 @@ impl ApiClient {
         F: Fn(ClusterClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
+        self.call_on(ClusterClient::new, call).await
+    }
+
+    /// Like [`ApiClient::call`], for the sidecars' own service.
+    pub async fn call_internal<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(InternalClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.call_on(InternalClient::new, call).await
+    }
+
+    async fn call_on<C, T, F, Fut>(&self, make: fn(Channel) -> C, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
         let start = Instant::now();
         loop {
             let mut attempts = Vec::new();
@@ -134,7 +152,7 @@ impl ApiClient {
             let mut hops = 0;
             while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
                 let client = match self.connect(&addr).await {
-                    Ok(c) => c,
+                    Ok(c) => make(c),
                     Err(e) => {
                         attempts.push(format!("{addr}: {e}"));
                         continue;

@@ -19,6 +19,7 @@ pub mod pg_settings;
 pub mod store;
 pub mod transport_service;
 pub mod types;
+pub mod wire;
 
 /// Generated gRPC code for `proto/pgquorum.proto`.
 #[allow(missing_docs, clippy::all)]

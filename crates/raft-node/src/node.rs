@@ -209,6 +209,9 @@ pub async fn run(
         .add_service(RaftTransportServer::new(RaftTransportService::new(
             raft.clone(),
         )))
+        .add_service(crate::proto::internal_server::InternalServer::new(
+            api.clone(),
+        ))
         .add_service(ClusterServer::new(api))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = server_stop.wait_for(|s| *s).await;
@@ -443,7 +446,7 @@ async fn publish_own_details(
                 raft_election_max_ms: mine.raft_election_max_ms,
             };
             match client
-                .call(|mut c| {
+                .call_internal(|mut c| {
                     let req = req.clone();
                     async move { c.register_member(req).await }
                 })

@@ -27,7 +27,7 @@ use crate::events::EventLog;
 use crate::http::LocalHealth;
 use crate::metrics::Metrics;
 use crate::network::Dialer;
-use crate::proto::cluster_client::ClusterClient;
+use crate::proto::internal_client::InternalClient;
 use crate::proto::ReportRequest;
 use crate::store::state_machine::AppliedState;
 use crate::types::{NodeId, Raft};
@@ -461,31 +461,31 @@ impl Sidecar {
         if leader == self.node_id {
             return self.leader.on_report(report.clone());
         }
-        let payload = serde_json::to_vec(report).ok()?;
-        let mut client = ClusterClient::new(self.dialer.kept(&addr).ok()?);
+        // One kept channel per leader: a report is a call on an open HTTP/2 connection.
+        let mut client = InternalClient::new(self.dialer.kept(&addr).ok()?);
         let sent = Instant::now();
-        let reply =
-            match tokio::time::timeout(timeout, client.report(ReportRequest { report: payload }))
-                .await
-            {
-                Ok(Ok(reply)) => {
-                    self.metrics
-                        .report_rtt
-                        .observe(sent.elapsed().as_secs_f64());
-                    reply.into_inner()
-                }
-                failed => {
-                    let why = match failed {
-                        Ok(Err(status)) => status.to_string(),
-                        _ => format!("no answer within {} ms", timeout.as_millis()),
-                    };
-                    tracing::debug!(leader, %why, "report to the Raft leader failed");
-                    self.metrics.report_failures.inc();
-                    // The kept connection may be the one a cut silenced: dial afresh next time.
-                    self.dialer.forget(&addr);
-                    return None;
-                }
-            };
+        let req = ReportRequest {
+            report: Some(report.into()),
+        };
+        let reply = match tokio::time::timeout(timeout, client.report(req)).await {
+            Ok(Ok(reply)) => {
+                self.metrics
+                    .report_rtt
+                    .observe(sent.elapsed().as_secs_f64());
+                reply.into_inner()
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(status)) => status.to_string(),
+                    _ => format!("no answer within {} ms", timeout.as_millis()),
+                };
+                tracing::debug!(leader, %why, "report to the Raft leader failed");
+                self.metrics.report_failures.inc();
+                // The kept connection may be the one a cut silenced: dial afresh next time.
+                self.dialer.forget(&addr);
+                return None;
+            }
+        };
         Some(ReportAnswer {
             grant: reply.granted.then_some(Grant {
                 epoch: reply.epoch,
