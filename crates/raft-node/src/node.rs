@@ -336,11 +336,11 @@ fn postgres_instance(cfg: &NodeConfig) -> Result<Option<pg_supervisor::Instance>
         pg_bin_dir: pg.bin_dir.clone(),
         superuser: pg_supervisor::Credentials {
             name: pg.superuser.clone(),
-            password: pg.superuser_password.clone(),
+            password: pg.superuser_password.expose().to_string(),
         },
         replication: pg_supervisor::Credentials {
             name: pg.replication_user.clone(),
-            password: pg.replication_password.clone(),
+            password: pg.replication_password.expose().to_string(),
         },
         cluster_cidrs: pg.allowed_cidrs.clone(),
         extra_settings: Vec::new(),

@@ -71,12 +71,18 @@ pub struct PostgresEndpoint {
     pub os_user: Option<String>,
     /// Superuser role created at initdb and used by the sidecar.
     pub superuser: String,
-    /// Its password.
-    pub superuser_password: String,
+    /// Its password. Keep it out of the file with `superuser_password_file` (a file readable
+    /// only by its owner, the password on its first line) or the environment variable
+    /// `PGQUORUM_SUPERUSER_PASSWORD`; exactly one of the three.
+    pub superuser_password: Secret,
+    /// A file holding the superuser's password.
+    pub superuser_password_file: Option<PathBuf>,
     /// Replication role.
     pub replication_user: String,
-    /// Its password.
-    pub replication_password: String,
+    /// Its password; or `replication_password_file`, or `PGQUORUM_REPLICATION_PASSWORD`.
+    pub replication_password: Secret,
+    /// A file holding the replication role's password.
+    pub replication_password_file: Option<PathBuf>,
     /// Addresses (CIDR) allowed to connect for replication and administration.
     pub allowed_cidrs: Vec<String>,
     /// A warning is logged (and recorded in the events) when the data or WAL filesystem has
@@ -93,13 +99,73 @@ impl Default for PostgresEndpoint {
             bin_dir: None,
             os_user: None,
             superuser: "postgres".into(),
-            superuser_password: String::new(),
+            superuser_password: Secret::default(),
+            superuser_password_file: None,
             replication_user: "replicator".into(),
-            replication_password: String::new(),
+            replication_password: Secret::default(),
+            replication_password_file: None,
             allowed_cidrs: vec!["127.0.0.1/32".into()],
             free_space_warn_bytes: 1024 * 1024 * 1024,
         }
     }
+}
+
+/// Reads an environment variable.
+pub type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
+/// The environment variable that may hold the superuser's password.
+pub const SUPERUSER_PASSWORD_ENV: &str = "PGQUORUM_SUPERUSER_PASSWORD";
+/// The environment variable that may hold the replication role's password.
+pub const REPLICATION_PASSWORD_ENV: &str = "PGQUORUM_REPLICATION_PASSWORD";
+
+/// A password: never shown by `Debug`, so no log line or error prints it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The password itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether no password was given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "(none)" } else { "(hidden)" })
+    }
+}
+
+/// The password on the first line of `path`; refuses a file others may read, as libpq refuses
+/// such a `.pgpass`.
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} may be read by others (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            meta.permissions().mode() & 0o777,
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if first.is_empty() {
+        return Err(format!("{} holds no password on its first line", path.display()));
+    }
+    Ok(Secret(first.to_string()))
 }
 
 /// One member of a new cluster.
@@ -178,17 +244,51 @@ impl NodeConfig {
     /// Reads, parses and validates the file at `path`; relative `data_dir` becomes relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Self, NodeConfigError> {
+        Self::load_with_env(path, &|k| std::env::var(k).ok())
+    }
+
+    /// [`NodeConfig::load`] reading environment variables through `env`.
+    pub fn load_with_env(path: &Path, env: &Env<'_>) -> Result<Self, NodeConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| NodeConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut cfg = Self::parse(&text, path)?;
+        let mut cfg = Self::parse_with_env(&text, path, env)?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         if cfg.data_dir.is_relative() {
             cfg.data_dir = base.join(&cfg.data_dir);
         }
         if let Some(pg) = cfg.postgres.data_dir.as_mut().filter(|d| d.is_relative()) {
             *pg = base.join(&*pg);
+        }
+        let pg = &mut cfg.postgres;
+        for (role, secret, file, var) in [
+            (
+                "superuser",
+                &mut pg.superuser_password,
+                &mut pg.superuser_password_file,
+                SUPERUSER_PASSWORD_ENV,
+            ),
+            (
+                "replication",
+                &mut pg.replication_password,
+                &mut pg.replication_password_file,
+                REPLICATION_PASSWORD_ENV,
+            ),
+        ] {
+            let invalid = |problem: String| NodeConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: format!("postgres.{role}_password_file"),
+                problem,
+            };
+            if let Some(f) = file.as_mut() {
+                if f.is_relative() {
+                    *f = base.join(&*f);
+                }
+                *secret = read_secret_file(f).map_err(invalid)?;
+            } else if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+                *secret = Secret(v);
+            }
         }
         let cb = &mut cfg.callbacks;
         for p in [&mut cb.on_start, &mut cb.on_stop, &mut cb.on_role_change]
@@ -210,11 +310,16 @@ impl NodeConfig {
 
     /// Parses and validates TOML text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, NodeConfigError> {
+        Self::parse_with_env(text, path, &|k| std::env::var(k).ok())
+    }
+
+    /// [`NodeConfig::parse`] reading environment variables through `env`.
+    pub fn parse_with_env(text: &str, path: &Path, env: &Env<'_>) -> Result<Self, NodeConfigError> {
         let cfg: NodeConfig = toml::from_str(text).map_err(|e| NodeConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        cfg.validate(path)?;
+        cfg.validate(path, env)?;
         Ok(cfg)
     }
 
@@ -223,7 +328,7 @@ impl NodeConfig {
         self.advertise_addr.as_deref().unwrap_or(&self.listen_addr)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), NodeConfigError> {
+    fn validate(&self, path: &Path, env: &Env<'_>) -> Result<(), NodeConfigError> {
         let invalid = |field: &str, problem: String| NodeConfigError::Invalid {
             path: path.to_path_buf(),
             field: field.to_string(),
@@ -269,22 +374,40 @@ impl NodeConfig {
             return Err(invalid("postgres.port", "must not be 0".into()));
         }
         if self.postgres.data_dir.is_some() {
-            for (field, value) in [
+            let pg = &self.postgres;
+            for (role, value, file, var) in [
                 (
-                    "postgres.superuser_password",
-                    &self.postgres.superuser_password,
+                    "superuser",
+                    &pg.superuser_password,
+                    &pg.superuser_password_file,
+                    SUPERUSER_PASSWORD_ENV,
                 ),
                 (
-                    "postgres.replication_password",
-                    &self.postgres.replication_password,
+                    "replication",
+                    &pg.replication_password,
+                    &pg.replication_password_file,
+                    REPLICATION_PASSWORD_ENV,
                 ),
             ] {
-                if value.is_empty() {
+                let from_env = env(var).is_some_and(|v| !v.is_empty());
+                let sources = usize::from(!value.is_empty())
+                    + usize::from(file.is_some())
+                    + usize::from(from_env);
+                let field = format!("postgres.{role}_password");
+                if sources == 0 {
                     return Err(invalid(
-                        field,
-                        "must be set when postgres.data_dir is (the sidecar creates the role \
-                         with it)"
-                            .into(),
+                        &field,
+                        format!(
+                            "must be set when postgres.data_dir is (the sidecar creates the role \
+                             with it): give {field}, {field}_file or the environment variable \
+                             {var}"
+                        ),
+                    ));
+                }
+                if sources > 1 {
+                    return Err(invalid(
+                        &field,
+                        format!("give only one of {field}, {field}_file and {var}"),
                     ));
                 }
             }
@@ -416,6 +539,46 @@ addr = "127.0.0.1:7002"
         let text = include_str!("../../../deploy/node.example.toml");
         let c = parse(text).unwrap();
         assert_eq!(c.initial_members.len(), 3);
+    }
+
+    #[test]
+    fn passwords_come_from_one_source_and_never_show() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let managed = format!(
+            "{GOOD}\n[postgres]\ndata_dir = \"pg\"\nreplication_password = \"r-secret\"\n"
+        );
+        let none = |_: &str| None;
+        let path = dir.path().join("node.toml");
+        // Neither the file nor the environment nor the TOML: named, with the three ways.
+        std::fs::write(&path, &managed).unwrap();
+        let e = NodeConfig::load_with_env(&path, &none).unwrap_err().to_string();
+        assert!(e.contains("superuser_password_file"), "{e}");
+        assert!(e.contains(SUPERUSER_PASSWORD_ENV), "{e}");
+        // From the environment.
+        let env = |k: &str| (k == SUPERUSER_PASSWORD_ENV).then(|| "from-env".to_string());
+        let c = NodeConfig::load_with_env(&path, &env).unwrap();
+        assert_eq!(c.postgres.superuser_password.expose(), "from-env");
+        // From a file only its owner reads, relative to the config.
+        let secret = dir.path().join("su.pw");
+        std::fs::write(&secret, "from-file\nignored\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let with_file = managed.replace(
+            "[postgres]\n",
+            "[postgres]\nsuperuser_password_file = \"su.pw\"\n",
+        );
+        std::fs::write(&path, &with_file).unwrap();
+        let e = NodeConfig::load_with_env(&path, &none).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = NodeConfig::load_with_env(&path, &none).unwrap();
+        assert_eq!(c.postgres.superuser_password.expose(), "from-file");
+        // Two sources are refused.
+        let e = NodeConfig::load_with_env(&path, &env).unwrap_err().to_string();
+        assert!(e.contains("only one of"), "{e}");
+        // No Debug output shows a password.
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("from-file") && !shown.contains("r-secret"), "{shown}");
     }
 
     #[test]
