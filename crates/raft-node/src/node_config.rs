@@ -535,10 +535,38 @@ addr = "127.0.0.1:7002"
     }
 
     #[test]
-    fn shipped_example_config_is_valid() {
+    fn shipped_example_config_is_valid_and_names_every_key() {
         let text = include_str!("../../../deploy/node.example.toml");
+        // The example reads its passwords from files; parse it as if they were in the
+        // environment (the files do not exist here).
+        let env = |k: &str| {
+            (k == SUPERUSER_PASSWORD_ENV || k == REPLICATION_PASSWORD_ENV).then(|| "x".into())
+        };
+        let e = NodeConfig::parse_with_env(text, Path::new("node.toml"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only one of"), "a file and the environment both: {e}");
         let c = parse(text).unwrap();
         assert_eq!(c.initial_members.len(), 3);
+        assert!(c.postgres.data_dir.is_some(), "the example manages a Postgres");
+        // Every key the config knows appears in the example, set or commented out.
+        let keys = [
+            "cluster_name", "node_id", "name", "data_dir", "listen_addr", "advertise_addr",
+            "http_addr", "[postgres]", "host", "port", "bin_dir", "os_user", "superuser",
+            "superuser_password", "superuser_password_file", "replication_user",
+            "replication_password", "replication_password_file", "allowed_cidrs",
+            "free_space_warn_bytes", "[tags]", "nofailover", "priority", "nosync", "[raft]",
+            "heartbeat_ms", "election_timeout_min_ms", "election_timeout_max_ms",
+            "snapshot_every", "logs_to_keep", "[dial_via]", "[callbacks]", "on_start",
+            "on_stop", "on_role_change", "timeout_ms", "[[initial_members]]", "id", "addr",
+        ];
+        for k in keys {
+            let set = text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim();
+                l == k || l.starts_with(&format!("{k} ="))
+            });
+            assert!(set, "deploy/node.example.toml does not show `{k}`");
+        }
     }
 
     #[test]
