@@ -1215,6 +1215,45 @@ async fn postgres_settings_reach_every_member_and_member_verbs_restart_reload_an
     let (p, _) = c.wait_postgres(FAILOVER).await;
     assert_eq!(p, primary, "a reinit moved the primary");
     assert_eq!(show(&c, replica, "work_mem").await.as_deref(), Some("7MB"));
+    // WAL retention: slots are bounded, and the slot of a member that is gone is dropped.
+    assert_eq!(
+        show(&c, primary, "max_slot_wal_keep_size").await.as_deref(),
+        Some("8GB")
+    );
+    cli(&c, &["config", "set", "stale_slot_grace_ms=500"]);
+    let primary_url = c.pg_url_of(primary);
+    let slots = || async {
+        let client =
+            harness::workload::connect_within(&primary_url, Duration::from_secs(2)).await?;
+        let rows = client
+            .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+            .await
+            .ok()?;
+        Some(
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let gone = format!("pgq_n{replica}");
+    let before = slots().await.expect("slots");
+    assert!(before.contains(&gone), "no slot {gone} in {before:?}");
+    c.kill9(replica);
+    cli(&c, &["member", "remove", "--id", &replica.to_string()]);
+    wait_for("the removed member's slot dropped", FAILOVER, || async {
+        let now = slots().await?;
+        (!now.contains(&gone)).then_some(())
+    })
+    .await;
+    let kept = slots().await.expect("slots");
+    let other = ids
+        .iter()
+        .find(|id| **id != primary && **id != replica)
+        .expect("a third");
+    assert!(
+        kept.contains(&format!("pgq_n{other}")),
+        "the live member's slot went too: {kept:?}"
+    );
 }
 
 /// The repository's `deploy/haproxy.cfg` with this cluster's addresses and free bind ports;

@@ -9,6 +9,8 @@ use crate::conninfo::{primary_conninfo, slot_name_for};
 /// Node settings (port, HA parameters); rewritten on every start, clone and
 /// rewind because `pg_basebackup` and `pg_rewind` copy the source's files.
 pub const NODE_CONF: &str = "pgquorum.conf";
+/// Default `max_slot_wal_keep_size`: WAL a member's slot may hold back on the primary.
+pub const MAX_SLOT_WAL_KEEP_SIZE: &str = "8GB";
 /// Replication source; rewritten by `follow`, emptied by `promote`.
 pub const REPLICATION_CONF: &str = "pgquorum.replication.conf";
 /// `synchronous_standby_names`; written by `apply_synchronous_standbys`,
@@ -118,6 +120,13 @@ pub fn render_node_conf(cfg: &InstanceConfig) -> String {
         ("full_page_writes".into(), "on".into()),
         ("recovery_target_timeline".into(), "latest".into()),
         ("wal_retrieve_retry_interval".into(), "1s".into()),
+        // A slot of a member that is down pins WAL on the primary; past this much the slot is
+        // invalidated (that member re-clones) instead of filling the primary's disk. The
+        // cluster setting postgresql.parameters.max_slot_wal_keep_size overrides it.
+        (
+            "max_slot_wal_keep_size".into(),
+            MAX_SLOT_WAL_KEEP_SIZE.into(),
+        ),
         // A silent network cut (no RST, no FIN) is noticed within seconds
         // on both ends of a replication connection: by the replication
         // protocol's own timeouts, and by TCP keepalives and

@@ -44,6 +44,9 @@ pub struct DynamicConfig {
     /// before it is cancelled: past it, a switchover whose target never caught up lets the
     /// usual failover rules choose among the members instead.
     pub switchover_timeout_ms: u64,
+    /// The primary drops the replication slot of a member that is no longer in the cluster
+    /// (removed, or renamed) once the slot has been unused and unknown this long.
+    pub stale_slot_grace_ms: u64,
 }
 
 impl Default for DynamicConfig {
@@ -61,6 +64,7 @@ impl Default for DynamicConfig {
             failover_on_write_failure: true,
             failover_min_free_bytes: 64 * 1024 * 1024,
             switchover_timeout_ms: 10_000,
+            stale_slot_grace_ms: 300_000,
         }
     }
 }
@@ -189,6 +193,7 @@ pub const KEYS: &[&str] = &[
     "failover_on_write_failure",
     "failover_min_free_bytes",
     "switchover_timeout_ms",
+    "stale_slot_grace_ms",
 ];
 
 impl DynamicConfig {
@@ -214,6 +219,7 @@ impl DynamicConfig {
             "failover_on_write_failure" => self.failover_on_write_failure.to_string(),
             "failover_min_free_bytes" => self.failover_min_free_bytes.to_string(),
             "switchover_timeout_ms" => self.switchover_timeout_ms.to_string(),
+            "stale_slot_grace_ms" => self.stale_slot_grace_ms.to_string(),
             _ => return None,
         })
     }
@@ -248,6 +254,7 @@ impl DynamicConfig {
                 }
                 "failover_min_free_bytes" => next.failover_min_free_bytes = parse_u64(key, value)?,
                 "switchover_timeout_ms" => next.switchover_timeout_ms = parse_u64(key, value)?,
+                "stale_slot_grace_ms" => next.stale_slot_grace_ms = parse_u64(key, value)?,
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key: key.clone(),

@@ -143,7 +143,11 @@ impl From<&str> for Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "(none)" } else { "(hidden)" })
+        f.write_str(if self.0.is_empty() {
+            "(none)"
+        } else {
+            "(hidden)"
+        })
     }
 }
 
@@ -163,7 +167,10 @@ fn read_secret_file(path: &Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if first.is_empty() {
-        return Err(format!("{} holds no password on its first line", path.display()));
+        return Err(format!(
+            "{} holds no password on its first line",
+            path.display()
+        ));
     }
     Ok(Secret(first.to_string()))
 }
@@ -545,20 +552,57 @@ addr = "127.0.0.1:7002"
         let e = NodeConfig::parse_with_env(text, Path::new("node.toml"), &env)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("only one of"), "a file and the environment both: {e}");
+        assert!(
+            e.contains("only one of"),
+            "a file and the environment both: {e}"
+        );
         let c = parse(text).unwrap();
         assert_eq!(c.initial_members.len(), 3);
-        assert!(c.postgres.data_dir.is_some(), "the example manages a Postgres");
+        assert!(
+            c.postgres.data_dir.is_some(),
+            "the example manages a Postgres"
+        );
         // Every key the config knows appears in the example, set or commented out.
         let keys = [
-            "cluster_name", "node_id", "name", "data_dir", "listen_addr", "advertise_addr",
-            "http_addr", "[postgres]", "host", "port", "bin_dir", "os_user", "superuser",
-            "superuser_password", "superuser_password_file", "replication_user",
-            "replication_password", "replication_password_file", "allowed_cidrs",
-            "free_space_warn_bytes", "[tags]", "nofailover", "priority", "nosync", "[raft]",
-            "heartbeat_ms", "election_timeout_min_ms", "election_timeout_max_ms",
-            "snapshot_every", "logs_to_keep", "[dial_via]", "[callbacks]", "on_start",
-            "on_stop", "on_role_change", "timeout_ms", "[[initial_members]]", "id", "addr",
+            "cluster_name",
+            "node_id",
+            "name",
+            "data_dir",
+            "listen_addr",
+            "advertise_addr",
+            "http_addr",
+            "[postgres]",
+            "host",
+            "port",
+            "bin_dir",
+            "os_user",
+            "superuser",
+            "superuser_password",
+            "superuser_password_file",
+            "replication_user",
+            "replication_password",
+            "replication_password_file",
+            "allowed_cidrs",
+            "free_space_warn_bytes",
+            "[tags]",
+            "nofailover",
+            "priority",
+            "nosync",
+            "[raft]",
+            "heartbeat_ms",
+            "election_timeout_min_ms",
+            "election_timeout_max_ms",
+            "snapshot_every",
+            "logs_to_keep",
+            "[dial_via]",
+            "[callbacks]",
+            "on_start",
+            "on_stop",
+            "on_role_change",
+            "timeout_ms",
+            "[[initial_members]]",
+            "id",
+            "addr",
         ];
         for k in keys {
             let set = text.lines().any(|l| {
@@ -573,14 +617,15 @@ addr = "127.0.0.1:7002"
     fn passwords_come_from_one_source_and_never_show() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let managed = format!(
-            "{GOOD}\n[postgres]\ndata_dir = \"pg\"\nreplication_password = \"r-secret\"\n"
-        );
+        let managed =
+            format!("{GOOD}\n[postgres]\ndata_dir = \"pg\"\nreplication_password = \"r-secret\"\n");
         let none = |_: &str| None;
         let path = dir.path().join("node.toml");
         // Neither the file nor the environment nor the TOML: named, with the three ways.
         std::fs::write(&path, &managed).unwrap();
-        let e = NodeConfig::load_with_env(&path, &none).unwrap_err().to_string();
+        let e = NodeConfig::load_with_env(&path, &none)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("superuser_password_file"), "{e}");
         assert!(e.contains(SUPERUSER_PASSWORD_ENV), "{e}");
         // From the environment.
@@ -596,17 +641,24 @@ addr = "127.0.0.1:7002"
             "[postgres]\nsuperuser_password_file = \"su.pw\"\n",
         );
         std::fs::write(&path, &with_file).unwrap();
-        let e = NodeConfig::load_with_env(&path, &none).unwrap_err().to_string();
+        let e = NodeConfig::load_with_env(&path, &none)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = NodeConfig::load_with_env(&path, &none).unwrap();
         assert_eq!(c.postgres.superuser_password.expose(), "from-file");
         // Two sources are refused.
-        let e = NodeConfig::load_with_env(&path, &env).unwrap_err().to_string();
+        let e = NodeConfig::load_with_env(&path, &env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only one of"), "{e}");
         // No Debug output shows a password.
         let shown = format!("{c:?}");
-        assert!(!shown.contains("from-file") && !shown.contains("r-secret"), "{shown}");
+        assert!(
+            !shown.contains("from-file") && !shown.contains("r-secret"),
+            "{shown}"
+        );
     }
 
     #[test]

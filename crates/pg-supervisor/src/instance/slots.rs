@@ -72,6 +72,28 @@ impl Instance {
         Ok(())
     }
 
+    /// The inactive slots on this server that pgquorum made (`pgq_` names) and that are not in
+    /// `keep`: slots of members that are gone. Only pgquorum's own are considered, so a DBA's
+    /// slots (logical decoding, a backup tool) are never touched.
+    pub async fn stale_slots(&self, keep: &[String]) -> Result<Vec<String>> {
+        let s = self.slot_session().await?;
+        let rows = s
+            .query(
+                "list inactive replication slots",
+                "SELECT slot_name::text FROM pg_replication_slots \
+                 WHERE NOT active AND slot_type = 'physical' AND slot_name LIKE 'pgq\\_%' \
+                 ORDER BY 1",
+                &[],
+                SLOT_SQL_TIMEOUT,
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .filter(|n| !keep.contains(n))
+            .collect())
+    }
+
     /// Names of the replication slots on this server.
     pub async fn replication_slots(&self) -> Result<Vec<String>> {
         let s = self.slot_session().await?;

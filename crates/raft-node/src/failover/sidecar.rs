@@ -174,6 +174,9 @@ pub struct Sidecar {
     /// Settings waiting for a restart, as last read, and how many ticks ago.
     pending_restart: Vec<String>,
     pending_checked: u32,
+    /// Slots of members that are gone, and since when (boot clock) this primary saw them.
+    stale_slots: BTreeMap<String, Millis>,
+    slots_checked: u32,
     /// What the last tick judged, and the committed epoch it saw, for the counters.
     last_pg: Option<PgState>,
     last_epoch: Epoch,
@@ -233,6 +236,8 @@ impl Sidecar {
             requests: None,
             pending_restart: Vec::new(),
             pending_checked: u32::MAX,
+            stale_slots: BTreeMap::new(),
+            slots_checked: 0,
             last_pg: None,
             last_epoch: 0,
         })
@@ -758,6 +763,7 @@ impl Sidecar {
             if let Err(e) = self.apply_sync(&state.cluster, epoch).await {
                 tracing::warn!(epoch, error = %e, "cannot apply the synchronous standbys; retrying next tick");
             }
+            self.drop_stale_slots(&state.cluster, epoch).await;
         }
         if step.action != Action::Nothing && result.is_ok() {
             Pace::Now
@@ -808,6 +814,51 @@ impl Sidecar {
                     self.pending_checked = 0;
                 }
                 Err(e) => tracing::debug!(error = %e, "cannot read pending_restart"),
+            }
+        }
+    }
+
+    /// On the primary, every few seconds: drops the slots of members no longer in the cluster
+    /// once they have been unused for `stale_slot_grace_ms`, so they cannot pin WAL for ever.
+    async fn drop_stale_slots(&mut self, cluster: &ClusterState, epoch: Epoch) {
+        self.slots_checked += 1;
+        if self.slots_checked < 20 {
+            return;
+        }
+        self.slots_checked = 0;
+        let keep: Vec<String> = cluster
+            .members
+            .values()
+            .map(|m| pg_supervisor::conninfo::slot_name_for(&m.name))
+            .collect();
+        let stale = match self.instance.stale_slots(&keep).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list replication slots");
+                return;
+            }
+        };
+        let now = boot_clock_ms();
+        self.stale_slots.retain(|name, _| stale.contains(name));
+        for name in stale {
+            let since = *self.stale_slots.entry(name.clone()).or_insert(now);
+            if now.saturating_sub(since) < cluster.config.stale_slot_grace_ms {
+                continue;
+            }
+            match self.instance.drop_replication_slot(&name).await {
+                Ok(()) => {
+                    tracing::info!(epoch, slot = %name, "dropped the replication slot of a member that is gone");
+                    self.events.record(
+                        "transition",
+                        format!("dropped replication slot {name}: its member is gone"),
+                        epoch,
+                        0,
+                    );
+                    self.stale_slots.remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(slot = %name, error = %e, "cannot drop a stale replication slot")
+                }
             }
         }
     }
