@@ -1215,6 +1215,27 @@ async fn postgres_settings_reach_every_member_and_member_verbs_restart_reload_an
     let (p, _) = c.wait_postgres(FAILOVER).await;
     assert_eq!(p, primary, "a reinit moved the primary");
     assert_eq!(show(&c, replica, "work_mem").await.as_deref(), Some("7MB"));
+    // A DBA on the host reaches Postgres over its Unix socket, as the postgres OS user.
+    if unsafe { libc::geteuid() } == 0 {
+        let port = c.nodes[&primary].pg_port.to_string();
+        let out = std::process::Command::new("runuser")
+            .args([
+                "-u", "postgres", "--", "psql", "-X", "-A", "-t", "-p", &port,
+            ])
+            .args(["-U", "postgres", "-d", "postgres", "-c", "SELECT 40 + 2"])
+            .output()
+            .expect("run psql");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.trim() == "42",
+            "psql over the Unix socket: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!(
+            "SKIPPED the Unix-socket check: it runs psql as the postgres user, which needs root"
+        );
+    }
     // WAL retention: slots are bounded, and the slot of a member that is gone is dropped.
     assert_eq!(
         show(&c, primary, "max_slot_wal_keep_size").await.as_deref(),

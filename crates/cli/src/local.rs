@@ -142,7 +142,8 @@ fn node_config(layout: &Layout, node: &LocalNode) -> String {
     ));
     if let Some(pg) = &layout.postgres {
         s.push_str(&format!(
-            "data_dir = \"pgdata\"\nsuperuser_password = \"{}\"\nreplication_password = \"{}\"\n",
+            "data_dir = \"pgdata\"\nsocket_dir = \"socket\"\nsuperuser_password = \"{}\"\n\
+             replication_password = \"{}\"\n",
             pg.superuser_password, pg.replication_password
         ));
     }

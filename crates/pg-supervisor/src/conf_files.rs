@@ -109,9 +109,15 @@ pub fn render_node_conf(cfg: &InstanceConfig) -> String {
     let mut settings: Vec<(String, String)> = vec![
         ("listen_addresses".into(), cfg.listen_host.clone()),
         ("port".into(), cfg.port.to_string()),
-        // Sockets are optional: everything here uses TCP, and the default
-        // socket directory may not exist or be shared between instances.
-        ("unix_socket_directories".into(), String::new()),
+        // The socket lets a DBA run `sudo -u postgres psql -p PORT`; pgquorum itself uses
+        // TCP only. Instances on one host share the directory: the file names carry the port.
+        (
+            "unix_socket_directories".into(),
+            cfg.socket_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+        ),
         ("wal_level".into(), "replica".into()),
         ("hot_standby".into(), "on".into()),
         ("max_wal_senders".into(), "10".into()),
@@ -233,6 +239,7 @@ mod tests {
             log_file: None,
             listen_host: "127.0.0.1".into(),
             port: 5433,
+            socket_dir: None,
             postgres_user: None,
             pg_bin_dir: None,
             superuser: Credentials {

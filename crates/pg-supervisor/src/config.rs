@@ -88,6 +88,9 @@ pub struct InstanceConfig {
     pub listen_host: String,
     /// `port`.
     pub port: u16,
+    /// Directory of the Unix-domain socket (`unix_socket_directories`), created for the OS
+    /// user when missing; `None`: no socket, TCP only.
+    pub socket_dir: Option<PathBuf>,
     /// Unprivileged OS user when the sidecar is root (default `postgres`).
     pub postgres_user: Option<String>,
     /// Directory of the PostgreSQL executables, else discovered.

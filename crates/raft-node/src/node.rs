@@ -332,6 +332,7 @@ fn postgres_instance(cfg: &NodeConfig) -> Result<Option<pg_supervisor::Instance>
         log_file: None,
         listen_host: pg.host.clone(),
         port: pg.port,
+        socket_dir: (!pg.socket_dir.as_os_str().is_empty()).then(|| pg.socket_dir.clone()),
         postgres_user: pg.os_user.clone(),
         pg_bin_dir: pg.bin_dir.clone(),
         superuser: pg_supervisor::Credentials {

@@ -69,6 +69,9 @@ pub struct PostgresEndpoint {
     pub bin_dir: Option<PathBuf>,
     /// Unprivileged OS user that runs Postgres when the sidecar runs as root.
     pub os_user: Option<String>,
+    /// Directory of Postgres' Unix-domain socket, created for `os_user` when missing, so that
+    /// `sudo -u postgres psql -p PORT` works; `""`: TCP only.
+    pub socket_dir: PathBuf,
     /// Superuser role created at initdb and used by the sidecar.
     pub superuser: String,
     /// Its password. Keep it out of the file with `superuser_password_file` (a file readable
@@ -98,6 +101,7 @@ impl Default for PostgresEndpoint {
             data_dir: None,
             bin_dir: None,
             os_user: None,
+            socket_dir: PathBuf::from("/var/run/postgresql"),
             superuser: "postgres".into(),
             superuser_password: Secret::default(),
             superuser_password_file: None,
@@ -269,6 +273,9 @@ impl NodeConfig {
             *pg = base.join(&*pg);
         }
         let pg = &mut cfg.postgres;
+        if pg.socket_dir.is_relative() && !pg.socket_dir.as_os_str().is_empty() {
+            pg.socket_dir = base.join(&pg.socket_dir);
+        }
         for (role, secret, file, var) in [
             (
                 "superuser",

@@ -31,6 +31,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         log_file: None,
         listen_host: "127.0.0.1".into(),
         port: port.parse()?,
+        socket_dir: None,
         postgres_user: None,
         pg_bin_dir: None,
         superuser: Credentials {

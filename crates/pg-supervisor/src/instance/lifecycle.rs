@@ -51,6 +51,7 @@ impl Instance {
     /// [`Instance::start_in_recovery`] for a replica).
     pub async fn start(&mut self, lease: Lease) -> Result<()> {
         self.check_startable()?;
+        self.ensure_socket_dir()?;
         check_lease_for_role(lease, self.data.has_standby_signal())?;
         if let Some(expected) = self.cfg.expected_system_identifier {
             let found = self.system_identifier().await?;
@@ -180,6 +181,31 @@ impl Instance {
         check_lease_for_role(lease, self.data.has_standby_signal())?;
         self.stop(StopMode::Fast, self.cfg.timeouts.start).await?;
         self.start(lease).await
+    }
+
+    /// Creates the Unix socket directory for the OS user when it is missing (as the
+    /// distribution's packages do at boot), so that Postgres can put its socket there.
+    fn ensure_socket_dir(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(dir) = &self.cfg.socket_dir else {
+            return Ok(());
+        };
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let fix = |e: std::io::Error| {
+            SupervisorError::io(
+                format!(
+                    "create the Unix socket directory {} (set postgres.socket_dir to a \
+                     directory the Postgres OS user may write, or to \"\" for TCP only)",
+                    dir.display()
+                ),
+                e,
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(fix)?;
+        self.user.chown(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2775)).map_err(fix)
     }
 
     /// Re-reads configuration files (SIGHUP).

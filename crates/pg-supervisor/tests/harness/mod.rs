@@ -73,6 +73,7 @@ pub fn config(dir: &Path, name: &str) -> InstanceConfig {
         log_file: None,
         listen_host: "127.0.0.1".into(),
         port: free_port(),
+        socket_dir: None,
         postgres_user: None,
         pg_bin_dir: None,
         superuser: Credentials {
