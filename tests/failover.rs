@@ -1418,3 +1418,70 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_never_starts_the_data_directory_of_another_cluster() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: the test runs initdb as the postgres user, which needs root");
+        return;
+    }
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (primary, _) = c.wait_postgres(START).await;
+    let replica = *c
+        .nodes
+        .keys()
+        .find(|id| **id != primary)
+        .expect("a replica");
+    // The leader commits the first primary's system identifier.
+    wait_for("the committed system identifier", FAILOVER, || async {
+        let log = std::fs::read_to_string(c.nodes[&c.wait_leader(FAILOVER).await].log_path())
+            .unwrap_or_default();
+        log.contains("SetSystemIdentifier").then_some(())
+    })
+    .await;
+    // The replica's data directory is swapped for a fresh cluster's while its sidecar is down.
+    c.stop(replica);
+    let pgdata = c.nodes[&replica].dir.join("pgdata");
+    std::fs::remove_dir_all(&pgdata).expect("remove the replica's data");
+    std::fs::create_dir(&pgdata).expect("mkdir");
+    let chown = std::process::Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&pgdata)
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    let bins = pg_supervisor::PgBinaries::discover(None).expect("Postgres binaries");
+    let initdb = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bins.path("initdb"))
+        .arg("-D")
+        .arg(&pgdata)
+        .output()
+        .expect("initdb");
+    assert!(
+        initdb.status.success(),
+        "{}",
+        String::from_utf8_lossy(&initdb.stderr)
+    );
+    // Made to look like a replica, as a restored backup of another cluster would.
+    std::fs::write(pgdata.join("standby.signal"), "").expect("standby.signal");
+    let before = harness::snapshot_tree(&pgdata);
+    c.start(replica);
+    wait_for("the refusal in the sidecar's log", FAILOVER, || async {
+        let log = std::fs::read_to_string(c.nodes[&replica].log_path()).unwrap_or_default();
+        log.contains("system identifier").then_some(())
+    })
+    .await;
+    assert!(
+        c.postmaster_pid(replica).is_none(),
+        "the foreign data directory was started"
+    );
+    assert_eq!(
+        harness::snapshot_tree(&pgdata),
+        before,
+        "the foreign data directory was changed"
+    );
+    let t = topology(&c).await;
+    assert_eq!(t.primary.map(|p| p.node_id), Some(primary));
+}

@@ -254,6 +254,11 @@ pub enum Command {
         /// The plan's id.
         id: u64,
     },
+    /// Record the cluster's Postgres system identifier (once; a different one is refused).
+    SetSystemIdentifier {
+        /// The identifier.
+        sysid: u64,
+    },
     /// The plan ends without its target becoming primary.
     CancelPlan {
         /// The plan's id.
@@ -316,6 +321,10 @@ pub struct ClusterState {
     /// Postgres parameters and extra `pg_hba.conf` lines every member applies.
     #[serde(default)]
     pub pg: PgSettings,
+    /// The Postgres system identifier of the cluster's data, from its first primary: no member
+    /// starts, rejoins or clones a data directory of another.
+    #[serde(default)]
+    pub system_identifier: Option<u64>,
 }
 
 impl ClusterState {
@@ -512,6 +521,16 @@ impl ClusterState {
                 });
                 Ok(())
             }
+            Command::SetSystemIdentifier { sysid } => match self.system_identifier {
+                Some(known) if known != *sysid => Err(format!(
+                    "the cluster's data has system identifier {known}, not {sysid}: a member \
+                     runs a Postgres of another cluster"
+                )),
+                _ => {
+                    self.system_identifier = Some(*sysid);
+                    Ok(())
+                }
+            },
             Command::StartPlan { id } => match &mut self.plan {
                 Some(p) if p.id == *id => {
                     p.started = true;
@@ -698,6 +717,20 @@ mod tests {
             pg_port: 5432,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_system_identifier_is_recorded_once() {
+        let m = ids(&[1]);
+        let mut st = ClusterState::default();
+        let set = |sysid| Command::SetSystemIdentifier { sysid };
+        assert_eq!(st.apply(&set(7), &m), CommandOutcome::Applied);
+        assert_eq!(st.apply(&set(7), &m), CommandOutcome::Applied);
+        assert!(matches!(
+            st.apply(&set(8), &m),
+            CommandOutcome::Rejected { .. }
+        ));
+        assert_eq!(st.system_identifier, Some(7));
     }
 
     #[test]

@@ -117,6 +117,7 @@ impl From<&MemberReport> for proto::MemberReport {
                 final_lsn: h.final_lsn,
             }),
             pending_restart: r.pending_restart.clone(),
+            system_identifier: r.system_identifier,
         }
     }
 }
@@ -206,6 +207,7 @@ impl TryFrom<proto::MemberReport> for MemberReport {
                 final_lsn: h.final_lsn,
             }),
             pending_restart: r.pending_restart,
+            system_identifier: r.system_identifier,
         })
     }
 }
@@ -282,6 +284,7 @@ mod tests {
                 final_lsn: 0x3000000,
             }),
             pending_restart: vec!["max_connections".into()],
+            system_identifier: Some(7_304_567_890_123_456_789),
         }
     }
 

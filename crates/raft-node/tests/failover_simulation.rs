@@ -1000,6 +1000,7 @@ impl Sim {
                     .filter(|_| judged.pg == PgState::Fenced)
                     .map(|(h, _, _)| h),
                 pending_restart: Vec::new(),
+                system_identifier: None,
             };
             let term = n.term;
             if let Some(l) = self.current_leader_of(id) {

@@ -66,6 +66,16 @@ impl Instance {
     /// missing), with `standby.signal` and `primary_conninfo`. Refuses a
     /// non-empty data directory. Does not start the server.
     pub async fn clone_from(&self, upstream: &Upstream) -> Result<()> {
+        if let Some(expected) = self.cfg.expected_system_identifier {
+            let found = self.upstream_system_identifier(upstream).await?;
+            if found != expected {
+                return Err(SupervisorError::SystemIdentifierMismatch {
+                    path: self.cfg.data_dir.clone(),
+                    expected,
+                    found,
+                });
+            }
+        }
         self.data.prepare_empty(&self.user)?;
         self.basebackup_into(&self.data, upstream).await
     }

@@ -53,16 +53,7 @@ impl Instance {
         self.check_startable()?;
         self.ensure_socket_dir()?;
         check_lease_for_role(lease, self.data.has_standby_signal())?;
-        if let Some(expected) = self.cfg.expected_system_identifier {
-            let found = self.system_identifier().await?;
-            if found != expected {
-                return Err(SupervisorError::SystemIdentifierMismatch {
-                    path: self.cfg.data_dir.clone(),
-                    expected,
-                    found,
-                });
-            }
-        }
+        self.check_own_system_identifier().await?;
         self.check_port_free()?;
         self.write_node_files()?;
         self.guard = None;

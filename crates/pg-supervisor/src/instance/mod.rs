@@ -62,6 +62,28 @@ impl Instance {
         })
     }
 
+    /// Refuse from now on to start or rejoin a data directory, or to clone from a server, of
+    /// another cluster than `sysid` (the cluster's committed system identifier).
+    pub fn expect_system_identifier(&mut self, sysid: Option<u64>) {
+        self.cfg.expected_system_identifier = sysid;
+    }
+
+    /// Refuses a data directory of another cluster than the expected one, if one is expected.
+    pub(crate) async fn check_own_system_identifier(&self) -> Result<()> {
+        let Some(expected) = self.cfg.expected_system_identifier else {
+            return Ok(());
+        };
+        let found = self.system_identifier().await?;
+        if found != expected {
+            return Err(crate::error::SupervisorError::SystemIdentifierMismatch {
+                path: self.cfg.data_dir.clone(),
+                expected,
+                found,
+            });
+        }
+        Ok(())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &InstanceConfig {
         &self.cfg

@@ -241,6 +241,8 @@ impl Instance {
                     .into(),
             ));
         }
+        // Before anything is written into the data directory.
+        self.check_own_system_identifier().await?;
         self.ensure_own_slot_on(upstream).await?;
         self.data.write_file(
             REPLICATION_CONF,
@@ -437,7 +439,7 @@ impl Instance {
         Ok(())
     }
 
-    async fn upstream_system_identifier(&self, upstream: &Upstream) -> Result<u64> {
+    pub(crate) async fn upstream_system_identifier(&self, upstream: &Upstream) -> Result<u64> {
         let t = &self.cfg.timeouts;
         let f = probe_sql(upstream, &self.cfg.superuser, t.connect, t.statement, None).await?;
         Ok(f.system_identifier)

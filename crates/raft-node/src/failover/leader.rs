@@ -485,6 +485,13 @@ impl FailoverLeader {
             } else {
                 None
             };
+            // The first primary's data names the cluster's data for good.
+            let command = command.or_else(|| {
+                let r = book.reports.get(&primary.node)?;
+                let sysid = r.report.system_identifier?;
+                (state.cluster.system_identifier.is_none() && r.report.pg == PgState::Primary)
+                    .then_some(Command::SetSystemIdentifier { sysid })
+            });
             let command = command.or_else(|| {
                 let r = book.reports.get(&primary.node)?;
                 let recorded = state

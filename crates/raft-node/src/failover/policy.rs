@@ -699,6 +699,7 @@ mod tests {
             replayed_lsn: None,
             handed_over: None,
             pending_restart: Vec::new(),
+            system_identifier: None,
         }
     }
 

@@ -75,6 +75,9 @@ pub struct MemberReport {
     /// Settings whose committed value waits for a restart of this member's Postgres.
     #[serde(default)]
     pub pending_restart: Vec<String>,
+    /// The system identifier of this member's data directory, when known.
+    #[serde(default)]
+    pub system_identifier: Option<u64>,
 }
 
 /// A primary stopped by a clean shutdown for a switchover plan: nothing on it writes any more
@@ -239,6 +242,7 @@ mod tests {
             replayed_lsn: None,
             handed_over: None,
             pending_restart: Vec::new(),
+            system_identifier: None,
         }
     }
 

@@ -174,6 +174,8 @@ pub struct Sidecar {
     /// Settings waiting for a restart, as last read, and how many ticks ago.
     pending_restart: Vec<String>,
     pending_checked: u32,
+    /// The system identifier of the data directory, once read.
+    sysid: Option<u64>,
     /// Slots of members that are gone, and since when (boot clock) this primary saw them.
     stale_slots: BTreeMap<String, Millis>,
     slots_checked: u32,
@@ -236,6 +238,7 @@ impl Sidecar {
             requests: None,
             pending_restart: Vec::new(),
             pending_checked: u32::MAX,
+            sysid: None,
             stale_slots: BTreeMap::new(),
             slots_checked: 0,
             last_pg: None,
@@ -589,7 +592,12 @@ impl Sidecar {
     async fn tick(&mut self) -> Pace {
         let state = self.state.borrow().clone();
         let cfg = state.cluster.config.clone();
+        self.instance
+            .expect_system_identifier(state.cluster.system_identifier);
         let obs = self.observe().await;
+        if self.sysid.is_none() && matches!(obs.seen, Some(Seen::Primary | Seen::Replica)) {
+            self.sysid = self.instance.system_identifier().await.ok();
+        }
         let now = boot_clock_ms();
         let judged = self.assessor.assess(
             obs.seen.unwrap_or(Seen::Unresponsive),
@@ -660,6 +668,7 @@ impl Sidecar {
             storage,
             replayed_lsn: obs.replayed.filter(|_| pg == PgState::Replica),
             pending_restart: self.pending_restart.clone(),
+            system_identifier: self.sysid,
             handed_over: self
                 .handed_over
                 .filter(|_| pg == PgState::Fenced)
