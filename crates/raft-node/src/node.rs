@@ -274,7 +274,8 @@ pub async fn run(
                 cfg.callbacks.clone(),
                 cfg.cluster_name.clone(),
             ))
-            .take_requests(request_rx);
+            .take_requests(request_rx)
+            .allow_members_only(cfg.postgres.allowed_cidrs.is_empty());
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
         None => None,
@@ -343,7 +344,11 @@ fn postgres_instance(cfg: &NodeConfig) -> Result<Option<pg_supervisor::Instance>
             name: pg.replication_user.clone(),
             password: pg.replication_password.expose().to_string(),
         },
-        cluster_cidrs: pg.allowed_cidrs.clone(),
+        cluster_cidrs: if pg.allowed_cidrs.is_empty() {
+            crate::failover::sidecar::member_addresses([pg.host.as_str()])
+        } else {
+            pg.allowed_cidrs.clone()
+        },
         extra_settings: Vec::new(),
         extra_hba: Vec::new(),
         expected_system_identifier: None,

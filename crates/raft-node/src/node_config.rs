@@ -86,7 +86,9 @@ pub struct PostgresEndpoint {
     pub replication_password: Secret,
     /// A file holding the replication role's password.
     pub replication_password_file: Option<PathBuf>,
-    /// Addresses (CIDR) allowed to connect for replication and administration.
+    /// Addresses (CIDR, or host names) allowed to connect for replication and as the
+    /// superuser. Empty (the default): the members' own registered Postgres hosts, kept up to
+    /// date as members join and leave, and 127.0.0.1.
     pub allowed_cidrs: Vec<String>,
     /// A warning is logged (and recorded in the events) when the data or WAL filesystem has
     /// fewer free bytes than this, before writes fail; `list` then shows the free space.
@@ -108,7 +110,7 @@ impl Default for PostgresEndpoint {
             replication_user: "replicator".into(),
             replication_password: Secret::default(),
             replication_password_file: None,
-            allowed_cidrs: vec!["127.0.0.1/32".into()],
+            allowed_cidrs: Vec::new(),
             free_space_warn_bytes: 1024 * 1024 * 1024,
         }
     }

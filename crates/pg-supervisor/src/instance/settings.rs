@@ -33,6 +33,22 @@ impl Instance {
         Ok(true)
     }
 
+    /// Makes `cidrs` the addresses allowed in `pg_hba.conf` for replication and the
+    /// superuser, rewriting it and reloading a running server when they changed.
+    pub fn set_cluster_cidrs(&mut self, cidrs: Vec<String>) -> Result<bool> {
+        if self.cfg.cluster_cidrs == cidrs {
+            return Ok(false);
+        }
+        self.cfg.cluster_cidrs = cidrs;
+        if self.data.contents()? == DataDirContents::Cluster {
+            self.write_node_files_in(&self.data.clone())?;
+            if self.live_postmaster().is_some() {
+                self.reload()?;
+            }
+        }
+        Ok(true)
+    }
+
     /// Names of the settings whose new value waits for a restart (`pg_settings.pending_restart`).
     pub async fn pending_restart(&self) -> Result<Vec<String>> {
         let t = &self.cfg.timeouts;

@@ -174,6 +174,8 @@ pub struct Sidecar {
     /// Settings waiting for a restart, as last read, and how many ticks ago.
     pending_restart: Vec<String>,
     pending_checked: u32,
+    /// `pg_hba.conf` admits the members' own hosts, as registered, rather than fixed addresses.
+    members_only: bool,
     /// The system identifier of the data directory, once read.
     sysid: Option<u64>,
     /// Slots of members that are gone, and since when (boot clock) this primary saw them.
@@ -239,6 +241,7 @@ impl Sidecar {
             pending_restart: Vec::new(),
             pending_checked: u32::MAX,
             sysid: None,
+            members_only: false,
             stale_slots: BTreeMap::new(),
             slots_checked: 0,
             last_pg: None,
@@ -255,6 +258,13 @@ impl Sidecar {
     /// Take operator requests for this member's Postgres from `rx`.
     pub fn take_requests(mut self, rx: tokio::sync::mpsc::Receiver<MemberRequest>) -> Self {
         self.requests = Some(rx);
+        self
+    }
+
+    /// Admit the members' registered Postgres hosts (and 127.0.0.1) for replication and the
+    /// superuser, following membership changes.
+    pub fn allow_members_only(mut self, on: bool) -> Self {
+        self.members_only = on;
         self
     }
 
@@ -786,6 +796,16 @@ impl Sidecar {
     /// Makes this member's Postgres run the committed parameters and `pg_hba.conf` lines, and
     /// reads which settings wait for a restart (right after a change, then every few ticks).
     async fn apply_pg_settings(&mut self, cluster: &ClusterState, pg: PgState, epoch: Epoch) {
+        if self.members_only {
+            let hosts = member_addresses(cluster.members.values().map(|m| m.pg_host.as_str()));
+            match self.instance.set_cluster_cidrs(hosts.clone()) {
+                Ok(true) => {
+                    tracing::info!(epoch, allowed = ?hosts, "pg_hba.conf admits the members' hosts")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot update the members' pg_hba lines"),
+            }
+        }
         match self
             .instance
             .set_cluster_settings(cluster.pg.parameter_pairs(), cluster.pg.hba.clone())
@@ -1153,6 +1173,24 @@ impl Sidecar {
     }
 }
 
+/// The `pg_hba.conf` addresses of the members' Postgres hosts: an address as a single-host
+/// CIDR, a host name as it is (Postgres matches it by DNS), and always 127.0.0.1.
+pub fn member_addresses<'a>(hosts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = hosts
+        .into_iter()
+        .filter(|h| !h.trim().is_empty())
+        .map(|h| match h.trim().parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) => format!("{a}/32"),
+            Ok(std::net::IpAddr::V6(a)) => format!("{a}/128"),
+            Err(_) => h.trim().to_string(),
+        })
+        .chain(["127.0.0.1/32".to_string()])
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// What an operator asks of a member's Postgres.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemberAction {
@@ -1253,6 +1291,20 @@ fn cannot_write_text(c: &WriteCheck) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_are_admitted_by_address_or_name() {
+        assert_eq!(
+            member_addresses(["10.0.0.2", "10.0.0.1", "db3.example", "::1", "10.0.0.1", ""]),
+            [
+                "10.0.0.1/32",
+                "10.0.0.2/32",
+                "127.0.0.1/32",
+                "::1/128",
+                "db3.example"
+            ]
+        );
+    }
 
     #[test]
     fn a_report_may_wait_a_quarter_lease_and_never_less_than_a_tick() {
