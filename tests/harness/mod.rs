@@ -227,6 +227,11 @@ impl TestCluster {
                 "data_dir = \"pgdata\"\nsuperuser_password = \"{PG_PASSWORD}\"\n\
                  replication_password = \"test-replication-secret\"\n"
             ));
+            // Members in network namespaces share this host's filesystem and may share a
+            // port: the socket file names would collide in one directory.
+            if !node.command_prefix.is_empty() {
+                s.push_str("socket_dir = \"socket\"\n");
+            }
         }
         if !self.raft_toml.is_empty() {
             s.push_str(&format!("\n[raft]\n{}\n", self.raft_toml));

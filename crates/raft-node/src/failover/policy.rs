@@ -262,6 +262,18 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
     };
     let primary_report = input.fresh(primary.node);
     let why = match primary_report {
+        Some(r)
+            if r.pg == PgState::Fenced
+                && input
+                    .plan()
+                    .is_some_and(|p| r.handed_over.is_some_and(|h| h.plan == p.id)) =>
+        {
+            format!(
+                "primary {} shut down cleanly for the switchover (its WAL ends at {})",
+                primary.node,
+                r.handed_over.map_or(0, |h| h.final_lsn)
+            )
+        }
         Some(r) if r.pg == PgState::Fenced && r.consecutive_failures > 0 => format!(
             "primary {} fenced itself after its Postgres failed {} consecutive probes",
             primary.node, r.consecutive_failures
@@ -280,18 +292,6 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
                 .unwrap_or("write probe failed"),
             r.storage.write_failures
         ),
-        Some(r)
-            if r.pg == PgState::Fenced
-                && input
-                    .plan()
-                    .is_some_and(|p| r.handed_over.is_some_and(|h| h.plan == p.id)) =>
-        {
-            format!(
-                "primary {} shut down cleanly for the switchover (its WAL ends at {})",
-                primary.node,
-                r.handed_over.map_or(0, |h| h.final_lsn)
-            )
-        }
         Some(_) => return super::plan::while_primary_runs(input, hypothetical),
         None => format!(
             "primary {} has not reported for more than {} ms",
@@ -915,6 +915,7 @@ mod tests {
             } => {
                 assert_eq!((node, epoch), (3, 2));
                 assert!(reason.contains("switchover"), "{reason}");
+                assert!(reason.contains("shut down cleanly"), "{reason}");
             }
             v => panic!("{v:?}"),
         }
