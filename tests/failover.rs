@@ -1434,12 +1434,27 @@ async fn a_member_never_starts_the_data_directory_of_another_cluster() {
         .find(|id| **id != primary)
         .expect("a replica");
     // The leader commits the first primary's system identifier.
-    wait_for("the committed system identifier", FAILOVER, || async {
-        let log = std::fs::read_to_string(c.nodes[&c.wait_leader(FAILOVER).await].log_path())
-            .unwrap_or_default();
-        log.contains("SetSystemIdentifier").then_some(())
+    let sysid = wait_for("the committed system identifier", FAILOVER, || async {
+        let t = topology(&c).await;
+        (t.system_identifier != 0).then_some(t.system_identifier)
     })
     .await;
+    let own = pg_supervisor::PgBinaries::discover(None).expect("Postgres binaries");
+    let control = std::process::Command::new(own.path("pg_controldata"))
+        .arg(c.nodes[&primary].dir.join("pgdata"))
+        .env("LC_ALL", "C")
+        .output()
+        .expect("pg_controldata");
+    let text = String::from_utf8_lossy(&control.stdout);
+    let on_disk = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Database system identifier:"))
+        .map(str::trim);
+    assert_eq!(
+        on_disk,
+        Some(sysid.to_string().as_str()),
+        "the committed identifier is not the primary's:\n{text}"
+    );
     // The replica's data directory is swapped for a fresh cluster's while its sidecar is down.
     c.stop(replica);
     let pgdata = c.nodes[&replica].dir.join("pgdata");

@@ -337,6 +337,7 @@ pub fn build_topology(
             .collect(),
         failover_status: String::new(),
         plan: state.cluster.plan.as_ref().map(plan_to_proto),
+        system_identifier: state.cluster.system_identifier.unwrap_or(0),
         last_plan: state
             .cluster
             .last_plan
