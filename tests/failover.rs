@@ -673,6 +673,17 @@ async fn a_paused_cluster_fails_nothing_over_until_resumed() {
     );
 }
 
+/// Gives every member of `c` an `http_addr` on a free port, before it starts; returns them.
+fn serve_http(c: &mut TestCluster) -> std::collections::BTreeMap<u64, String> {
+    let mut http = std::collections::BTreeMap::new();
+    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+        let addr = format!("127.0.0.1:{}", harness::free_port());
+        c.insert_config(id, "listen_addr", &format!("http_addr = \"{addr}\""));
+        http.insert(id, addr);
+    }
+    http
+}
+
 /// The status code of `GET path` on `addr`, or `None` when nothing answers within a second.
 async fn http_status(addr: &str, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -749,12 +760,7 @@ async fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_follow_the_roles_and_never_show_two_primaries() {
     let mut c = TestCluster::with_postgres(3);
-    let mut http = std::collections::BTreeMap::new();
-    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
-        let addr = format!("127.0.0.1:{}", harness::free_port());
-        c.insert_config(id, "listen_addr", &format!("http_addr = \"{addr}\""));
-        http.insert(id, addr);
-    }
+    let http = serve_http(&mut c);
     c.start_all();
     let (old, _) = c.wait_postgres(START).await;
     let codes = |path: &'static str| {
@@ -1314,12 +1320,7 @@ async fn the_haproxy_example_routes_writes_to_the_primary_and_follows_a_failover
         return;
     };
     let mut c = TestCluster::with_postgres(3);
-    let mut http = std::collections::BTreeMap::new();
-    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
-        let addr = format!("127.0.0.1:{}", harness::free_port());
-        c.insert_config(id, "listen_addr", &format!("http_addr = \"{addr}\""));
-        http.insert(id, addr);
-    }
+    let http = serve_http(&mut c);
     c.start_all();
     let (old, _) = c.wait_postgres(START).await;
     let (cfg, write_port, read_port) = haproxy_cfg(&c, &http);

@@ -1158,18 +1158,10 @@ impl Sim {
                     if self.hosts_connected(id, upstream)
                         && self.node(upstream).pg == PgState::Primary
                     {
-                        let (lsn, tl) = (self.node(upstream).lsn, self.node(upstream).timeline);
-                        let n = self.node_mut(id);
-                        n.pg = PgState::Replica;
-                        n.upstream = Some(upstream);
-                        n.receiver_streaming = false;
-                        n.last_receipt = None;
-                        n.last_primary_epoch = None;
-                        n.lsn = lsn;
-                        n.timeline = tl;
-                        n.ssn = SyncSet::asynchronous();
-                        n.applied_sync = None;
-                        n.assessor.started();
+                        // A rewind takes the upstream's history, WAL position included.
+                        let lsn = self.node(upstream).lsn;
+                        self.become_replica_of(id, upstream);
+                        self.node_mut(id).lsn = lsn;
                         self.log(format!("{id} rejoins as a replica of {upstream}"));
                     }
                 }
@@ -1235,18 +1227,7 @@ impl Sim {
                                  {lsn}, past the fork at {fork}"
                             ));
                         }
-                        let tl = self.node(upstream).timeline;
-                        let n = self.node_mut(id);
-                        n.pg = PgState::Replica;
-                        n.upstream = Some(upstream);
-                        n.receiver_streaming = false;
-                        n.last_receipt = None;
-                        n.last_primary_epoch = None;
-                        n.handed_over = None;
-                        n.timeline = tl;
-                        n.ssn = SyncSet::asynchronous();
-                        n.applied_sync = None;
-                        n.assessor.started();
+                        self.become_replica_of(id, upstream);
                         self.followed_without_rewind += 1;
                         self.log(format!("{id} follows {upstream} without a rewind"));
                     }
@@ -1264,6 +1245,23 @@ impl Sim {
             n.epoch_seen = n.epoch_seen.max(epoch);
             n.next_tick = now + tick;
         }
+    }
+
+    /// A former primary runs as a replica of `upstream`, on its timeline, and forgets its time
+    /// as primary (its WAL position is the caller's to set).
+    fn become_replica_of(&mut self, id: NodeId, upstream: NodeId) {
+        let tl = self.node(upstream).timeline;
+        let n = self.node_mut(id);
+        n.pg = PgState::Replica;
+        n.upstream = Some(upstream);
+        n.receiver_streaming = false;
+        n.last_receipt = None;
+        n.last_primary_epoch = None;
+        n.handed_over = None;
+        n.timeline = tl;
+        n.ssn = SyncSet::asynchronous();
+        n.applied_sync = None;
+        n.assessor.started();
     }
 
     fn committed_names(&self, id: NodeId, epoch: u64) -> bool {

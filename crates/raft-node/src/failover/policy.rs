@@ -814,6 +814,21 @@ mod tests {
             self
         }
 
+        /// Primary 1 reports it fenced itself, after the last grant.
+        fn fence_primary(&mut self) {
+            let p = self.reports.get_mut(&1).unwrap();
+            p.report.pg = PgState::Fenced;
+            p.report.sent_at = 5;
+            p.fenced_since = Some(10_050);
+        }
+
+        /// Primary 1 shut down cleanly for plan 7; its WAL ends at `final_lsn`.
+        fn hand_over(&mut self, final_lsn: u64) {
+            self.fence_primary();
+            self.reports.get_mut(&1).unwrap().report.handed_over =
+                Some(super::super::report::HandedOver { plan: 7, final_lsn });
+        }
+
         fn plan(&mut self, kind: crate::cluster_state::PlanKind, to: NodeId, started: bool) {
             self.cluster.plan = Some(crate::cluster_state::PrimaryPlan {
                 id: 7,
@@ -886,14 +901,7 @@ mod tests {
         let r1 = f.reports[&1].report.clone();
         assert_eq!(may_grant_lease(&f.input(10_100), &r1, Some(10)), Some(1));
         // It stopped cleanly; the target has replayed only up to the last record's start.
-        let p = &mut f.reports.get_mut(&1).unwrap();
-        p.report.pg = PgState::Fenced;
-        p.report.sent_at = 5;
-        p.report.handed_over = Some(super::super::report::HandedOver {
-            plan: 7,
-            final_lsn: 500,
-        });
-        p.fenced_since = Some(10_050);
+        f.hand_over(500);
         for n in [2, 3] {
             let r = &mut f.reports.get_mut(&n).unwrap();
             r.report.lsn = 520;
@@ -926,13 +934,7 @@ mod tests {
         use crate::cluster_state::PlanKind;
         let mut f = Fixture::new().streaming();
         f.plan(PlanKind::Switchover, 3, true);
-        let p = &mut f.reports.get_mut(&1).unwrap();
-        p.report.pg = PgState::Fenced;
-        p.report.sent_at = 5;
-        p.report.handed_over = Some(super::super::report::HandedOver {
-            plan: 7,
-            final_lsn: 500,
-        });
+        f.hand_over(500);
         f.reports.get_mut(&3).unwrap().report.pg = PgState::Unresponsive;
         let mut input = f.input(10_100);
         input.plan_started_seen = Some(10_000);
@@ -960,10 +962,7 @@ mod tests {
         let why = manual_failover_refusal(&f.input(10_100), 3).unwrap();
         assert!(why.contains("switchover --to 3"), "{why}");
         // The primary fenced itself: member 2 is the most advanced, but the operator names 3.
-        let p = &mut f.reports.get_mut(&1).unwrap();
-        p.report.pg = PgState::Fenced;
-        p.report.sent_at = 5;
-        p.fenced_since = Some(10_050);
+        f.fence_primary();
         assert_eq!(manual_failover_refusal(&f.input(10_100), 3), None);
         f.plan(PlanKind::Failover, 3, true);
         assert_eq!(hypothetical_refusal(&f.input(10_100), 3), None);
@@ -976,10 +975,7 @@ mod tests {
         }
         // Under synchronous replication only a member holding every acknowledged write.
         let mut f = Fixture::synchronous_with_standby(2).streaming();
-        let p = &mut f.reports.get_mut(&1).unwrap();
-        p.report.pg = PgState::Fenced;
-        p.report.sent_at = 5;
-        p.fenced_since = Some(10_050);
+        f.fence_primary();
         f.plan(PlanKind::Failover, 3, true);
         f.reports.get_mut(&3).unwrap().report.lsn = 400;
         let why = hypothetical_refusal(&f.input(10_100), 3).unwrap();
