@@ -324,12 +324,22 @@ impl TestCluster {
         }
     }
 
-    /// SIGTERM and wait for a clean exit; returns the exit status.
+    /// SIGTERM, a sidecar restart's stop, and wait for a clean exit; returns the exit status.
+    /// Postgres keeps running under its guard for the restart window, for the next sidecar.
     pub fn stop(&mut self, id: u64) -> ExitStatus {
+        self.signal_and_wait(id, libc::SIGTERM)
+    }
+
+    /// SIGINT: the sidecar stops and takes its Postgres down with it; returns the exit status.
+    pub fn stop_with_postgres(&mut self, id: u64) -> ExitStatus {
+        self.signal_and_wait(id, libc::SIGINT)
+    }
+
+    fn signal_and_wait(&mut self, id: u64, sig: libc::c_int) -> ExitStatus {
         let node = self.nodes.get_mut(&id).expect("known node");
         let mut child = node.child.take().expect("node is running");
         // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, sig) };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -337,7 +347,7 @@ impl TestCluster {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("node {id} did not exit within 15 s of SIGTERM");
+                panic!("node {id} did not exit within 15 s of signal {sig}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

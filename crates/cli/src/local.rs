@@ -37,7 +37,7 @@ pub enum LocalCmd {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Stop every process of the local cluster (SIGTERM, then SIGKILL after 10 s).
+    /// Stop every process of the local cluster, Postgres too (SIGINT, then SIGKILL after 10 s).
     Down {
         #[arg(long)]
         dir: PathBuf,
@@ -382,14 +382,15 @@ pub(crate) fn down(dir: &Path) -> Result<()> {
     stop_all(dir, false)
 }
 
-/// Stops every member (SIGTERM, then SIGKILL after 10 s); `quiet` suppresses the report.
+/// Stops every member and its Postgres (SIGINT, then SIGKILL after 10 s); `quiet` suppresses
+/// the report. SIGTERM would leave each Postgres running for a sidecar restart.
 pub(crate) fn stop_all(dir: &Path, quiet: bool) -> Result<()> {
     let layout = Layout::load(dir)?;
     let mut running = Vec::new();
     for n in &layout.nodes {
         if let Some(pid) = n.pid() {
-            // SAFETY: sending SIGTERM to a pid this launcher started.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            // SAFETY: sending SIGINT to a pid this launcher started.
+            unsafe { libc::kill(pid, libc::SIGINT) };
             running.push((n.name.clone(), pid));
         }
     }
@@ -399,7 +400,7 @@ pub(crate) fn stop_all(dir: &Path, quiet: bool) -> Result<()> {
     }
     for (name, pid) in &running {
         if pid_alive(*pid) {
-            // SAFETY: as above; the process ignored SIGTERM for 10 s.
+            // SAFETY: as above; the process ignored SIGINT for 10 s.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
             if !quiet {
                 println!("{name}: killed (did not stop within 10 s)");

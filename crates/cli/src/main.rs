@@ -781,21 +781,23 @@ async fn config(cmd: ConfigCmd) -> Result<()> {
     Ok(())
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM (a sidecar restart: Postgres stays up for its successor) or SIGINT
+/// (Postgres stops too).
+async fn shutdown_signal() -> raft_node::node::Shutdown {
+    use raft_node::node::Shutdown;
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     match (term, int) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = term.recv() => Shutdown::KeepPostgres,
+                _ = int.recv() => Shutdown::StopPostgres,
             }
         }
         _ => {
             // Without signal handlers the node can still be stopped by SIGKILL; never exit early.
-            std::future::pending::<()>().await;
+            std::future::pending().await
         }
     }
 }

@@ -254,6 +254,7 @@ mod tests {
             extra_settings: vec![("fsync".into(), "off".into())],
             extra_hba: vec![],
             expected_system_identifier: None,
+            guard_socket: None,
             guard: GuardCommand {
                 program: "/bin/false".into(),
                 args: vec![],

@@ -109,6 +109,9 @@ pub struct InstanceConfig {
     pub expected_system_identifier: Option<u64>,
     /// How to launch the guard.
     pub guard: GuardCommand,
+    /// The guard's control socket, on which a restarted sidecar adopts a running Postgres;
+    /// `None`: a guard cannot be adopted, so Postgres never outlives its sidecar.
+    pub guard_socket: Option<PathBuf>,
     /// Time limits.
     pub timeouts: Timeouts,
 }

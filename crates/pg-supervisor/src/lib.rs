@@ -43,7 +43,7 @@ pub use controldata::ControlData;
 pub use error::{Result, SupervisorError};
 pub use failure_counter::{FailureCounter, Health};
 pub use fence::FenceReport;
-pub use guard::{run_guard, Guard, GuardArgs};
+pub use guard::{effective_deadline, run_guard, Guard, GuardArgs};
 pub use instance::{
     AppliedSync, FollowReport, HandOverReport, Instance, PromoteReport, RejoinMethod, RejoinReport,
     StopMode,

@@ -282,3 +282,103 @@ async fn postgres_dies_with_a_frozen_supervisor() {
     sup.kill().unwrap();
     sup.wait().unwrap();
 }
+
+/// A sidecar restart: the old sidecar detaches, Postgres keeps running and accepting writes under
+/// its guard, and a new sidecar adopts the guard and feeds it. Only one sidecar feeds a guard at a
+/// time. Without a successor the guard fences at the earlier of the lease's end and the restart
+/// window; a successor that goes away without detaching is fenced like any dead sidecar (S4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_guard_waits_for_a_successor_and_fences_when_none_comes() {
+    let dir = test_dir();
+    let mut cfg = config(dir.path(), "a");
+    cfg.guard_socket = Some(dir.path().join("guard.sock"));
+    let mut p = Instance::new(cfg.clone()).unwrap();
+    p.init_primary().await.unwrap();
+    let lease = pg_supervisor::Lease::expires_in(Duration::from_secs(60));
+    p.start(lease).await.unwrap();
+    let up = p.as_upstream();
+    sql(&up, "CREATE TABLE t (v text)").await.unwrap();
+    let pid = p.status().pid().unwrap();
+
+    // Detached and dropped: nothing is fenced, writes go on.
+    assert!(p.detach_guard(Duration::from_secs(60)).await.unwrap());
+    drop(p);
+    sql(&up, "INSERT INTO t VALUES ('while no sidecar runs')")
+        .await
+        .expect("Postgres writes on between two sidecars");
+    assert!(is_alive(pid));
+
+    // The successor adopts the guard and learns the lease it enforces; a third is turned away.
+    let mut next = Instance::new(cfg.clone()).unwrap();
+    assert_eq!(next.adopt_running().await.unwrap(), Some(lease));
+    let mut third = Instance::new(cfg.clone()).unwrap();
+    let busy = third.adopt_running().await.unwrap_err().to_string();
+    assert!(busy.contains("another sidecar"), "{busy}");
+    drop(third);
+    next.feed_lease(pg_supervisor::Lease::expires_in(Duration::from_secs(60)))
+        .await
+        .expect("the adopted guard takes leases");
+    sql(&up, "INSERT INTO t VALUES ('adopted')").await.unwrap();
+
+    // No successor: the window (shorter than the lease here) closes and the guard fences.
+    let detached = Instant::now();
+    assert!(next.detach_guard(Duration::from_millis(800)).await.unwrap());
+    drop(next);
+    assert!(is_alive(pid), "fenced before the window closed");
+    wait_until(
+        "the guard fences at the window's end",
+        Duration::from_secs(10),
+        || async { !is_alive(pid) },
+    )
+    .await;
+    assert!(
+        detached.elapsed() >= Duration::from_millis(700),
+        "fenced after {:?}, before the window closed",
+        detached.elapsed()
+    );
+    assert!(!connects(&up).await);
+    assert!(
+        !cfg.guard_socket.as_ref().unwrap().exists(),
+        "socket left behind"
+    );
+
+    // A lease shorter than the window: the lease's end fences.
+    let mut p = Instance::new(cfg.clone()).unwrap();
+    p.start(pg_supervisor::Lease::expires_in(Duration::from_millis(
+        1500,
+    )))
+    .await
+    .unwrap();
+    let pid = p.status().pid().unwrap();
+    assert!(p.detach_guard(Duration::from_secs(60)).await.unwrap());
+    drop(p);
+    wait_until(
+        "the guard fences at the lease's end",
+        Duration::from_secs(10),
+        || async { !is_alive(pid) },
+    )
+    .await;
+
+    // An adopter that dies (no detach) is a dead sidecar: the guard fences at once.
+    let mut p = Instance::new(cfg.clone()).unwrap();
+    p.start(pg_supervisor::Lease::expires_in(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let pid = p.status().pid().unwrap();
+    assert!(p.detach_guard(Duration::from_secs(60)).await.unwrap());
+    drop(p);
+    let mut adopter = Instance::new(cfg.clone()).unwrap();
+    assert!(adopter.adopt_running().await.unwrap().is_some());
+    let died = Instant::now();
+    drop(adopter);
+    wait_until(
+        "the guard fences when its adopter dies",
+        Duration::from_secs(5),
+        || async { !is_alive(pid) },
+    )
+    .await;
+    eprintln!(
+        "FIGURE adopter_gone_to_fenced_ms={}",
+        died.elapsed().as_millis()
+    );
+}

@@ -114,11 +114,21 @@ fn raft_config(cfg: &NodeConfig) -> Result<Arc<Config>, NodeError> {
     ))
 }
 
+/// How the node was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// A sidecar restart (SIGTERM): Postgres keeps running under its guard for
+    /// `postgres.restart_window_ms`, for the next sidecar to adopt.
+    KeepPostgres,
+    /// Postgres stops with the sidecar (SIGINT).
+    StopPostgres,
+}
+
 /// Runs the node until `shutdown` completes, then stops Raft and the server and flushes the
 /// store. `started` receives the handle once Raft runs (tests and the CLI use it).
 pub async fn run(
     cfg: NodeConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = Shutdown> + Send + 'static,
     started: Option<tokio::sync::oneshot::Sender<NodeHandle>>,
 ) -> Result<(), NodeError> {
     // Bind first: a wrong address must fail before the data dir is touched.
@@ -204,6 +214,7 @@ pub async fn run(
         api = api.with_requests(request_tx);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (mode_tx, mode_rx) = watch::channel(Shutdown::StopPostgres);
     let mut server_stop = stop_rx.clone();
     let server = tonic::transport::Server::builder()
         .add_service(RaftTransportServer::new(RaftTransportService::new(
@@ -275,6 +286,10 @@ pub async fn run(
                 cfg.cluster_name.clone(),
             ))
             .take_requests(request_rx)
+            .keep_postgres_on_restart(
+                mode_rx,
+                Duration::from_millis(cfg.postgres.restart_window_ms),
+            )
             .allow_members_only(cfg.postgres.allowed_cidrs.is_empty());
             Some(tokio::spawn(loop_.run(stop_rx.clone())))
         }
@@ -293,8 +308,9 @@ pub async fn run(
         });
     }
 
-    shutdown.await;
-    tracing::info!(node = cfg.node_id, "shutting down");
+    let mode = shutdown.await;
+    tracing::info!(node = cfg.node_id, ?mode, "shutting down");
+    let _ = mode_tx.send(mode);
     let _ = stop_tx.send(true);
     if let Some(task) = sidecar {
         // Postgres is fenced before Raft stops, so nothing writes without a lease.
@@ -352,6 +368,7 @@ fn postgres_instance(cfg: &NodeConfig) -> Result<Option<pg_supervisor::Instance>
         extra_settings: Vec::new(),
         extra_hba: Vec::new(),
         expected_system_identifier: None,
+        guard_socket: Some(cfg.data_dir.join("guard.sock")),
         guard: pg_supervisor::GuardCommand {
             program,
             args: vec!["guard".into()],

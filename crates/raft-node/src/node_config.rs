@@ -93,6 +93,11 @@ pub struct PostgresEndpoint {
     /// A warning is logged (and recorded in the events) when the data or WAL filesystem has
     /// fewer free bytes than this, before writes fail; `list` then shows the free space.
     pub free_space_warn_bytes: u64,
+    /// How long Postgres keeps running under its guard after a clean sidecar stop (SIGTERM),
+    /// so that a restarted or upgraded sidecar takes it over without a failover. A primary is
+    /// fenced when its lease ends if no sidecar has renewed it by then, whichever comes first;
+    /// 0: Postgres stops with the sidecar.
+    pub restart_window_ms: u64,
 }
 
 impl Default for PostgresEndpoint {
@@ -112,6 +117,7 @@ impl Default for PostgresEndpoint {
             replication_password_file: None,
             allowed_cidrs: Vec::new(),
             free_space_warn_bytes: 1024 * 1024 * 1024,
+            restart_window_ms: 30_000,
         }
     }
 }
@@ -373,6 +379,20 @@ impl NodeConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty".into()));
         }
+        // The guard's control socket lives in data_dir, and a Unix socket path has at most 107
+        // bytes.
+        let socket = self.data_dir.join("guard.sock");
+        if self.postgres.data_dir.is_some() && socket.as_os_str().len() > 107 {
+            return Err(invalid(
+                "data_dir",
+                format!(
+                    "{} is too long for the guard's Unix socket {} (at most 107 bytes); \
+                     use a shorter path",
+                    self.data_dir.display(),
+                    socket.display()
+                ),
+            ));
+        }
         self.listen_addr.parse::<SocketAddr>().map_err(|_| {
             invalid(
                 "listen_addr",
@@ -593,6 +613,7 @@ addr = "127.0.0.1:7002"
             "replication_password_file",
             "allowed_cidrs",
             "free_space_warn_bytes",
+            "restart_window_ms",
             "[tags]",
             "nofailover",
             "priority",

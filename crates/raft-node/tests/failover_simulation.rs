@@ -31,12 +31,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use pg_supervisor::{effective_deadline, Lease};
 use raft_node::cluster_state::{
     ClusterState, Command, CommandOutcome, PlanKind, PrimaryAssignment, PrimaryPlan, SyncSet,
 };
 use raft_node::dynamic_config::{DynamicConfig, SyncMode};
 use raft_node::failover::assess::{Assessor, Seen};
-use raft_node::failover::lease::{HeldLease, LeaseTerms, Millis};
+use raft_node::failover::lease::{adopted_lease, HeldLease, LeaseTerms, Millis};
 use raft_node::failover::plan::{
     follows_without_rewind, hypothetical_refusal, manual_failover_refusal, switchover_target,
 };
@@ -113,6 +114,9 @@ struct Node {
     leader_stamp: Option<LeaderStamp>,
     assessor: Assessor,
     guard_deadline: Option<Millis>,
+    /// Set by a clean sidecar stop (`detach`): the guard keeps Postgres running until then
+    /// (local clock), or until its lease ends, for the next sidecar to adopt.
+    detached_until: Option<Millis>,
     applied: ClusterState,
     log_index: u64,
     term: u64,
@@ -228,6 +232,11 @@ struct Sim {
     manual_failovers: usize,
     /// Former primaries that followed their successor without a rewind.
     followed_without_rewind: usize,
+    /// Clean sidecar stops (detach), sidecars that adopted a running Postgres, and primaries
+    /// adopted with their lease still running (kept without a failover).
+    clean_restarts: usize,
+    adoptions: usize,
+    primaries_adopted: usize,
     /// The highest WAL position acknowledged to a client while the primary ran synchronous.
     acked_sync_high: u64,
     /// The highest WAL position acknowledged at all.
@@ -287,6 +296,7 @@ impl Sim {
                 leader_stamp: None,
                 assessor: Assessor::default(),
                 guard_deadline: None,
+                detached_until: None,
                 applied: ClusterState::default(),
                 log_index: 0,
                 term: 0,
@@ -336,6 +346,9 @@ impl Sim {
             plans_cancelled: 0,
             manual_failovers: 0,
             followed_without_rewind: 0,
+            clean_restarts: 0,
+            adoptions: 0,
+            primaries_adopted: 0,
             acked_sync_high: 0,
             acked_high: 0,
             acked_by_epoch: BTreeMap::new(),
@@ -864,16 +877,30 @@ impl Sim {
             if !n.host_up || matches!(n.guard, Process::Frozen { .. }) {
                 continue;
             }
-            let sidecar_dead = matches!(n.sidecar, Process::Dead { .. });
+            // A sidecar that detached is not "gone" to its guard: the guard waits for a successor
+            // until the earlier of its lease's end and the restart window (the real rule).
+            let sidecar_gone =
+                matches!(n.sidecar, Process::Dead { .. }) && n.detached_until.is_none();
+            let now = n.local(t);
             if n.pg == PgState::Primary {
-                let expired = n.guard_deadline.is_none_or(|d| n.local(t) >= d);
-                if expired || sidecar_dead {
+                let lease = Lease::Until(n.guard_deadline.unwrap_or(0));
+                let expired = effective_deadline(lease, n.detached_until).is_some_and(|d| now >= d);
+                if expired || sidecar_gone {
                     n.pg = PgState::Fenced;
+                    n.detached_until = None;
                     let id = n.id;
                     self.log(format!("guard of {id} fences its primary"));
                 }
-            } else if n.pg == PgState::Replica && sidecar_dead {
-                n.pg = PgState::Stopped;
+            } else if n.pg == PgState::Replica {
+                let window_over = effective_deadline(Lease::NotRequired, n.detached_until)
+                    .is_some_and(|d| now >= d);
+                if sidecar_gone || window_over {
+                    n.pg = PgState::Stopped;
+                    n.detached_until = None;
+                }
+            } else {
+                // Nothing runs under a guard any more.
+                n.detached_until = None;
             }
         }
     }
@@ -1378,6 +1405,24 @@ impl Sim {
         if writers.len() > 1 {
             self.fail(&format!("S1: two writable primaries {writers:?}"));
         }
+        // S4: whatever its sidecar does (running, frozen, killed, or stopped cleanly and
+        // detached), a running guard never lets its primary write past the guard's deadline,
+        // which is the end of a lease the cluster granted. The guard acts on its own ticks, so
+        // one step late is the bound.
+        for n in &self.nodes {
+            if n.writable()
+                && n.guard == Process::Running
+                && n.guard_deadline.is_none_or(|d| n.local(self.t) >= d + STEP)
+            {
+                self.fail(&format!(
+                    "S4: primary {} writes past its guard's deadline {:?} (local {}, detached {:?})",
+                    n.id,
+                    n.guard_deadline,
+                    n.local(self.t),
+                    n.detached_until
+                ));
+            }
+        }
     }
 
     fn cut_both_ways(&mut self, a: NodeId, b: NodeId) {
@@ -1405,7 +1450,25 @@ impl Sim {
                 }
                 Process::Dead { until } if t >= until && self.nodes[i].host_up => {
                     self.nodes[i].sidecar_restarted(t);
-                    self.log(format!("sidecar {id} restarted"));
+                    let n = &mut self.nodes[i];
+                    if n.detached_until.take().is_some()
+                        && matches!(n.pg, PgState::Primary | PgState::Replica)
+                    {
+                        // The new sidecar adopts the running guard: a primary's guard holds a
+                        // deadline, a replica's none (the real sidecar takes over the same way).
+                        let guard_lease = n.guard_deadline.filter(|_| n.pg == PgState::Primary);
+                        n.lease = adopted_lease(guard_lease, n.last_primary_epoch);
+                        let kept = n.lease.is_some_and(|l| l.valid_at(n.local(t)));
+                        self.adoptions += 1;
+                        if kept {
+                            self.primaries_adopted += 1;
+                        }
+                        self.log(format!(
+                            "sidecar {id} restarted and adopted its running Postgres (lease kept: {kept})"
+                        ));
+                    } else {
+                        self.log(format!("sidecar {id} restarted"));
+                    }
                 }
                 _ => {}
             }
@@ -1452,6 +1515,7 @@ impl Sim {
                 v.pg = PgState::Stopped;
             }
             v.sidecar = Process::Dead { until: back };
+            v.detached_until = None;
             self.leaders.remove(&id);
             self.log(format!("host {id} crashes until {back}"));
         } else if self.rng.gen_bool(p) && self.nodes[victim].alive() && guard_ok {
@@ -1459,10 +1523,28 @@ impl Sim {
             if self.rng.gen_bool(0.5) {
                 self.nodes[victim].sidecar = Process::Frozen { until };
                 self.log(format!("sidecar {id} frozen until {until}"));
-            } else {
+            } else if self.rng.gen_bool(0.5) {
                 self.nodes[victim].sidecar = Process::Dead { until };
                 self.leaders.remove(&id);
                 self.log(format!("sidecar {id} killed until {until}"));
+            } else {
+                // A clean stop for a restart or an upgrade (SIGTERM): the sidecar detaches from its
+                // guard, which keeps Postgres for the restart window. Half the restarts are
+                // back within a lease, half long after it (a slow upgrade, a failed start).
+                let until = if self.rng.gen_bool(0.5) {
+                    t + self.rng.gen_range(100..2_000)
+                } else {
+                    t + self.rng.gen_range(2_000..15_000)
+                };
+                let window = self.rng.gen_range(1_000..30_000);
+                let v = &mut self.nodes[victim];
+                v.sidecar = Process::Dead { until };
+                v.detached_until = Some(v.local(t) + window);
+                self.leaders.remove(&id);
+                self.clean_restarts += 1;
+                self.log(format!(
+                    "sidecar {id} stopped cleanly until {until} (restart window {window} ms)"
+                ));
             }
         } else if self.rng.gen_bool(p)
             && self.nodes[victim].host_up
@@ -1670,7 +1752,7 @@ impl Sim {
 
     /// Runs the fault phase and the healed phase; returns the recovery time after healing and
     /// the number of promotions and guard fences seen.
-    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 5]) {
+    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 8]) {
         while self.t < FAULT_PHASE_MS {
             self.step();
         }
@@ -1698,6 +1780,9 @@ impl Sim {
                         self.plans_cancelled,
                         self.followed_without_rewind,
                         self.manual_failovers,
+                        self.clean_restarts,
+                        self.adoptions,
+                        self.primaries_adopted,
                     ],
                 );
             }
@@ -1741,7 +1826,9 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     let started = std::time::Instant::now();
     let mut worst = 0;
     let (mut promotions, mut fences, mut write_failovers, mut pauses) = (0, 0, 0, 0);
-    let mut plans = [0usize; 5];
+    // Plans made, done, cancelled; followed without a rewind; manual failovers; clean sidecar
+    // stops, adoptions, primaries adopted with their lease running.
+    let mut plans = [0usize; 8];
     let (seeds, fresh_base) = seeds();
     if let Some(b) = fresh_base {
         eprintln!("simulation: fresh seeds start at {b} (replay one with PGQUORUM_SIM_SEED)");
@@ -1762,7 +1849,7 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         "FIGURE simulation seeds={} promotions={promotions} guard_fences={fences} \
          failovers_for_a_primary_that_cannot_write={write_failovers} pauses={pauses} \
          plans={} switchovers_done={} plans_cancelled={} followed_without_rewind={} \
-         manual_failovers={} \
+         manual_failovers={} clean_sidecar_stops={} adoptions={} primaries_adopted_in_lease={} \
          worst_recovery_after_heal_ms={worst} wall_ms={}",
         seeds.len(),
         plans[0],
@@ -1770,6 +1857,9 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         plans[2],
         plans[3],
         plans[4],
+        plans[5],
+        plans[6],
+        plans[7],
         started.elapsed().as_millis()
     );
     // The faults must actually move the primary around, or the run proves nothing.
@@ -1789,6 +1879,12 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         plans[4] >= seeds.len() / 100,
         "too few manual failovers: {}",
         plans[4]
+    );
+    assert!(
+        plans[6] >= seeds.len() / 10 && plans[7] >= seeds.len() / 40,
+        "too few sidecar restarts that adopted a running Postgres ({}) or kept a primary ({})",
+        plans[6],
+        plans[7]
     );
     assert!(
         plans[1] >= seeds.len() / 4 && plans[3] >= seeds.len() / 8,

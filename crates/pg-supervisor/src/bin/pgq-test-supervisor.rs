@@ -46,6 +46,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         extra_settings: vec![],
         extra_hba: vec![],
         expected_system_identifier: None,
+        guard_socket: None,
         guard: GuardCommand {
             program: PathBuf::from(guard),
             args: vec![],

@@ -1,29 +1,45 @@
 //! The sidecar's end of the guard: launches it and feeds it leases.
 
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, Command};
 
-use super::process::GuardArgs;
+use super::process::{parse_adoption_greeting, GuardArgs};
 use crate::config::GuardCommand;
 use crate::error::{Result, SupervisorError};
-use crate::lease::Lease;
+use crate::lease::{clock_now_ns, Lease};
+use crate::os_process::is_alive;
 
 /// How long the guard may take to spawn the postmaster and say so.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A healthy guard drains its pipe within microseconds.
 const FEED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A running guard. Dropping it closes the guard's stdin, which makes the
-/// guard fence PostgreSQL: there is no way to leave Postgres unguarded.
+/// How long an adopted guard may take to greet.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A running guard. Dropping it closes the guard's feed, which makes the
+/// guard fence PostgreSQL: there is no way to leave Postgres unguarded, but
+/// [`Guard::detach`], which hands it to a successor for a bounded time.
 #[derive(Debug)]
 pub struct Guard {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    /// Our child, when this sidecar launched the guard; `None` for an adopted one.
+    child: Option<Child>,
+    feed: Option<FeedPipe>,
+    guard_pid: u32,
     postmaster_pid: i32,
     lease: Lease,
+}
+
+#[derive(Debug)]
+enum FeedPipe {
+    Stdin(ChildStdin),
+    Socket(UnixStream),
 }
 
 impl Guard {
@@ -74,32 +90,104 @@ impl Guard {
                 stderr.trim()
             )));
         };
-        let stdin = child.stdin.take();
+        let feed = child.stdin.take().map(FeedPipe::Stdin);
         Ok(Guard {
-            child,
-            stdin,
+            guard_pid: child.id().unwrap_or(0),
+            child: Some(child),
+            feed,
             postmaster_pid,
             lease: args.lease,
         })
     }
 
-    /// Renews (or changes) the lease. Sending a deadline in the past makes
-    /// the guard fence at once.
-    pub async fn feed(&mut self, lease: Lease) -> Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| SupervisorError::Guard("guard stdin closed".into()))?;
-        let line = format!("{}\n", lease.encode());
+    /// Adopts the guard serving `socket`, left running by a sidecar that detached. `None` when
+    /// no guard listens there (none left, or it fenced already).
+    pub async fn adopt(socket: &Path) -> Result<Option<Guard>> {
+        let mut stream = match UnixStream::connect(socket).await {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => {
+                return Err(SupervisorError::Guard(format!(
+                    "cannot reach the guard's control socket {}: {e}",
+                    socket.display()
+                )))
+            }
+        };
+        // The greeting is the only thing the guard ever writes, so byte-wise reading cannot
+        // swallow anything meant for later.
+        let read_line = async {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while stream.read(&mut b).await? == 1 {
+                if b[0] == b'\n' {
+                    break;
+                }
+                line.push(b[0]);
+                if line.len() > 256 {
+                    break;
+                }
+            }
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&line).into_owned())
+        };
+        let line = match tokio::time::timeout(GREETING_TIMEOUT, read_line).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Err(SupervisorError::Guard(format!("guard greeting: {e}"))),
+            Err(_) => {
+                return Err(SupervisorError::Guard(
+                    "the guard did not greet within 2 s".into(),
+                ))
+            }
+        };
+        if line.trim() == "busy" {
+            return Err(SupervisorError::Guard(format!(
+                "the guard on {} is fed by another sidecar; is one still running?",
+                socket.display()
+            )));
+        }
+        let (postmaster_pid, guard_pid, lease) = parse_adoption_greeting(&line)
+            .ok_or_else(|| SupervisorError::Guard(format!("unexpected guard greeting {line:?}")))?;
+        Ok(Some(Guard {
+            child: None,
+            feed: Some(FeedPipe::Socket(stream)),
+            guard_pid,
+            postmaster_pid,
+            lease,
+        }))
+    }
+
+    /// Leaves the guard running for a successor: Postgres keeps running until the earlier of
+    /// its lease's end and `window` from now, unless a new sidecar adopts it first.
+    pub async fn detach(mut self, window: Duration) -> Result<()> {
+        let until = clock_now_ns().saturating_add(window.as_nanos() as u64);
+        self.write_line(&format!("detach {until}\n")).await
+    }
+
+    async fn write_line(&mut self, line: &str) -> Result<()> {
         let write = async {
-            stdin.write_all(line.as_bytes()).await?;
-            stdin.flush().await
+            match self.feed.as_mut() {
+                Some(FeedPipe::Stdin(p)) => {
+                    p.write_all(line.as_bytes()).await?;
+                    p.flush().await
+                }
+                Some(FeedPipe::Socket(s)) => {
+                    s.write_all(line.as_bytes()).await?;
+                    s.flush().await
+                }
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "guard feed closed",
+                )),
+            }
         };
         match tokio::time::timeout(FEED_TIMEOUT, write).await {
-            Ok(Ok(())) => {
-                self.lease = lease;
-                Ok(())
-            }
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SupervisorError::Guard(format!(
                 "cannot feed the guard (exited?): {e}"
             ))),
@@ -109,6 +197,14 @@ impl Guard {
         }
     }
 
+    /// Renews (or changes) the lease. Sending a deadline in the past makes
+    /// the guard fence at once.
+    pub async fn feed(&mut self, lease: Lease) -> Result<()> {
+        self.write_line(&format!("{}\n", lease.encode())).await?;
+        self.lease = lease;
+        Ok(())
+    }
+
     /// The lease last fed.
     pub fn lease(&self) -> Lease {
         self.lease
@@ -116,7 +212,15 @@ impl Guard {
 
     /// The guard's own pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.child {
+            Some(c) => c.id(),
+            None => is_alive(self.guard_pid as i32).then_some(self.guard_pid),
+        }
+    }
+
+    /// Whether this sidecar adopted the guard from a predecessor.
+    pub fn adopted(&self) -> bool {
+        self.child.is_none()
     }
 
     /// The postmaster the guard started.
@@ -125,16 +229,30 @@ impl Guard {
     }
 
     /// The guard's exit status, if it has exited.
+    /// An adopted guard is not our child: its status is unknown, so it reads as 0 once gone.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten(),
+            None => (!is_alive(self.guard_pid as i32)).then(|| ExitStatus::from_raw(0)),
+        }
     }
 
     /// Waits for the guard to exit (after the postmaster stopped).
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .ok()
-            .and_then(|r| r.ok())
+        if let Some(c) = self.child.as_mut() {
+            return tokio::time::timeout(limit, c.wait())
+                .await
+                .ok()
+                .and_then(|r| r.ok());
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_exit_status() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 }
 

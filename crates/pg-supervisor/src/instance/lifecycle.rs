@@ -66,6 +66,7 @@ impl Instance {
             log_file: log_file.clone(),
             fence_grace: self.cfg.timeouts.fence_grace,
             lease,
+            control_socket: self.cfg.guard_socket.clone(),
         };
         tracing::info!(member = %self.cfg.member_name, lease = %lease.encode(), "starting PostgreSQL under a guard");
         let guard = Guard::launch(&self.cfg.guard, &args).await?;
@@ -95,6 +96,50 @@ impl Instance {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Takes over a Postgres left running by a sidecar that detached from its guard
+    /// ([`Instance::detach_guard`]): connects to the guard's control socket and from then on
+    /// feeds it. Returns the lease the guard enforces, or `None` when there is nothing to
+    /// adopt (no postmaster runs, no guard answers). A guard whose postmaster is not the one of
+    /// the data directory's lock file is refused, and fences when we let go of it.
+    pub async fn adopt_running(&mut self) -> Result<Option<Lease>> {
+        let Some(socket) = self.cfg.guard_socket.clone() else {
+            return Ok(None);
+        };
+        if self.guard.is_some() {
+            return Ok(None);
+        }
+        let PostmasterState::Running { pid, .. } = self.data.postmaster_state() else {
+            return Ok(None);
+        };
+        let Some(guard) = Guard::adopt(&socket).await? else {
+            return Ok(None);
+        };
+        if guard.postmaster_pid() != pid {
+            return Err(SupervisorError::Guard(format!(
+                "the guard on {} watches postmaster {}, but {} names {pid}; not adopting it",
+                socket.display(),
+                guard.postmaster_pid(),
+                self.cfg.data_dir.display()
+            )));
+        }
+        let lease = guard.lease();
+        tracing::info!(member = %self.cfg.member_name, postmaster = pid, lease = %lease.encode(), "adopted the running PostgreSQL and its guard");
+        self.guard = Some(guard);
+        self.last_lease = Some(lease);
+        Ok(Some(lease))
+    }
+
+    /// Lets go of the guard without stopping Postgres, for a sidecar restart: the guard keeps
+    /// Postgres running until the earlier of its lease's end and `window` from now, and a new
+    /// sidecar may adopt it meanwhile. Returns false when no guard runs.
+    pub async fn detach_guard(&mut self, window: Duration) -> Result<bool> {
+        let Some(guard) = self.guard.take() else {
+            return Ok(false);
+        };
+        guard.detach(window).await?;
+        Ok(true)
     }
 
     /// Starts PostgreSQL as a replica: writes `standby.signal` (and an empty

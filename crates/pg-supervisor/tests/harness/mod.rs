@@ -93,6 +93,7 @@ pub fn config(dir: &Path, name: &str) -> InstanceConfig {
         ],
         extra_hba: vec![],
         expected_system_identifier: None,
+        guard_socket: None,
         guard: GuardCommand {
             program: guard_program(),
             args: vec![],

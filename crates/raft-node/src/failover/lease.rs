@@ -45,6 +45,26 @@ impl HeldLease {
     }
 }
 
+/// The lease a new sidecar holds after adopting the guard its predecessor left running: the
+/// guard's deadline (on the same clock), for the epoch the data directory last served as primary
+/// in. `None` when the guard holds no deadline (a replica) or the epoch is unknown: such a server
+/// gets nothing from the past and is judged like any other.
+///
+/// This does not break S8 (fenced at birth): the lease was granted to this member by a leader
+/// and the guard fences at its end whatever the new sidecar does, so the new sidecar believes
+/// in nothing the cluster has not granted; taking it over only lets the sidecar renew it instead
+/// of fencing a primary that is still entitled to write.
+pub fn adopted_lease(
+    guard_deadline: Option<Millis>,
+    last_primary_epoch: Option<u64>,
+) -> Option<HeldLease> {
+    let epoch = last_primary_epoch.filter(|e| *e > 0)?;
+    Some(HeldLease {
+        epoch,
+        expires_at: guard_deadline?,
+    })
+}
+
 /// The length of a lease and the drift margin its grantor adds: every grant records the terms it
 /// was given under, and is judged by them, never by the configuration of the moment (an operator
 /// may shorten the lease while an old grant still runs).
@@ -124,6 +144,20 @@ pub fn max_clock_rate_error(cfg: &DynamicConfig) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_adopted_lease_is_the_guards_deadline_for_a_known_primary_epoch() {
+        assert_eq!(
+            adopted_lease(Some(900), Some(4)),
+            Some(HeldLease {
+                epoch: 4,
+                expires_at: 900
+            })
+        );
+        assert_eq!(adopted_lease(None, Some(4)), None, "a replica's guard");
+        assert_eq!(adopted_lease(Some(900), None), None, "never a primary");
+        assert_eq!(adopted_lease(Some(900), Some(0)), None, "epoch unknown");
+    }
 
     #[test]
     fn holder_counts_from_send_grantor_from_receipt_plus_margin() {

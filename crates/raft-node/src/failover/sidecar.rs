@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::assess::{Assessor, Seen};
 use super::leader::{boot_clock_ms, FailoverLeader, Grant, ReportAnswer};
-use super::lease::{HeldLease, Millis};
+use super::lease::{adopted_lease, HeldLease, Millis};
 use super::plan::follows_without_rewind;
 use super::reconcile::{plan, while_paused, Action, LocalView};
 use super::report::{HandedOver, LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied};
@@ -27,6 +27,7 @@ use crate::events::EventLog;
 use crate::http::LocalHealth;
 use crate::metrics::Metrics;
 use crate::network::Dialer;
+use crate::node::Shutdown;
 use crate::proto::internal_client::InternalClient;
 use crate::proto::ReportRequest;
 use crate::store::state_machine::AppliedState;
@@ -184,6 +185,10 @@ pub struct Sidecar {
     /// What the last tick judged, and the committed epoch it saw, for the counters.
     last_pg: Option<PgState>,
     last_epoch: Epoch,
+    /// How the node is being stopped, once it is.
+    shutdown: Option<watch::Receiver<Shutdown>>,
+    /// How long Postgres may outlive a restarting sidecar.
+    restart_window: Duration,
 }
 
 /// Why the failover memory could not be loaded or rebuilt.
@@ -213,6 +218,36 @@ impl Sidecar {
         dialer: Dialer,
     ) -> Result<Self, MemoryError> {
         let memory = load_memory(&memory_path, &instance).await?;
+        let mut instance = instance;
+        let lease = match instance.adopt_running().await {
+            Ok(Some(guard_lease)) => {
+                let deadline = match guard_lease {
+                    Lease::Until(ns) => Some(ns / 1_000_000),
+                    Lease::NotRequired => None,
+                };
+                let lease = adopted_lease(deadline, memory.last_primary_epoch);
+                tracing::info!(
+                    epoch = lease.map(|l| l.epoch),
+                    lease_left_ms = lease.map(|l| l.expires_at.saturating_sub(boot_clock_ms())),
+                    lsn = 0,
+                    "sidecar restart: adopted the Postgres its predecessor left running"
+                );
+                events.record(
+                    "transition",
+                    "adopted the running Postgres and its guard",
+                    lease.map_or(0, |l| l.epoch),
+                    0,
+                );
+                lease
+            }
+            Ok(None) => None,
+            Err(e) => {
+                // Not adopted: whatever runs is judged by the usual rules (a primary without a
+                // lease is fenced), and a guard let go of without `detach` fences by itself.
+                tracing::warn!(error = %e, "cannot adopt the running Postgres");
+                None
+            }
+        };
         Ok(Self {
             node_id,
             raft,
@@ -221,7 +256,7 @@ impl Sidecar {
             instance,
             memory_path,
             memory,
-            lease: None,
+            lease,
             assessor: Assessor::default(),
             applied_sync: None,
             leader_stamp: None,
@@ -246,7 +281,21 @@ impl Sidecar {
             slots_checked: 0,
             last_pg: None,
             last_epoch: 0,
+            shutdown: None,
+            restart_window: Duration::ZERO,
         })
+    }
+
+    /// On a [`Shutdown::KeepPostgres`] stop, leave Postgres running under its guard for
+    /// `window` instead of fencing it, for the next sidecar to adopt.
+    pub fn keep_postgres_on_restart(
+        mut self,
+        mode: watch::Receiver<Shutdown>,
+        window: Duration,
+    ) -> Self {
+        self.shutdown = Some(mode);
+        self.restart_window = window;
+        self
     }
 
     /// Publish this member's state every tick to `tx` (the HTTP health endpoints).
@@ -390,6 +439,34 @@ impl Sidecar {
             if commits_gone {
                 // The state machine is gone (shutting down): no more commits to wait for.
                 tokio::time::sleep(rest).await;
+            }
+        }
+        let keep = self
+            .shutdown
+            .as_ref()
+            .is_some_and(|m| *m.borrow() == Shutdown::KeepPostgres)
+            && !self.restart_window.is_zero();
+        if keep && self.instance.guard().is_some() {
+            // One last renewal first: the successor then has close to a whole lease to come
+            // back in, even when this member led Raft and a new leader must be elected.
+            if self.last_pg == Some(PgState::Primary) {
+                self.tick().await;
+            }
+            let epoch = self.lease.map(|l| l.epoch);
+            let lease_left_ms = self
+                .lease
+                .map(|l| l.expires_at.saturating_sub(boot_clock_ms()));
+            match self.instance.detach_guard(self.restart_window).await {
+                Ok(_) => {
+                    tracing::info!(
+                        ?epoch,
+                        ?lease_left_ms,
+                        window_ms = self.restart_window.as_millis() as u64,
+                        "sidecar stopping: Postgres keeps running under its guard for the next sidecar"
+                    );
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot detach from the guard; fencing"),
             }
         }
         if self.instance.guard().is_some() {
