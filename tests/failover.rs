@@ -1591,9 +1591,15 @@ async fn a_rolling_sidecar_restart_under_writes_moves_nothing_and_loses_nothing(
     let lost = missing_on(&c, primary, &acked).await;
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     let gap = harness::workload::max_gap_ms(&acked, began, ended);
+    let secs = (ended - began).as_secs_f64();
+    let during = acked
+        .iter()
+        .filter(|(_, at)| *at > began && *at <= ended)
+        .count();
     eprintln!(
         "FIGURE rolling_sidecar_restart restarts_ms={restarts:?} longest_write_gap_ms={gap} \
-         acked={} lost=0 failovers=0",
+         writes_per_s={:.0} acked={} lost=0 failovers=0",
+        during as f64 / secs,
         acked.len()
     );
 }

@@ -19,7 +19,8 @@
 mod chaos;
 #[path = "harness/mod.rs"]
 mod harness;
-#[path = "netns/mod.rs"]
+// The bench's partition fault uses the same namespaces; one copy serves both.
+#[path = "../crates/cli/src/netns.rs"]
 mod netns;
 
 use std::time::{Duration, Instant};

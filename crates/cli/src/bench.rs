@@ -27,17 +27,28 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Write outage and lost acknowledged writes of a client writing every 100 ms through a
-    /// multi-host URL, on fresh local 3-member clusters with real Postgres, for each fault (and
-    /// for a planned switchover); and the commit latency before the fault.
+    /// Write outage, lost acknowledged writes and split-brain observations under a steady write
+    /// load over several connections through a multi-host URL, on fresh local 3-member clusters
+    /// with real Postgres, for each fault; the sidecars' memory and idle CPU; the commit
+    /// latency before the fault.
     Failover {
         /// Runs per fault.
         #[arg(long, default_value_t = 5)]
         runs: u32,
-        /// Faults to inject (default: host-crash, postgres-crash, sidecar-freeze; `switchover`
-        /// times a planned switchover).
+        /// Faults to inject, comma-separated (default: host-crash, postgres-crash,
+        /// sidecar-freeze).
         #[arg(long, value_enum, value_delimiter = ',')]
         faults: Vec<Fault>,
+        /// Write the figures to this file as a JSON array, one object per fault.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Writer connections, each inserting in a loop.
+        #[arg(long, default_value_t = 4)]
+        writers: u32,
+        /// Pause of each writer between two inserts, in ms (4 writers and 10 ms: 100 to 250
+        /// writes a second on loopback, by the commit latency).
+        #[arg(long, default_value_t = 10)]
+        pause_ms: u64,
         /// synchronous_mode of the clusters: off, on, strict or quorum.
         #[arg(long, default_value = "on")]
         sync: String,
@@ -60,9 +71,38 @@ pub enum Fault {
     PostgresCrash,
     /// SIGSTOP of the sidecar (a frozen or partitioned agent); Postgres runs on until fenced.
     SidecarFreeze,
+    /// SIGSTOP of the sidecar, the guard and Postgres together (a frozen VM or host).
+    NodeFreeze,
     /// A planned switchover (`pgquorum switchover`) to the most advanced replica, once the Raft
     /// leader has been in office for longer than a new leader's wait.
     Switchover,
+    /// The primary's member cut off from the others both ways: every packet its processes send
+    /// and every packet to its ports is dropped (nftables on loopback, the member's processes in
+    /// their own cgroup); the bench's own clients still reach it, the worst case for split
+    /// brain. Needs root, nftables and cgroup v2; skipped with the reason otherwise.
+    Partition,
+    /// A clean restart of the primary's sidecar (SIGTERM, then a new process at once), as in an
+    /// upgrade: the new sidecar adopts the running Postgres; no failover is expected.
+    SidecarRestart,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::HostCrash => "host-crash",
+            Fault::PostgresCrash => "postgres-crash",
+            Fault::SidecarFreeze => "sidecar-freeze",
+            Fault::NodeFreeze => "node-freeze",
+            Fault::Switchover => "switchover",
+            Fault::Partition => "partition",
+            Fault::SidecarRestart => "sidecar-restart",
+        }
+    }
+
+    /// Whether the fault is expected to move the primary.
+    fn fails_over(self) -> bool {
+        self != Fault::SidecarRestart
+    }
 }
 
 pub async fn run(cmd: BenchCmd) -> Result<()> {
@@ -70,6 +110,9 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Failover {
             runs,
             faults,
+            json,
+            writers,
+            pause_ms,
             sync,
             leader_on_primary,
             lease_ms,
@@ -77,48 +120,107 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             if runs == 0 {
                 bail!("--runs must be at least 1");
             }
+            if writers == 0 {
+                bail!("--writers must be at least 1");
+            }
             let faults = if faults.is_empty() {
                 vec![Fault::HostCrash, Fault::PostgresCrash, Fault::SidecarFreeze]
             } else {
                 faults
             };
+            if let Some(path) = &json {
+                // Fail before minutes of runs, not after.
+                std::fs::write(path, "[]\n")
+                    .with_context(|| format!("cannot write --json {}", path.display()))?;
+            }
             let setup = Setup {
                 sync,
                 leader_on_primary,
                 lease_ms,
+                writers,
+                pause: Duration::from_millis(pause_ms),
             };
-            for fault in faults {
-                let (mut outages, mut commits) = (Vec::new(), Vec::new());
-                let (mut lost, mut acked) = (0, 0);
+            let mut report = Vec::new();
+            'faults: for fault in faults {
+                let mut all = Vec::new();
                 for run in 1..=runs {
                     let dir = std::env::temp_dir()
                         .join(format!("pgquorum-bench-{}-{run}", std::process::id()));
-                    let r = failover_run(&dir, fault, &setup).await;
+                    // A partition needs every member on its own host: network namespaces.
+                    let net = if fault == Fault::Partition {
+                        match crate::netns::Netns::new(3) {
+                            Ok(n) => Some(n),
+                            Err(why) => {
+                                println!("{}: skipped: {why}", fault.name());
+                                report.push(serde_json::json!({
+                                    "fault": fault.name(),
+                                    "runs": 0,
+                                    "skipped": why,
+                                }));
+                                continue 'faults;
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    let r = failover_run(&dir, fault, &setup, net.as_ref(), run == 1).await;
                     let _ = local::stop_all(&dir, true);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    let f = r?;
+                    drop(net);
+                    let f = match r {
+                        Ok(f) => {
+                            let _ = std::fs::remove_dir_all(&dir);
+                            f
+                        }
+                        Err(e) => {
+                            // The members' logs tell why.
+                            eprintln!(
+                                "{} run {run} failed; logs kept in {}",
+                                fault.name(),
+                                dir.display()
+                            );
+                            return Err(e);
+                        }
+                    };
                     println!(
-                        "{fault:?} run {run}: write outage {:.0} ms, {} of {} acknowledged \
-                         writes lost, commit latency median {:.2} ms",
-                        f.outage_ms, f.lost, f.acked, f.commit_ms
+                        "{} run {run}: write outage {:.0} ms, {} of {} acknowledged writes lost \
+                         ({:.0} writes/s), {} split-brain observations, primary moved: {}, \
+                         commit latency median {:.2} ms, sidecar RSS max {} KiB",
+                        fault.name(),
+                        f.outage_ms,
+                        f.lost,
+                        f.acked,
+                        f.writes_per_s,
+                        f.split_brain,
+                        f.moved,
+                        f.commit_ms,
+                        f.rss_kb_max
                     );
-                    outages.push(f.outage_ms);
-                    commits.push(f.commit_ms);
-                    lost += f.lost;
-                    acked += f.acked;
+                    all.push(f);
                 }
+                let outages: Vec<f64> = all.iter().map(|f| f.outage_ms).collect();
+                let commits: Vec<f64> = all.iter().map(|f| f.commit_ms).collect();
+                let lost: usize = all.iter().map(|f| f.lost).sum();
+                let acked: usize = all.iter().map(|f| f.acked).sum();
                 println!(
-                    "{fault:?} (synchronous_mode {}, leader {}): write outage {}; lost {lost} of \
+                    "{} (synchronous_mode {}, leader {}): write outage {}; lost {lost} of \
                      {acked} acknowledged writes; commit latency {}",
+                    fault.name(),
                     setup.sync,
                     if setup.leader_on_primary {
                         "on the primary's node"
                     } else {
                         "apart from the primary"
                     },
-                    summary(outages),
-                    summary(commits)
+                    summary(outages.clone()),
+                    summary(commits.clone())
                 );
+                report.push(fault_json(fault, &setup, &all));
+            }
+            if let Some(path) = &json {
+                let text = serde_json::to_string_pretty(&report)?;
+                std::fs::write(path, text + "\n")
+                    .with_context(|| format!("cannot write --json {}", path.display()))?;
+                println!("figures written to {}", path.display());
             }
             Ok(())
         }
@@ -322,6 +424,8 @@ struct Setup {
     sync: String,
     leader_on_primary: bool,
     lease_ms: Option<u64>,
+    writers: u32,
+    pause: Duration,
 }
 
 /// What one failover run measured.
@@ -331,9 +435,19 @@ struct RunFigures {
     acked: usize,
     /// Median INSERT round trip before the fault.
     commit_ms: f64,
+    /// Acknowledged writes per second before the fault.
+    writes_per_s: f64,
+    /// Polls (every 50 ms, every member at once) that found two members accepting writes.
+    split_brain: usize,
+    /// Whether another member became primary.
+    moved: bool,
+    /// The largest resident set of any sidecar during the run.
+    rss_kb_max: u64,
+    /// Average CPU of one idle sidecar before the load, on the first run of a fault.
+    idle_cpu_percent: Option<f64>,
 }
 
-/// One acknowledged write of the bench's writer.
+/// One acknowledged write of the bench's writers.
 #[derive(Clone, Copy)]
 struct Ack {
     id: i64,
@@ -341,24 +455,52 @@ struct Ack {
     took: Duration,
 }
 
-/// Acknowledged writes of the bench's writer.
+/// Acknowledged writes of the bench's writers.
 type Acks = std::sync::Arc<std::sync::Mutex<Vec<Ack>>>;
 
-fn spawn_writer(url: String, acks: Acks, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// Connects to the first of `urls` that takes a read-write session within a second, starting
+/// at `start`; returns the client and the index it connected to. Each member is tried on its
+/// own with a bound on the whole setup: a multi-host URL waits on a frozen first host for
+/// ever, since its timeout only bounds the TCP connect, which a frozen server's kernel still
+/// completes.
+async fn connect_writable(
+    urls: &[String],
+    start: usize,
+) -> Option<(tokio_postgres::Client, usize)> {
+    for k in 0..urls.len() {
+        let i = (start + k) % urls.len();
+        let connect = tokio_postgres::connect(&urls[i], tokio_postgres::NoTls);
+        if let Ok(Ok((c, conn))) = tokio::time::timeout(Duration::from_secs(1), connect).await {
+            tokio::spawn(conn);
+            return Some((c, i));
+        }
+    }
+    None
+}
+
+/// One writer connection inserting ids `first, first + 1, …`, pausing `pause` between
+/// inserts; every acknowledged insert is recorded.
+fn spawn_writer(
+    urls: Vec<String>,
+    first: i64,
+    pause: Duration,
+    acks: Acks,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     use std::sync::atomic::Ordering;
     tokio::spawn(async move {
         let mut client: Option<tokio_postgres::Client> = None;
-        let mut id: i64 = 0;
+        let mut at = 0;
+        let mut id: i64 = first;
         while !stop.load(Ordering::Relaxed) {
             id += 1;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
-                client = match tokio::time::timeout(Duration::from_secs(2), connect).await {
-                    Ok(Ok((c, conn))) => {
-                        tokio::spawn(conn);
+                client = match connect_writable(&urls, at).await {
+                    Some((c, i)) => {
+                        at = i;
                         Some(c)
                     }
-                    _ => None,
+                    None => None,
                 };
             }
             if let Some(c) = &client {
@@ -375,12 +517,133 @@ fn spawn_writer(url: String, acks: Acks, stop: std::sync::Arc<std::sync::atomic:
                             });
                         }
                     }
-                    _ => client = None,
+                    _ => {
+                        // Try the next member first: this one may be frozen or fenced.
+                        client = None;
+                        at += 1;
+                    }
                 }
+            } else {
+                // No server takes the connection: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(pause).await;
         }
     });
+}
+
+/// What the observer saw: split-brain polls and the sidecars' largest resident set.
+#[derive(Default)]
+struct Observed {
+    split_brain: usize,
+    rss_kb_max: u64,
+}
+
+/// Every 50 ms asks every member's Postgres at once whether it accepts writes, counting the
+/// polls where two do, and samples the sidecars' resident set sizes.
+fn spawn_observer(
+    layout: &Layout,
+    seen: std::sync::Arc<std::sync::Mutex<Observed>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let urls: Vec<String> = layout
+        .nodes
+        .iter()
+        .filter_map(|n| layout.member_uri(n))
+        .collect();
+    let nodes = layout.nodes.clone();
+    tokio::spawn(async move {
+        let mut clients: Vec<Option<tokio_postgres::Client>> = urls.iter().map(|_| None).collect();
+        while !stop.load(Ordering::Relaxed) {
+            let polls = urls
+                .iter()
+                .zip(clients.iter_mut())
+                .map(|(url, slot)| async move {
+                    if slot.as_ref().is_none_or(|c| c.is_closed()) {
+                        let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
+                        *slot =
+                            match tokio::time::timeout(Duration::from_millis(200), connect).await {
+                                Ok(Ok((c, conn))) => {
+                                    tokio::spawn(conn);
+                                    Some(c)
+                                }
+                                _ => None,
+                            };
+                    }
+                    let c = slot.as_ref()?;
+                    let q = c.query_one("SELECT NOT pg_is_in_recovery()", &[]);
+                    match tokio::time::timeout(Duration::from_millis(200), q).await {
+                        Ok(Ok(row)) => row.try_get::<_, bool>(0).ok(),
+                        _ => {
+                            *slot = None;
+                            None
+                        }
+                    }
+                });
+            let writable = futures::future::join_all(polls)
+                .await
+                .into_iter()
+                .filter(|w| *w == Some(true))
+                .count();
+            let rss = nodes
+                .iter()
+                .filter_map(|n| n.pid())
+                .filter_map(rss_kib)
+                .max()
+                .unwrap_or(0);
+            if let Ok(mut s) = seen.lock() {
+                if writable > 1 {
+                    s.split_brain += 1;
+                }
+                s.rss_kb_max = s.rss_kb_max.max(rss);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+/// Average CPU of the sidecars over `window` while nothing but the cluster itself runs.
+async fn idle_cpu_percent(layout: &Layout, window: Duration) -> Option<f64> {
+    let pids: Vec<i32> = layout.nodes.iter().filter_map(|n| n.pid()).collect();
+    let before: Vec<u64> = pids.iter().filter_map(|p| cpu_ticks(*p)).collect();
+    tokio::time::sleep(window).await;
+    let after: Vec<u64> = pids.iter().filter_map(|p| cpu_ticks(*p)).collect();
+    if before.len() != pids.len() || after.len() != pids.len() || pids.is_empty() {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    Some(ticks as f64 / hz / window.as_secs_f64() * 100.0 / pids.len() as f64)
+}
+
+/// The JSON object of one fault's runs.
+fn fault_json(fault: Fault, setup: &Setup, runs: &[RunFigures]) -> serde_json::Value {
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        serde_json::json!({
+            "min": v.first().copied().unwrap_or(0.0).round(),
+            "median": median(v.clone()).round(),
+            "max": v.last().copied().unwrap_or(0.0).round(),
+        })
+    };
+    serde_json::json!({
+        "fault": fault.name(),
+        "runs": runs.len(),
+        "synchronous_mode": setup.sync,
+        "raft_leader": if setup.leader_on_primary { "on the primary's node" } else { "apart from the primary" },
+        "writers": setup.writers,
+        "write_outage_ms": stats(runs.iter().map(|r| r.outage_ms).collect()),
+        "acknowledged_writes": runs.iter().map(|r| r.acked).sum::<usize>(),
+        "lost_writes": runs.iter().map(|r| r.lost).sum::<usize>(),
+        "writes_per_s": stats(runs.iter().map(|r| r.writes_per_s).collect()),
+        "split_brain_observations": runs.iter().map(|r| r.split_brain).sum::<usize>(),
+        "runs_that_moved_the_primary": runs.iter().filter(|r| r.moved).count(),
+        "commit_latency_ms_median": stats(runs.iter().map(|r| r.commit_ms).collect())["median"],
+        "sidecar_rss_kb": { "max": runs.iter().map(|r| r.rss_kb_max).max().unwrap_or(0) },
+        "sidecar_cpu_percent_idle": runs.iter().find_map(|r| r.idle_cpu_percent).map(|c| (c * 100.0).round() / 100.0),
+    })
 }
 
 /// Commits `key = value` through any member.
@@ -423,10 +686,21 @@ async fn wait_topology(
     }
 }
 
-async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Result<RunFigures> {
+async fn failover_run(
+    dir: &std::path::Path,
+    fault: Fault,
+    setup: &Setup,
+    net: Option<&crate::netns::Netns>,
+    measure_idle: bool,
+) -> Result<RunFigures> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let layout = local::load_or_create(3, dir, true)?;
+    let placement = net.map(|n| local::Placement {
+        hosts: (1..=3).map(|id| n.addr(id)).collect(),
+        prefixes: (1..=3).map(|id| n.exec_prefix(id)).collect(),
+        cidr: n.cidr(),
+    });
+    let layout = local::create_with(3, dir, true, placement.as_ref())?;
     local::start_missing(&layout, true)?;
     let api = raft_node::client::ApiClient::new(layout.endpoints())?
         .with_patience(Duration::from_secs(10));
@@ -469,6 +743,11 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
         })
         .await?;
     }
+    let idle_cpu = if measure_idle {
+        idle_cpu_percent(&layout, Duration::from_secs(5)).await
+    } else {
+        None
+    };
     let node = layout
         .nodes
         .iter()
@@ -480,22 +759,37 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
     c.batch_execute("CREATE TABLE bench (id bigint PRIMARY KEY)")
         .await?;
     drop(c);
-    let writer_url = url.clone();
     let acks: Acks = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    spawn_writer(writer_url, acks.clone(), stop.clone());
+    let write_urls: Vec<String> = layout
+        .nodes
+        .iter()
+        .filter_map(|n| layout.member_uri(n))
+        .map(|u| format!("{u}&target_session_attrs=read-write"))
+        .collect();
+    for w in 0..setup.writers {
+        spawn_writer(
+            write_urls.clone(),
+            i64::from(w) * 1_000_000_000,
+            setup.pause,
+            acks.clone(),
+            stop.clone(),
+        );
+    }
+    let seen = Arc::new(Mutex::new(Observed::default()));
+    spawn_observer(&layout, seen.clone(), stop.clone());
     let count = |a: &Acks| a.lock().map(|v| v.len()).unwrap_or(0);
     let started = Instant::now();
-    while count(&acks) < 20 {
+    while count(&acks) < 20 * setup.writers as usize {
         if started.elapsed() > Duration::from_secs(30) {
-            bail!("the writer did not get going");
+            bail!("the writers did not get going");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if fault == Fault::Switchover {
+    if matches!(fault, Fault::Switchover | Fault::SidecarRestart) {
         // A new Raft leader waits a lease and more before it promotes anyone (its predecessor
-        // may have granted one), and leadership just moved off the primary's node: measure the
-        // switchover of a settled cluster.
+        // may have granted one), and leadership just moved off the primary's node: measure a
+        // settled cluster.
         let term = wait_topology(&api, "a leader", limit, |t| t.leader_id != 0)
             .await?
             .term;
@@ -517,12 +811,15 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
         .trim()
         .parse()?;
     let sidecar = node.pid().context("sidecar not running")?;
+    let load_began = started;
     let fault_at = Instant::now();
+    let before_fault = count(&acks);
     // SAFETY: signalling processes this bench started.
     unsafe {
+        // The guard and the postmaster share the guard's process group.
+        let group = libc::getpgid(postmaster);
         match fault {
             Fault::HostCrash => {
-                let group = libc::getpgid(postmaster);
                 libc::kill(sidecar, libc::SIGKILL);
                 if group > 1 {
                     libc::kill(-group, libc::SIGKILL);
@@ -534,28 +831,70 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
             Fault::SidecarFreeze => {
                 libc::kill(sidecar, libc::SIGSTOP);
             }
-            Fault::Switchover => {}
+            Fault::NodeFreeze => {
+                // Postgres runs in its own session, so the guard's group is not enough: the
+                // guard, the postmaster and every child of it.
+                libc::kill(sidecar, libc::SIGSTOP);
+                for pid in node_processes(postmaster) {
+                    libc::kill(pid, libc::SIGSTOP);
+                }
+            }
+            Fault::SidecarRestart => {
+                libc::kill(sidecar, libc::SIGTERM);
+            }
+            Fault::Switchover | Fault::Partition => {}
         }
     }
-    if fault == Fault::Switchover {
-        api.call(|mut c| async move {
-            c.switchover(proto::SwitchoverRequest {
-                to: 0,
-                at_unix_ms: 0,
+    match fault {
+        Fault::Switchover => {
+            api.call(|mut c| async move {
+                c.switchover(proto::SwitchoverRequest {
+                    to: 0,
+                    at_unix_ms: 0,
+                })
+                .await
             })
             .await
-        })
-        .await
-        .context("switchover refused")?;
+            .context("switchover refused")?;
+        }
+        Fault::Partition => {
+            let net = net.context("a partition needs the namespaces")?;
+            for other in layout.nodes.iter().filter(|n| n.id != primary) {
+                net.cut(primary, other.id).map_err(anyhow::Error::msg)?;
+            }
+        }
+        Fault::SidecarRestart => {
+            // systemctl restart: the old process exits, a new one starts at once.
+            let gone = Instant::now();
+            while local::pid_alive(sidecar) {
+                if gone.elapsed() > Duration::from_secs(20) {
+                    bail!("the sidecar did not exit within 20 s of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            local::start_missing(&layout, true)?;
+        }
+        _ => {}
     }
-    // Done once another member is the committed primary and writes have flowed for a second
-    // since; the outage is the largest gap between acknowledged writes from the fault on. The
-    // frozen member accepts connections and never answers: give each attempt a second.
-    let client = api.with_request_timeout(Duration::from_secs(1));
+    // Done once another member is the committed primary (or, for a restart, once the new
+    // sidecar is back and the primary's writes go on) and writes have flowed for a second
+    // since; the outage is the largest gap between acknowledged writes from the fault on. A
+    // frozen or cut-off member may take connections and never answer: a second per attempt.
+    // Asked of the other members only: a cut-off primary still answers with its stale view.
+    let others: Vec<String> = layout
+        .nodes
+        .iter()
+        .filter(|n| n.id != primary)
+        .map(|n| n.api_addr.clone())
+        .collect();
+    let client = raft_node::client::ApiClient::new(others)?
+        .with_patience(Duration::from_secs(10))
+        .with_request_timeout(Duration::from_secs(1));
+    let mut moved = false;
     let changed_at = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if fault_at.elapsed() > Duration::from_secs(60) {
-            bail!("{fault:?}: no new primary within 60 s");
+            bail!("{}: no new primary within 60 s", fault.name());
         }
         let topo = client
             .call(|mut c| async move {
@@ -564,7 +903,18 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
             })
             .await;
         if let Ok(t) = topo {
-            if t.primary.as_ref().is_some_and(|p| p.node_id != primary) {
+            let now_primary = t.primary.as_ref().map(|p| p.node_id);
+            if now_primary.is_some_and(|p| p != primary) {
+                moved = true;
+                break Instant::now();
+            }
+            let lease = Duration::from_millis(setup.lease_ms.unwrap_or(2_500));
+            if !fault.fails_over()
+                && fault_at.elapsed() > 2 * lease + Duration::from_secs(1)
+                && node.pid().is_some()
+            {
+                // Past two leases and a new leader's election: a restart that was going to
+                // cost a failover has done so.
                 break Instant::now();
             }
         }
@@ -573,7 +923,11 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
         tokio::time::sleep(Duration::from_millis(100)).await;
         let times: Vec<Instant> = acks
             .lock()
-            .map(|v| v.iter().map(|a| a.at).collect())
+            .map(|v| {
+                let mut t: Vec<Instant> = v.iter().map(|a| a.at).collect();
+                t.sort_unstable();
+                t
+            })
             .unwrap_or_default();
         if times
             .last()
@@ -590,17 +944,32 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
             break gap;
         }
         if fault_at.elapsed() > Duration::from_secs(60) {
-            bail!("{fault:?}: writes did not resume within 60 s");
+            bail!("{}: writes did not resume within 60 s", fault.name());
         }
     };
     stop.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    if fault == Fault::SidecarFreeze {
-        // SAFETY: as above.
-        unsafe { libc::kill(sidecar, libc::SIGCONT) };
+    // SAFETY: as above.
+    unsafe {
+        match fault {
+            Fault::SidecarFreeze => {
+                libc::kill(sidecar, libc::SIGCONT);
+            }
+            Fault::NodeFreeze => {
+                // The guard first: it fences its expired primary before anything else runs on.
+                for pid in node_processes(postmaster) {
+                    libc::kill(pid, libc::SIGCONT);
+                }
+                libc::kill(sidecar, libc::SIGCONT);
+            }
+            _ => {}
+        }
+    }
+    if let (Fault::Partition, Some(net)) = (fault, net) {
+        net.heal().map_err(anyhow::Error::msg)?;
     }
     let acked: Vec<Ack> = acks.lock().map(|v| v.clone()).unwrap_or_default();
-    // Every acknowledged write must be on the new primary.
+    // Every acknowledged write must be on the primary now.
     let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let present: std::collections::BTreeSet<i64> = c
@@ -615,12 +984,46 @@ async fn failover_run(dir: &std::path::Path, fault: Fault, setup: &Setup) -> Res
         .filter(|a| a.at < fault_at)
         .map(|a| a.took.as_secs_f64() * 1000.0)
         .collect();
+    let loaded_for = (fault_at - load_began).as_secs_f64().max(0.001);
+    let (split_brain, rss_kb_max) = seen
+        .lock()
+        .map(|s| (s.split_brain, s.rss_kb_max))
+        .unwrap_or((0, 0));
     Ok(RunFigures {
         outage_ms: outage.as_secs_f64() * 1000.0,
         lost,
         acked: acked.len(),
         commit_ms: median(before),
+        writes_per_s: before_fault as f64 / loaded_for,
+        split_brain,
+        moved,
+        rss_kb_max,
+        idle_cpu_percent: idle_cpu,
     })
+}
+
+/// The guard of `postmaster` (its parent), the postmaster and its children, guard first.
+fn node_processes(postmaster: i32) -> Vec<i32> {
+    let ppid_of = |pid: i32| -> Option<i32> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        s[s.rfind(')')? + 2..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let mut out: Vec<i32> = ppid_of(postmaster).filter(|p| *p > 1).into_iter().collect();
+    out.push(postmaster);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+                if ppid_of(pid) == Some(postmaster) {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

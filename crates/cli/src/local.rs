@@ -51,6 +51,10 @@ pub(crate) struct Layout {
     #[serde(default)]
     postgres: Option<LocalPostgres>,
     pub(crate) nodes: Vec<LocalNode>,
+    /// Extra network (CIDR) allowed to connect as the superuser, beside the members: the host
+    /// side of members that run on their own addresses.
+    #[serde(default)]
+    pub(crate) client_cidr: String,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -61,6 +65,12 @@ pub(crate) struct LocalNode {
     pub(crate) dir: PathBuf,
     #[serde(default)]
     pub(crate) pg_port: u16,
+    /// The member's own address (Postgres' host); empty: 127.0.0.1.
+    #[serde(default)]
+    pub(crate) host: String,
+    /// Runs the sidecar through this command, e.g. `ip netns exec NS`; empty: directly.
+    #[serde(default)]
+    pub(crate) exec_prefix: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -76,12 +86,23 @@ impl Layout {
         let hosts: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.pg_port))
+            .map(|n| format!("{}:{}", n.pg_host(), n.pg_port))
             .collect();
         Some(format!(
             "postgresql://postgres:{}@{}/postgres?target_session_attrs=read-write&connect_timeout=2",
             pg.superuser_password,
             hosts.join(",")
+        ))
+    }
+
+    /// A libpq URL of one member's Postgres alone, whatever its role.
+    pub(crate) fn member_uri(&self, node: &LocalNode) -> Option<String> {
+        let pg = self.postgres.as_ref()?;
+        Some(format!(
+            "postgresql://postgres:{}@{}:{}/postgres?connect_timeout=1",
+            pg.superuser_password,
+            node.pg_host(),
+            node.pg_port
         ))
     }
 }
@@ -137,7 +158,8 @@ fn node_config(layout: &Layout, node: &LocalNode) -> String {
         layout.cluster_name, node.id, node.name, node.api_addr
     );
     s.push_str(&format!(
-        "\n[postgres]\nhost = \"127.0.0.1\"\nport = {}\n",
+        "\n[postgres]\nhost = \"{}\"\nport = {}\n",
+        node.pg_host(),
         node.pg_port
     ));
     if let Some(pg) = &layout.postgres {
@@ -146,6 +168,9 @@ fn node_config(layout: &Layout, node: &LocalNode) -> String {
              replication_password = \"{}\"\n",
             pg.superuser_password, pg.replication_password
         ));
+        if !layout.client_cidr.is_empty() {
+            s.push_str(&format!("allowed_cidrs = [\"{}\"]\n", layout.client_cidr));
+        }
     }
     for m in &layout.nodes {
         s.push_str(&format!(
@@ -211,6 +236,15 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
 }
 
 impl LocalNode {
+    /// Where this member's Postgres listens.
+    pub(crate) fn pg_host(&self) -> &str {
+        if self.host.is_empty() {
+            "127.0.0.1"
+        } else {
+            &self.host
+        }
+    }
+
     /// The pid of this member's running sidecar, if it runs.
     pub(crate) fn pid(&self) -> Option<i32> {
         std::fs::read_to_string(self.dir.join("sidecar.pid"))
@@ -230,7 +264,15 @@ fn start_node(node: &LocalNode) -> Result<i32> {
         .append(true)
         .open(node.dir.join("sidecar.log"))
         .with_context(|| format!("cannot open the log in {}", node.dir.display()))?;
-    let child = Command::new(exe)
+    let mut cmd = match node.exec_prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let child = cmd
         .arg("node")
         .arg("--config")
         .arg(node.dir.join("node.toml"))
@@ -248,6 +290,26 @@ fn start_node(node: &LocalNode) -> Result<i32> {
 
 /// Loads the layout in `dir`, or creates a new cluster of `count` members there.
 pub(crate) fn load_or_create(count: u32, dir: &Path, postgres: bool) -> Result<Layout> {
+    create_with(count, dir, postgres, None)
+}
+
+/// Where the members of a new cluster run: member `id` (from 1) on address `hosts[id - 1]`,
+/// its sidecar started through `prefixes[id - 1]` (e.g. `ip netns exec NS`).
+pub(crate) struct Placement {
+    pub(crate) hosts: Vec<String>,
+    pub(crate) prefixes: Vec<Vec<String>>,
+    /// The network of the members and of the host that reaches them.
+    pub(crate) cidr: String,
+}
+
+/// Like [`load_or_create`], with every member on its own address (fixed ports, as each address
+/// is its own host).
+pub(crate) fn create_with(
+    count: u32,
+    dir: &Path,
+    postgres: bool,
+    placement: Option<&Placement>,
+) -> Result<Layout> {
     if dir.join("cluster.json").exists() {
         return Layout::load(dir);
     }
@@ -263,12 +325,28 @@ pub(crate) fn load_or_create(count: u32, dir: &Path, postgres: bool) -> Result<L
     }
     let mut nodes = Vec::new();
     for id in 1..=u64::from(count) {
+        let (api_addr, pg_port, host, exec_prefix) = match placement {
+            Some(p) => {
+                let i = (id - 1) as usize;
+                let host = p.hosts.get(i).context("a host for every member")?.clone();
+                let prefix = p.prefixes.get(i).cloned().unwrap_or_default();
+                (format!("{host}:7001"), 5432, host, prefix)
+            }
+            None => (
+                format!("127.0.0.1:{}", free_port()?),
+                free_port()?,
+                String::new(),
+                Vec::new(),
+            ),
+        };
         nodes.push(LocalNode {
             id,
             name: format!("n{id}"),
-            api_addr: format!("127.0.0.1:{}", free_port()?),
+            api_addr,
             dir: dir.join(format!("n{id}")),
-            pg_port: free_port()?,
+            pg_port,
+            host,
+            exec_prefix,
         });
     }
     let layout = Layout {
@@ -282,6 +360,7 @@ pub(crate) fn load_or_create(count: u32, dir: &Path, postgres: bool) -> Result<L
             None
         },
         nodes,
+        client_cidr: placement.map(|p| p.cidr.clone()).unwrap_or_default(),
     };
     for n in &layout.nodes {
         std::fs::create_dir_all(&n.dir)?;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod local;
+mod netns;
 mod output;
 
 use std::collections::HashMap;

@@ -1,5 +1,6 @@
-//! Real network partitions for process tests: one network namespace per cluster member, joined
-//! by a private Linux bridge, with nftables drop rules between members' addresses.
+//! Real network partitions for the process tests and `bench failover --faults partition`: one
+//! network namespace per cluster member, joined by a private Linux bridge, with nftables drop
+//! rules between members' addresses.
 //!
 //! Layout for slot `k` (1..=250, unique among the test processes on this machine):
 //! - bridge `pgqbr<k>` in the host namespace, with the host's address `10.213.<k>.254/24`, so
