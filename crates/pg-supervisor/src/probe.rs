@@ -184,16 +184,18 @@ pub async fn probe_sql(
         })
         .collect();
     if let Some(args) = write.filter(|_| facts.role == Role::Primary) {
-        facts.write = Some(probe_write(s, args).await);
+        facts.write = probe_write(s, args).await;
     }
     Ok(facts)
 }
 
 /// Runs the write probe on `s`, waiting for it until `args.deadline`; a write still running
-/// then goes on in the background, and no other starts until it ends.
-async fn probe_write(s: crate::session::Session, args: WriteArgs) -> (WriteEnd, Duration) {
+/// then goes on in the background, and no other starts until it ends. `None`: no verdict yet,
+/// because the write has run for less than [`STUCK_AFTER`] (the probe's reads used up its
+/// time, as on a loaded host); the next probe judges the same write by how long it has run.
+async fn probe_write(s: crate::session::Session, args: WriteArgs) -> Option<(WriteEnd, Duration)> {
     if let Some(since) = args.in_flight.since() {
-        return (WriteEnd::Running(since.elapsed()), Duration::ZERO);
+        return still_running(since.elapsed()).map(|end| (end, Duration::ZERO));
     }
     args.in_flight.start();
     let started = Instant::now();
@@ -208,11 +210,36 @@ async fn probe_write(s: crate::session::Session, args: WriteArgs) -> (WriteEnd, 
         Ok(Ok(Ok(()))) => WriteEnd::Done,
         Ok(Ok(Err(e))) => WriteEnd::Error(e.to_string()),
         Ok(Err(e)) => WriteEnd::Error(format!("write probe task: {e}")),
-        Err(_) => WriteEnd::Running(started.elapsed()),
+        Err(_) => still_running(started.elapsed())?,
     };
-    (end, started.elapsed())
+    Some((end, started.elapsed()))
+}
+
+/// A write is called stuck only once it has run this long: a probe whose deadline left it no
+/// time says nothing about the storage (seen under load: "stuck after 0 ms", three in a row,
+/// cost a healthy primary its lease).
+pub const STUCK_AFTER: Duration = Duration::from_millis(200);
+
+/// The verdict on a write still running after `running`: stuck, or none yet.
+fn still_running(running: Duration) -> Option<WriteEnd> {
+    (running >= STUCK_AFTER).then_some(WriteEnd::Running(running))
 }
 
 fn lsn(v: Option<PgLsn>) -> Option<Lsn> {
     v.map(Lsn::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_given_no_time_is_not_called_stuck() {
+        assert_eq!(still_running(Duration::ZERO), None);
+        assert_eq!(still_running(Duration::from_millis(199)), None);
+        assert_eq!(
+            still_running(Duration::from_millis(700)),
+            Some(WriteEnd::Running(Duration::from_millis(700)))
+        );
+    }
 }
