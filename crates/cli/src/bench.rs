@@ -821,6 +821,17 @@ async fn failover_run(
         .parse()?;
     let sidecar = node.pid().context("sidecar not running")?;
     let load_began = started;
+    // Whatever happens below, a frozen member is thawed when this run ends: a run that fails
+    // must not leave stopped processes behind.
+    let thaw = Thaw(match fault {
+        Fault::SidecarFreeze => vec![sidecar],
+        Fault::NodeFreeze => {
+            let mut p = node_processes(postmaster);
+            p.push(sidecar);
+            p
+        }
+        _ => Vec::new(),
+    });
     let fault_at = Instant::now();
     let before_fault = count(&acks);
     // SAFETY: signalling processes this bench started.
@@ -958,22 +969,7 @@ async fn failover_run(
     };
     stop.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // SAFETY: as above.
-    unsafe {
-        match fault {
-            Fault::SidecarFreeze => {
-                libc::kill(sidecar, libc::SIGCONT);
-            }
-            Fault::NodeFreeze => {
-                // The guard first: it fences its expired primary before anything else runs on.
-                for pid in node_processes(postmaster) {
-                    libc::kill(pid, libc::SIGCONT);
-                }
-                libc::kill(sidecar, libc::SIGCONT);
-            }
-            _ => {}
-        }
-    }
+    drop(thaw);
     if let (Fault::Partition, Some(net)) = (fault, net) {
         net.heal().map_err(anyhow::Error::msg)?;
     }
@@ -1009,6 +1005,19 @@ async fn failover_run(
         rss_kb_max,
         idle_cpu_percent: idle_cpu,
     })
+}
+
+/// Processes to SIGCONT, in order, when dropped.
+struct Thaw(Vec<i32>);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        // The guard comes first: it fences its expired primary before anything else runs on.
+        for pid in &self.0 {
+            // SAFETY: signalling processes this bench stopped.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
+        }
+    }
 }
 
 /// The guard of `postmaster` (its parent), the postmaster and its children, guard first.

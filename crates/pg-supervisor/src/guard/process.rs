@@ -132,6 +132,11 @@ pub fn run_guard(args: &[String]) -> i32 {
     };
     if args.lease.is_expired() {
         say(&mut log, "lease already expired; not starting PostgreSQL");
+        // The launching sidecar reads stderr into its error message.
+        eprintln!(
+            "pgq-guard: the lease expired before PostgreSQL could start (the work before the \
+             start took longer than the lease); not starting it"
+        );
         return EXIT_FENCED_LEASE_EXPIRED;
     }
     let listener = match args.control_socket.as_deref().map(bind_control_socket) {
