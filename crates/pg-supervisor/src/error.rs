@@ -155,6 +155,18 @@ pub enum SupervisorError {
 }
 
 impl SupervisorError {
+    /// Whether this is a failure to reach a server at all (refused, unreachable, or no answer
+    /// within the connect timeout), as opposed to an error once connected.
+    pub fn is_connect_failure(&self) -> bool {
+        match self {
+            SupervisorError::Sql { context, .. }
+            | SupervisorError::Timeout { what: context, .. } => {
+                context.starts_with(CONNECT_CONTEXT)
+            }
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         SupervisorError::Io {
@@ -176,5 +188,37 @@ impl SupervisorError {
     }
 }
 
+/// How a connection attempt names itself in errors (`connect to HOST:PORT`).
+pub(crate) const CONNECT_CONTEXT: &str = "connect to ";
+
 /// Result alias of this crate.
 pub type Result<T, E = SupervisorError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod connect_failure_tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_to_reach_a_server_are_connect_failures() {
+        let refused = SupervisorError::Sql {
+            context: format!("{CONNECT_CONTEXT}10.0.0.1:5432"),
+            message: "error connecting to server".into(),
+        };
+        let silent = SupervisorError::Timeout {
+            what: format!("{CONNECT_CONTEXT}10.0.0.1:5432"),
+            after: std::time::Duration::from_secs(1),
+        };
+        let never_streamed = SupervisorError::Timeout {
+            what: "streaming from 10.0.0.1:5432".into(),
+            after: std::time::Duration::from_secs(20),
+        };
+        let query = SupervisorError::Sql {
+            context: "read the timeline".into(),
+            message: "57P03: the database system is starting up".into(),
+        };
+        assert!(refused.is_connect_failure());
+        assert!(silent.is_connect_failure());
+        assert!(!never_streamed.is_connect_failure());
+        assert!(!query.is_connect_failure());
+    }
+}

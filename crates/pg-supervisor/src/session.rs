@@ -46,7 +46,12 @@ pub async fn connect(
         .keepalives_retries(3)
         .tcp_user_timeout(connect_timeout.max(Duration::from_secs(1)))
         .options(format!("-c statement_timeout={st_ms}"));
-    let what = format!("connect to {}:{}", upstream.host, upstream.port);
+    let what = format!(
+        "{}{}:{}",
+        crate::error::CONNECT_CONTEXT,
+        upstream.host,
+        upstream.port
+    );
     let (client, connection) = match tokio::time::timeout(connect_timeout, cfg.connect(NoTls)).await
     {
         Ok(Ok(pair)) => pair,

@@ -189,6 +189,34 @@ pub struct Sidecar {
     shutdown: Option<watch::Receiver<Shutdown>>,
     /// How long Postgres may outlive a restarting sidecar.
     restart_window: Duration,
+    /// The upstream a follow could not reach, and until when not to try it again.
+    unreachable: Option<Unreachable>,
+}
+
+/// A follow that could not reach its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreachable {
+    /// The member followed.
+    pub upstream: NodeId,
+    /// The committed epoch it was followed in.
+    pub epoch: Epoch,
+    /// Boot clock: not before then again.
+    pub until: Millis,
+}
+
+/// How long a follow waits after its upstream could not be reached.
+pub const UNREACHABLE_BACKOFF_MS: Millis = 2_000;
+
+/// Whether a follow of `upstream` in `epoch` waits: it could not be reached in this same epoch
+/// a moment ago. A newly committed primary (another member, or a later epoch) is followed at
+/// once.
+pub fn follow_waits(
+    last: Option<Unreachable>,
+    upstream: NodeId,
+    epoch: Epoch,
+    now: Millis,
+) -> bool {
+    last.is_some_and(|u| u.upstream == upstream && u.epoch == epoch && now < u.until)
 }
 
 /// Why the failover memory could not be loaded or rebuilt.
@@ -283,6 +311,7 @@ impl Sidecar {
             last_epoch: 0,
             shutdown: None,
             restart_window: Duration::ZERO,
+            unreachable: None,
         })
     }
 
@@ -826,6 +855,17 @@ impl Sidecar {
         if state.cluster.paused {
             step = while_paused(step);
         }
+        if let Action::Follow { upstream } = step.action {
+            if follow_waits(
+                self.unreachable,
+                upstream,
+                assigned.map_or(0, |a| a.epoch),
+                boot_clock_ms(),
+            ) {
+                // Postgres' own WAL receiver keeps trying meanwhile.
+                step.action = Action::Nothing;
+            }
+        }
         let epoch = assigned.map(|a| a.epoch).unwrap_or(0);
         self.note_storage(&obs, epoch, obs.lsn);
         self.apply_pg_settings(&state.cluster, pg, epoch).await;
@@ -1149,7 +1189,21 @@ impl Sidecar {
             Action::Follow { upstream } => {
                 let u = up(self, upstream)?;
                 match self.instance.follow(&u).await {
-                    Ok(_) => self.cannot_stream = None,
+                    Ok(_) => {
+                        self.cannot_stream = None;
+                        self.unreachable = None;
+                    }
+                    Err(e) if e.is_connect_failure() => {
+                        // The upstream is down or cut off: that says nothing about this
+                        // member's history, and retrying every tick would hold every report
+                        // back by a connect timeout.
+                        self.unreachable = Some(Unreachable {
+                            upstream,
+                            epoch,
+                            until: boot_clock_ms() + UNREACHABLE_BACKOFF_MS,
+                        });
+                        return Err(e.to_string());
+                    }
                     Err(e) => {
                         // Reached the upstream (its timeline was read) but never streamed.
                         if matches!(e, pg_supervisor::error::SupervisorError::Timeout { .. }) {
@@ -1225,7 +1279,9 @@ impl Sidecar {
                     Err(e) => {
                         // Reached the new primary but streaming never started: this history
                         // went past the fork after all, and only a rewind helps.
-                        if matches!(e, pg_supervisor::error::SupervisorError::Timeout { .. }) {
+                        if matches!(e, pg_supervisor::error::SupervisorError::Timeout { .. })
+                            && !e.is_connect_failure()
+                        {
                             self.cannot_stream = Some((upstream, epoch));
                             self.handed_over = None;
                         }
@@ -1368,6 +1424,20 @@ fn cannot_write_text(c: &WriteCheck) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follow_of_an_unreachable_upstream_waits_but_a_new_primary_is_followed_at_once() {
+        let last = Some(Unreachable {
+            upstream: 1,
+            epoch: 3,
+            until: 5_000,
+        });
+        assert!(follow_waits(last, 1, 3, 4_999));
+        assert!(!follow_waits(last, 1, 3, 5_000), "the backoff ends");
+        assert!(!follow_waits(last, 2, 3, 4_000), "another member");
+        assert!(!follow_waits(last, 1, 4, 4_000), "a later epoch");
+        assert!(!follow_waits(None, 1, 3, 0));
+    }
 
     #[test]
     fn members_are_admitted_by_address_or_name() {
