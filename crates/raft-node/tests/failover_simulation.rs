@@ -48,6 +48,7 @@ use raft_node::failover::reconcile::{plan, while_paused, Action, LocalView};
 use raft_node::failover::report::{
     record, HandedOver, LeaderStamp, MemberReport, PgState, ReportBook, StorageReport, SyncApplied,
 };
+use raft_node::failover::sidecar::{follow_waits, Unreachable, UNREACHABLE_BACKOFF_MS};
 use raft_node::failover::sync::{self as syncrules, SyncStep};
 use raft_node::types::NodeId;
 use rand::rngs::StdRng;
@@ -117,6 +118,8 @@ struct Node {
     /// Set by a clean sidecar stop (`detach`): the guard keeps Postgres running until then
     /// (local clock), or until its lease ends, for the next sidecar to adopt.
     detached_until: Option<Millis>,
+    /// The upstream a follow could not reach (lost with the sidecar process).
+    unreachable: Option<Unreachable>,
     applied: ClusterState,
     log_index: u64,
     term: u64,
@@ -156,6 +159,7 @@ impl Node {
         self.assessor = Assessor::default();
         self.applied_sync = None;
         self.handed_over = None;
+        self.unreachable = None;
         self.last_heard = t;
     }
 }
@@ -237,6 +241,8 @@ struct Sim {
     clean_restarts: usize,
     adoptions: usize,
     primaries_adopted: usize,
+    /// Follows that found their upstream unreachable and backed off.
+    follow_backoffs: usize,
     /// The highest WAL position acknowledged to a client while the primary ran synchronous.
     acked_sync_high: u64,
     /// The highest WAL position acknowledged at all.
@@ -297,6 +303,7 @@ impl Sim {
                 assessor: Assessor::default(),
                 guard_deadline: None,
                 detached_until: None,
+                unreachable: None,
                 applied: ClusterState::default(),
                 log_index: 0,
                 term: 0,
@@ -349,6 +356,7 @@ impl Sim {
             clean_restarts: 0,
             adoptions: 0,
             primaries_adopted: 0,
+            follow_backoffs: 0,
             acked_sync_high: 0,
             acked_high: 0,
             acked_by_epoch: BTreeMap::new(),
@@ -1176,10 +1184,27 @@ impl Sim {
                     self.log(format!("{id} promotes (epoch {epoch}): {}", step.reason));
                 }
                 Action::Follow { upstream } => {
+                    // Following reaches the upstream first; one that cannot be reached is not
+                    // tried again for a while in the same epoch (the real backoff).
+                    let epoch = assigned.map_or(0, |a| a.epoch);
+                    let reachable = self.hosts_connected(id, upstream)
+                        && matches!(self.node(upstream).pg, PgState::Primary | PgState::Replica);
                     let n = self.node_mut(id);
-                    n.upstream = Some(upstream);
-                    n.receiver_streaming = false;
-                    n.last_receipt = None;
+                    if follow_waits(n.unreachable, upstream, epoch, now) {
+                        // Waits; Postgres' own WAL receiver would go on trying meanwhile.
+                    } else if reachable {
+                        n.upstream = Some(upstream);
+                        n.receiver_streaming = false;
+                        n.last_receipt = None;
+                        n.unreachable = None;
+                    } else {
+                        n.unreachable = Some(Unreachable {
+                            upstream,
+                            epoch,
+                            until: now + UNREACHABLE_BACKOFF_MS,
+                        });
+                        self.follow_backoffs += 1;
+                    }
                 }
                 Action::Rejoin { upstream } => {
                     if self.hosts_connected(id, upstream)
@@ -1752,7 +1777,7 @@ impl Sim {
 
     /// Runs the fault phase and the healed phase; returns the recovery time after healing and
     /// the number of promotions and guard fences seen.
-    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 8]) {
+    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 9]) {
         while self.t < FAULT_PHASE_MS {
             self.step();
         }
@@ -1783,6 +1808,7 @@ impl Sim {
                         self.clean_restarts,
                         self.adoptions,
                         self.primaries_adopted,
+                        self.follow_backoffs,
                     ],
                 );
             }
@@ -1827,8 +1853,8 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     let mut worst = 0;
     let (mut promotions, mut fences, mut write_failovers, mut pauses) = (0, 0, 0, 0);
     // Plans made, done, cancelled; followed without a rewind; manual failovers; clean sidecar
-    // stops, adoptions, primaries adopted with their lease running.
-    let mut plans = [0usize; 8];
+    // stops, adoptions, primaries adopted with their lease running; follows that backed off.
+    let mut plans = [0usize; 9];
     let (seeds, fresh_base) = seeds();
     if let Some(b) = fresh_base {
         eprintln!("simulation: fresh seeds start at {b} (replay one with PGQUORUM_SIM_SEED)");
@@ -1849,7 +1875,7 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         "FIGURE simulation seeds={} promotions={promotions} guard_fences={fences} \
          failovers_for_a_primary_that_cannot_write={write_failovers} pauses={pauses} \
          plans={} switchovers_done={} plans_cancelled={} followed_without_rewind={} \
-         manual_failovers={} clean_sidecar_stops={} adoptions={} primaries_adopted_in_lease={} \
+         manual_failovers={} clean_sidecar_stops={} adoptions={} primaries_adopted_in_lease={} follow_backoffs={} \
          worst_recovery_after_heal_ms={worst} wall_ms={}",
         seeds.len(),
         plans[0],
@@ -1860,6 +1886,7 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         plans[5],
         plans[6],
         plans[7],
+        plans[8],
         started.elapsed().as_millis()
     );
     // The faults must actually move the primary around, or the run proves nothing.
@@ -1879,6 +1906,11 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         plans[4] >= seeds.len() / 100,
         "too few manual failovers: {}",
         plans[4]
+    );
+    assert!(
+        plans[8] >= seeds.len() / 50,
+        "too few follows of an unreachable upstream that backed off: {}",
+        plans[8]
     );
     assert!(
         plans[6] >= seeds.len() / 10 && plans[7] >= seeds.len() / 40,
