@@ -347,15 +347,7 @@ async fn a_detached_guard_waits_for_a_successor_and_fences_when_none_comes() {
     .await;
 
     // A lease shorter than the window: the lease's end fences.
-    let mut p = Instance::new(cfg.clone()).unwrap();
-    p.start(pg_supervisor::Lease::expires_in(Duration::from_millis(
-        1500,
-    )))
-    .await
-    .unwrap();
-    let pid = p.status().pid().unwrap();
-    assert!(p.detach_guard(Duration::from_secs(60)).await.unwrap());
-    drop(p);
+    let pid = started_then_detached(&cfg, Duration::from_millis(1500)).await;
     wait_until(
         "the guard fences at the lease's end",
         Duration::from_secs(10),
@@ -364,13 +356,7 @@ async fn a_detached_guard_waits_for_a_successor_and_fences_when_none_comes() {
     .await;
 
     // An adopter that dies (no detach) is a dead sidecar: the guard fences at once.
-    let mut p = Instance::new(cfg.clone()).unwrap();
-    p.start(pg_supervisor::Lease::expires_in(Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let pid = p.status().pid().unwrap();
-    assert!(p.detach_guard(Duration::from_secs(60)).await.unwrap());
-    drop(p);
+    let pid = started_then_detached(&cfg, Duration::from_secs(60)).await;
     let mut adopter = Instance::new(cfg.clone()).unwrap();
     assert!(adopter.adopt_running().await.unwrap().is_some());
     let died = Instant::now();
@@ -385,4 +371,17 @@ async fn a_detached_guard_waits_for_a_successor_and_fences_when_none_comes() {
         "FIGURE adopter_gone_to_fenced_ms={}",
         died.elapsed().as_millis()
     );
+}
+
+/// Starts the primary of `cfg` under a guard with a lease of `lease`, detaches from the guard
+/// for a minute and lets go of the instance, as a sidecar stopping for a restart does; returns
+/// the postmaster's pid.
+async fn started_then_detached(cfg: &pg_supervisor::InstanceConfig, lease: Duration) -> i32 {
+    let mut p = Instance::new(cfg.clone()).unwrap();
+    p.start(pg_supervisor::Lease::expires_in(lease))
+        .await
+        .unwrap();
+    let pid = p.status().pid().unwrap();
+    assert!(p.detach_guard(Duration::from_secs(60)).await.unwrap());
+    pid
 }

@@ -22,9 +22,7 @@ mod handle;
 mod process;
 
 pub use handle::Guard;
-pub use process::{
-    adoption_greeting, effective_deadline, parse_adoption_greeting, run_guard, GuardArgs,
-};
+pub use process::{effective_deadline, run_guard, GuardArgs};
 
 /// Exit code: the postmaster exited on its own.
 pub const EXIT_POSTMASTER_EXITED: i32 = 0;

@@ -257,7 +257,6 @@ impl Sidecar {
                 tracing::info!(
                     epoch = lease.map(|l| l.epoch),
                     lease_left_ms = lease.map(|l| l.expires_at.saturating_sub(boot_clock_ms())),
-                    lsn = 0,
                     "sidecar restart: adopted the Postgres its predecessor left running"
                 );
                 events.record(
