@@ -214,8 +214,12 @@ pub async fn run(
         api = api.with_requests(request_tx);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The gRPC server and the failover leader stop only after the sidecar loop: a leader whose
+    // own sidecar is shutting down keeps renewing the primary's lease (elsewhere) meanwhile,
+    // instead of leaving it unrenewed while Raft, still up, holds off the next election.
+    let (late_stop_tx, late_stop_rx) = watch::channel(false);
     let (mode_tx, mode_rx) = watch::channel(Shutdown::StopPostgres);
-    let mut server_stop = stop_rx.clone();
+    let mut server_stop = late_stop_rx.clone();
     let server = tonic::transport::Server::builder()
         .add_service(RaftTransportServer::new(RaftTransportService::new(
             raft.clone(),
@@ -244,7 +248,7 @@ pub async fn run(
     ));
     tokio::spawn(failover.clone().run(
         Duration::from_millis(cfg.raft.heartbeat_ms),
-        stop_rx.clone(),
+        late_stop_rx.clone(),
     ));
     let (health_tx, health_rx) = watch::channel(crate::http::LocalHealth::default());
     let metrics = crate::metrics::Metrics::new();
@@ -316,6 +320,7 @@ pub async fn run(
         // Postgres is fenced before Raft stops, so nothing writes without a lease.
         let _ = task.await;
     }
+    let _ = late_stop_tx.send(true);
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "Raft did not shut down cleanly");
     }
