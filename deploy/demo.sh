@@ -18,8 +18,12 @@ trap cleanup EXIT
 echo "== starting three sidecars; they choose a primary, initdb it and clone two replicas"
 "$pgq" local up --nodes 3 --dir "$dir" | tee "$dir.up"
 url=$(grep -o "postgresql://[^']*" "$dir.up")
+# `local up` made a cluster CA, member certificates and an operator certificate under
+# $dir/tls: the CLI below talks mutual TLS as that operator.
+eval "$(grep '^export PGQUORUM_' "$dir.up")"
 rm -f "$dir.up"
-export PGQUORUM_ENDPOINTS=$(python3 -c 'import json,sys; print(",".join(n["api_addr"] for n in json.load(open(sys.argv[1]))["nodes"]))' "$dir/cluster.json")
+echo "== the CLI authenticates with $PGQUORUM_CERT_FILE; without credentials it is refused:"
+env -u PGQUORUM_CERT_FILE -u PGQUORUM_KEY_FILE "$pgq" pause 2>&1 | sed 's/^/   /' || true
 
 echo; echo "== writing through $url"
 psql "$url" -qc "CREATE TABLE demo (id serial PRIMARY KEY, at timestamptz DEFAULT now(), note text)"

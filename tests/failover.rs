@@ -143,10 +143,14 @@ async fn frozen_primary_sidecar_is_fenced_before_anyone_is_promoted_then_rejoins
         .await
         .expect("quorum mode");
     // A member whose clone had to start over joins the quorum a moment after the other.
-    wait_for("both replicas in the synchronous quorum", PATIENCE, || async {
-        let y = topology(&c).await.sync?;
-        (y.k > 0 && y.target.is_empty() && y.members.len() == 2).then_some(())
-    })
+    wait_for(
+        "both replicas in the synchronous quorum",
+        harness::workload::PATIENCE,
+        || async {
+            let y = topology(&c).await.sync?;
+            (y.k > 0 && y.target.is_empty() && y.members.len() == 2).then_some(())
+        },
+    )
     .await;
     let writer = Writer::start(c.pg_url()).await;
     // A second client keeps writing to the old primary's own address, as a client with a
@@ -603,6 +607,7 @@ fn cli(c: &TestCluster, args: &[&str]) -> String {
         .args(args)
         .arg("--endpoints")
         .arg(c.endpoints().join(","))
+        .envs(harness::pki().operator_env())
         .output()
         .expect("run pgquorum");
     assert!(
@@ -689,42 +694,18 @@ fn serve_http(c: &mut TestCluster) -> std::collections::BTreeMap<u64, String> {
     http
 }
 
-/// The status code of `GET path` on `addr`, or `None` when nothing answers within a second.
+/// The status code of `GET path` on `addr`, or `None` when nothing answers.
 async fn http_status(addr: &str, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ask = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut head = vec![0u8; 64];
-        let n = s.read(&mut head).await.ok()?;
-        let line = String::from_utf8_lossy(&head[..n]).into_owned();
-        line.split(' ').nth(1)?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(1), ask)
+    harness::http_get(addr, path, None)
         .await
-        .ok()
-        .flatten()
+        .map(|(code, _)| code)
 }
 
-/// The body of `GET path` on `addr`, or `None` when nothing answers within two seconds.
+/// The body of `GET path` on `addr`, or `None` when nothing answers.
 async fn http_body(addr: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ask = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut all = Vec::new();
-        s.read_to_end(&mut all).await.ok()?;
-        let text = String::from_utf8_lossy(&all).into_owned();
-        Some(text.split_once("\r\n\r\n")?.1.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(2), ask)
+    harness::http_get(addr, path, None)
         .await
-        .ok()
-        .flatten()
+        .map(|(_, body)| body)
 }
 
 /// `/metrics` of `addr`, parsed as a Prometheus scraper parses it: series name (with labels

@@ -105,9 +105,9 @@ async fn make_leader(s: &Sut, target: u64) {
         }
         let term = s.c.status(leader).await?.term;
         let addr = &s.c.nodes[&target].addr;
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
-        let mut client =
-            proto::raft_transport_client::RaftTransportClient::new(ep.connect().await.ok()?);
+        // The hand-off is the leader's own message: sent with the leader's certificate.
+        let ch = harness::channel(addr, &harness::pki().node_tls(leader)).await?;
+        let mut client = proto::raft_transport_client::RaftTransportClient::new(ch);
         let ask = serde_json::json!({ "from": leader, "term": term }).to_string();
         let _ = client
             .take_leadership(proto::RaftMessage {

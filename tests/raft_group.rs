@@ -188,6 +188,7 @@ async fn sigkill_in_a_burst_loses_no_acknowledged_entry() {
     let writer = tokio::spawn(async move {
         let client = raft_node::client::ApiClient::new(endpoints)
             .unwrap()
+            .with_tls(Some(harness::pki().operator_tls()))
             .with_patience(Duration::from_secs(10));
         let mut acked: Vec<(u64, u64)> = Vec::new();
         for v in 1_000_000u64..1_000_400 {
@@ -310,7 +311,7 @@ async fn bad_config_files_fail_clearly_without_touching_data() {
     let dir = tempfile::tempdir().unwrap();
     let port = harness::free_port();
     let good = format!(
-        "cluster_name = \"a\"\nnode_id = 1\nname = \"n1\"\ndata_dir = \"data\"\n\
+        "security = {{ insecure = true }}\ncluster_name = \"a\"\nnode_id = 1\nname = \"n1\"\ndata_dir = \"data\"\n\
          listen_addr = \"127.0.0.1:{port}\"\n\n[[initial_members]]\nid = 1\n\
          addr = \"127.0.0.1:{port}\"\n"
     );
@@ -456,6 +457,7 @@ async fn list_watch_redraws_on_a_commit_and_local_reads_need_no_quorum() {
     // `list --watch` prints the current state at once, then again on a commit.
     let mut child = std::process::Command::new(harness::BIN)
         .args(["list", "--watch", "--output", "json", "--endpoints", &ep])
+        .envs(harness::pki().operator_env())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -61,6 +61,7 @@ PGQUORUM_REPLICATION_PASSWORD=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 export PGQUORUM_SUPERUSER_PASSWORD PGQUORUM_REPLICATION_PASSWORD PGQUORUM_IMAGE=$image
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/pgq-smoke.XXXXXX")
+export PGQUORUM_TLS_DIR=$work/tls
 rootfs=""
 ctx=""
 rule_added=0
@@ -109,7 +110,7 @@ teardown() {
   if [ "$compose_created" = 1 ]; then
     if [ "${PGQ_SMOKE_KEEP:-}" = 1 ]; then
       echo "PGQ_SMOKE_KEEP=1: cluster left running; remove it with:"
-      echo "  PGQUORUM_SUPERUSER_PASSWORD=x PGQUORUM_REPLICATION_PASSWORD=x ${compose_cmd[*]} -p $project -f $here/docker-compose.yml down -v"
+      echo "  PGQUORUM_SUPERUSER_PASSWORD=x PGQUORUM_REPLICATION_PASSWORD=x PGQUORUM_TLS_DIR=x ${compose_cmd[*]} -p $project -f $here/docker-compose.yml down -v"
       [ "$rule_added" = 1 ] && echo "  iptables -D DOCKER-USER -i $bridge -o $bridge -j ACCEPT"
     else
       compose down -v --remove-orphans >/dev/null 2>&1
@@ -321,6 +322,13 @@ fi
 rm -rf "$ctx"
 ctx=""
 timed "image build" $(($(now_ms) - t))
+
+# A CA, the three members' certificates and a token, for this run only.
+"$target/debug/pgquorum" cert init "$PGQUORUM_TLS_DIR" --cluster docker >/dev/null
+for i in 1 2 3; do
+  "$target/debug/pgquorum" cert issue node "$i" --dir "$PGQUORUM_TLS_DIR" >/dev/null
+done
+"$target/debug/pgquorum" cert token "$PGQUORUM_TLS_DIR/token" >/dev/null
 
 # -- 3. the cluster
 t=$(now_ms)

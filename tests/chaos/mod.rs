@@ -227,6 +227,7 @@ impl Sut {
         let endpoints = via.iter().map(|id| self.c.nodes[id].addr.clone()).collect();
         let client = ApiClient::new(endpoints)
             .ok()?
+            .with_tls(Some(crate::harness::pki().operator_tls()))
             .with_patience(Duration::from_secs(3));
         let call = client.call(|mut cl| async move {
             cl.get_topology(proto::GetTopologyRequest { local: false })
@@ -613,7 +614,12 @@ async fn local_topology(addr: &str) -> Option<proto::Topology> {
         .ok()?
         .connect_timeout(Duration::from_millis(300))
         .timeout(Duration::from_secs(1));
-    let mut client = proto::cluster_client::ClusterClient::new(ep.connect().await.ok()?);
+    let channel = crate::harness::pki()
+        .operator_tls()
+        .connect(ep)
+        .await
+        .ok()?;
+    let mut client = proto::cluster_client::ClusterClient::new(channel);
     client
         .get_topology(proto::GetTopologyRequest { local: true })
         .await

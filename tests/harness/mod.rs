@@ -116,6 +116,152 @@ pub struct TestCluster {
     pub allowed_cidrs: Vec<String>,
 }
 
+/// The test process's cluster CA, a certificate for members 1..=9, an operator certificate
+/// and a token, made once with `pgquorum cert` (every test cluster runs with TLS, as the product
+/// does by default).
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+/// The highest member id the test PKI has a certificate for.
+pub const PKI_NODES: u64 = 9;
+
+/// The test process's PKI, made on first use.
+pub fn pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("pki dir").keep();
+        let run = |args: &[&str]| {
+            let out = Command::new(BIN)
+                .args(args)
+                .output()
+                .expect("run pgquorum cert");
+            assert!(
+                out.status.success(),
+                "pgquorum {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let d = dir.to_str().expect("utf-8 temp dir");
+        run(&["cert", "init", d, "--cluster", "test"]);
+        for id in 1..=PKI_NODES {
+            run(&["cert", "issue", "node", &id.to_string(), "--dir", d]);
+        }
+        run(&["cert", "issue", "operator", "tester", "--dir", d]);
+        run(&["cert", "token", &format!("{d}/token")]);
+        Pki { dir }
+    })
+}
+
+impl Pki {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn node_cert(&self, id: u64) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("node-{id}.crt")),
+            self.dir.join(format!("node-{id}.key")),
+        )
+    }
+    pub fn operator_cert(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join("operator-tester.crt"),
+            self.dir.join("operator-tester.key"),
+        )
+    }
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.join("token")
+    }
+    /// The `[security]` table of member `id`.
+    pub fn security_toml(&self, id: u64) -> String {
+        assert!(
+            id <= PKI_NODES,
+            "the test PKI has certificates for members 1..={PKI_NODES}"
+        );
+        let (cert, key) = self.node_cert(id);
+        format!(
+            "\n[security]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+             token_file = \"{}\"\n",
+            self.ca().display(),
+            cert.display(),
+            key.display(),
+            self.token_file().display()
+        )
+    }
+    /// TLS as the test's operator.
+    pub fn operator_tls(&self) -> raft_node::security::Tls {
+        raft_node::security::Tls::load(
+            raft_node::security::TlsFiles {
+                ca: self.ca(),
+                identity: Some(self.operator_cert()),
+            },
+            raft_node::security::Holder::Client,
+        )
+        .expect("operator TLS")
+    }
+    /// TLS as member `id` (to speak for it, as its sidecar does).
+    pub fn node_tls(&self, id: u64) -> raft_node::security::Tls {
+        raft_node::security::Tls::load(
+            raft_node::security::TlsFiles {
+                ca: self.ca(),
+                identity: Some(self.node_cert(id)),
+            },
+            raft_node::security::Holder::Node(id),
+        )
+        .expect("node TLS")
+    }
+    /// The CLI's environment for the test's operator.
+    pub fn operator_env(&self) -> Vec<(String, String)> {
+        let (cert, key) = self.operator_cert();
+        vec![
+            ("PGQUORUM_CA_FILE".into(), self.ca().display().to_string()),
+            ("PGQUORUM_CERT_FILE".into(), cert.display().to_string()),
+            ("PGQUORUM_KEY_FILE".into(), key.display().to_string()),
+        ]
+    }
+}
+
+/// A gRPC channel to `addr` over TLS with `tls` (no retries, short timeouts).
+pub async fn channel(
+    addr: &str,
+    tls: &raft_node::security::Tls,
+) -> Option<tonic::transport::Channel> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2));
+    tls.connect(ep).await.ok()
+}
+
+/// `GET path` on `addr` with an optional `Authorization` header: the status code and the
+/// body, or `None` when nothing answers within two seconds.
+pub async fn http_get(
+    addr: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let auth = authorization
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.ok()?;
+        let text = String::from_utf8_lossy(&all).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let code = head.split(' ').nth(1)?.parse().ok()?;
+        Some((code, body.to_string()))
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Superuser password of test clusters (they listen on loopback, or inside network namespaces
 /// of their own test, only).
 pub const PG_PASSWORD: &str = "test-superuser-secret";
@@ -236,6 +382,7 @@ impl TestCluster {
         if !self.raft_toml.is_empty() {
             s.push_str(&format!("\n[raft]\n{}\n", self.raft_toml));
         }
+        s.push_str(&pki().security_toml(id));
         for (mid, addr) in initial {
             s.push_str(&format!(
                 "\n[[initial_members]]\nid = {mid}\naddr = \"{addr}\"\n"
@@ -365,17 +512,15 @@ impl TestCluster {
     pub fn client(&self) -> ApiClient {
         ApiClient::new(self.endpoints())
             .expect("endpoints")
+            .with_tls(Some(pki().operator_tls()))
             .with_patience(Duration::from_secs(15))
     }
 
     /// A raw gRPC client to exactly one member (no forwarding by the client).
     pub async fn raw(&self, id: u64) -> Option<ClusterClient<tonic::transport::Channel>> {
-        let addr = &self.nodes[&id].addr;
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(2));
-        ep.connect().await.ok().map(ClusterClient::new)
+        channel(&self.nodes[&id].addr, &pki().operator_tls())
+            .await
+            .map(ClusterClient::new)
     }
 
     /// Node `id`'s own Raft status, if it answers.
@@ -664,9 +809,25 @@ where
 
 /// Runs the CLI with `args`; returns (exit success, stdout, stderr).
 pub fn cli(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+    let creds = pki().operator_env();
+    let mut all: Vec<(&str, &str)> = creds
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    all.extend_from_slice(envs);
+    cli_bare(args, &all)
+}
+
+/// Runs the CLI with `envs` only: no operator credentials unless `envs` gives them.
+pub fn cli_bare(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(BIN)
         .args(args)
         .env_remove("PGQUORUM_ENDPOINTS")
+        .env_remove("PGQUORUM_CA_FILE")
+        .env_remove("PGQUORUM_CERT_FILE")
+        .env_remove("PGQUORUM_KEY_FILE")
+        .env_remove("PGQUORUM_TOKEN_FILE")
+        .env_remove("PGQUORUM_INSECURE")
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .output()

@@ -249,7 +249,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
                     dir.display()
                 );
             }
-            let layout = local::load_or_create(3, &dir, false)?;
+            let layout = local::load_or_create(3, &dir, false, true)?;
             local::start_missing(&layout, true)?;
             let result = bench_raft(&layout, runs, commits).await;
             let _ = local::stop_all(&dir, true);
@@ -261,17 +261,17 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
-async fn connect(addr: &str) -> Result<ClusterClient<Channel>> {
-    let ch = Endpoint::from_shared(format!("http://{addr}"))?
+/// One connection to `addr`, as the layout's operator (over TLS unless it is insecure).
+async fn connect(layout: &Layout, addr: &str) -> Result<ClusterClient<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+        .timeout(Duration::from_secs(5));
+    let ch = raft_node::security::connect(endpoint, layout.tls()?.as_ref()).await?;
     Ok(ClusterClient::new(ch))
 }
 
-async fn status(addr: &str) -> Option<proto::NodeStatus> {
-    let mut c = connect(addr).await.ok()?;
+async fn status(layout: &Layout, addr: &str) -> Option<proto::NodeStatus> {
+    let mut c = connect(layout, addr).await.ok()?;
     c.get_node_status(proto::GetNodeStatusRequest {})
         .await
         .ok()
@@ -279,10 +279,10 @@ async fn status(addr: &str) -> Option<proto::NodeStatus> {
 }
 
 /// The leader every member in `addrs` agrees on.
-async fn agreed_leader(addrs: &[&str]) -> Option<u64> {
+async fn agreed_leader(layout: &Layout, addrs: &[&str]) -> Option<u64> {
     let mut leader = None;
     for a in addrs {
-        let s = status(a).await?;
+        let s = status(layout, a).await?;
         if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
             return None;
         }
@@ -335,8 +335,8 @@ async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
     let all: Vec<&str> = layout.nodes.iter().map(|n| n.api_addr.as_str()).collect();
 
     // Commit latency: one connection to the leader, sequential SetConfig entries.
-    let leader = agreed_leader(&all).await.context("no leader")?;
-    let mut c = connect(&by_id[&leader].api_addr).await?;
+    let leader = agreed_leader(layout, &all).await.context("no leader")?;
+    let mut c = connect(layout, &by_id[&leader].api_addr).await?;
     let mut lat = Vec::with_capacity(commits as usize);
     for i in 0..commits {
         let t = Instant::now();
@@ -374,7 +374,7 @@ async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
     let mut write = Vec::new();
     for run in 1..=runs {
         local::wait_ready(layout, Duration::from_secs(30)).await?;
-        let old = agreed_leader(&all)
+        let old = agreed_leader(layout, &all)
             .await
             .context("no leader before the kill")?;
         let pid = by_id[&old].pid().context("leader not running")?;
@@ -388,7 +388,7 @@ async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
             .map(|n| n.api_addr.as_str())
             .collect();
         let new = loop {
-            if let Some(l) = agreed_leader(&rest).await.filter(|l| *l != old) {
+            if let Some(l) = agreed_leader(layout, &rest).await.filter(|l| *l != old) {
                 break l;
             }
             if t0.elapsed() > Duration::from_secs(30) {
@@ -397,7 +397,7 @@ async fn bench_raft(layout: &Layout, runs: u32, commits: u32) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let e = t0.elapsed();
-        let mut c = connect(&by_id[&new].api_addr).await?;
+        let mut c = connect(layout, &by_id[&new].api_addr).await?;
         while set_config(&mut c, 3_000_000 + u64::from(run))
             .await
             .is_err()
@@ -708,10 +708,9 @@ async fn failover_run(
         prefixes: (1..=3).map(|id| n.exec_prefix(id)).collect(),
         cidr: n.cidr(),
     });
-    let layout = local::create_with(3, dir, true, placement.as_ref())?;
+    let layout = local::create_with(3, dir, true, true, placement.as_ref())?;
     local::start_missing(&layout, true)?;
-    let api = raft_node::client::ApiClient::new(layout.endpoints())?
-        .with_patience(Duration::from_secs(10));
+    let api = layout.client()?.with_patience(Duration::from_secs(10));
     // Before the first primary is chosen, so that leadership stays where bootstrap put it
     // (member 1, which usually also becomes the first primary).
     let handoff = if setup.leader_on_primary {
@@ -907,7 +906,8 @@ async fn failover_run(
         .filter(|n| n.id != primary)
         .map(|n| n.api_addr.clone())
         .collect();
-    let client = raft_node::client::ApiClient::new(others)?
+    let client = layout
+        .client_for(others)?
         .with_patience(Duration::from_secs(10))
         .with_request_timeout(Duration::from_secs(1));
     let mut moved = false;

@@ -29,6 +29,11 @@ pub enum LocalCmd {
         /// Only the Raft group: the sidecars manage no Postgres.
         #[arg(long)]
         no_postgres: bool,
+        /// A new cluster without TLS or authentication (debugging only): anyone who reaches
+        /// the loopback ports can steer it. By default a CA, member and operator certificates
+        /// and a token are made under DIR/tls.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Show the members of the local cluster.
     Status {
@@ -55,7 +60,14 @@ pub(crate) struct Layout {
     /// side of members that run on their own addresses.
     #[serde(default)]
     pub(crate) client_cidr: String,
+    /// The CA, the members' and the operator's certificates and the token; absent for an
+    /// insecure cluster.
+    #[serde(default)]
+    pub(crate) tls_dir: Option<PathBuf>,
 }
+
+/// The operator certificate `local up` makes for the person who runs it.
+const LOCAL_OPERATOR: &str = "local";
 
 #[derive(Serialize, Deserialize, Clone)]
 pub(crate) struct LocalNode {
@@ -112,6 +124,56 @@ impl Layout {
         self.nodes.iter().map(|n| n.api_addr.clone()).collect()
     }
 
+    /// The environment that points the CLI at this cluster, with its CA and operator
+    /// certificate.
+    pub(crate) fn client_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("PGQUORUM_ENDPOINTS", self.endpoints().join(","))];
+        match &self.tls_dir {
+            Some(d) => {
+                let file = |f: String| d.join(f).display().to_string();
+                env.push(("PGQUORUM_CA_FILE", file("ca.crt".into())));
+                env.push((
+                    "PGQUORUM_CERT_FILE",
+                    file(format!("operator-{LOCAL_OPERATOR}.crt")),
+                ));
+                env.push((
+                    "PGQUORUM_KEY_FILE",
+                    file(format!("operator-{LOCAL_OPERATOR}.key")),
+                ));
+            }
+            None => env.push(("PGQUORUM_INSECURE", "1".into())),
+        }
+        env
+    }
+
+    /// The TLS an operator of this cluster speaks (none for an insecure one).
+    pub(crate) fn tls(&self) -> Result<Option<raft_node::security::Tls>> {
+        use raft_node::security::{Holder, Tls, TlsFiles};
+        let Some(d) = &self.tls_dir else {
+            return Ok(None);
+        };
+        Ok(Some(Tls::load(
+            TlsFiles {
+                ca: d.join("ca.crt"),
+                identity: Some((
+                    d.join(format!("operator-{LOCAL_OPERATOR}.crt")),
+                    d.join(format!("operator-{LOCAL_OPERATOR}.key")),
+                )),
+            },
+            Holder::Client,
+        )?))
+    }
+
+    /// A client of this cluster over `endpoints`, as its operator.
+    pub(crate) fn client_for(&self, endpoints: Vec<String>) -> Result<ApiClient> {
+        Ok(ApiClient::new(endpoints)?.with_tls(self.tls()?))
+    }
+
+    /// A client of every member, as its operator.
+    pub(crate) fn client(&self) -> Result<ApiClient> {
+        self.client_for(self.endpoints())
+    }
+
     fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("cluster.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
@@ -132,10 +194,11 @@ pub async fn run(cmd: LocalCmd) -> Result<()> {
             nodes,
             dir,
             no_postgres,
-        } => up(nodes, &dir, !no_postgres).await,
+            insecure,
+        } => up(nodes, &dir, !no_postgres, !insecure).await,
         LocalCmd::Status { dir, output } => {
             let layout = Layout::load(&dir)?;
-            let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(3));
+            let client = layout.client()?.with_patience(Duration::from_secs(3));
             crate::print_topology(&client, output).await
         }
         LocalCmd::Down { dir } => down(&dir),
@@ -171,6 +234,17 @@ fn node_config(layout: &Layout, node: &LocalNode) -> String {
         if !layout.client_cidr.is_empty() {
             s.push_str(&format!("allowed_cidrs = [\"{}\"]\n", layout.client_cidr));
         }
+    }
+    match &layout.tls_dir {
+        Some(d) => s.push_str(&format!(
+            "\n[security]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+             token_file = \"{}\"\n",
+            d.join("ca.crt").display(),
+            d.join(format!("node-{}.crt", node.id)).display(),
+            d.join(format!("node-{}.key", node.id)).display(),
+            d.join("token").display(),
+        )),
+        None => s.push_str("\n[security]\ninsecure = true\n"),
     }
     for m in &layout.nodes {
         s.push_str(&format!(
@@ -289,8 +363,13 @@ fn start_node(node: &LocalNode) -> Result<i32> {
 }
 
 /// Loads the layout in `dir`, or creates a new cluster of `count` members there.
-pub(crate) fn load_or_create(count: u32, dir: &Path, postgres: bool) -> Result<Layout> {
-    create_with(count, dir, postgres, None)
+pub(crate) fn load_or_create(
+    count: u32,
+    dir: &Path,
+    postgres: bool,
+    secure: bool,
+) -> Result<Layout> {
+    create_with(count, dir, postgres, secure, None)
 }
 
 /// Where the members of a new cluster run: member `id` (from 1) on address `hosts[id - 1]`,
@@ -308,6 +387,7 @@ pub(crate) fn create_with(
     count: u32,
     dir: &Path,
     postgres: bool,
+    secure: bool,
     placement: Option<&Placement>,
 ) -> Result<Layout> {
     if dir.join("cluster.json").exists() {
@@ -361,7 +441,17 @@ pub(crate) fn create_with(
         },
         nodes,
         client_cidr: placement.map(|p| p.cidr.clone()).unwrap_or_default(),
+        tls_dir: secure.then(|| dir.join("tls")),
     };
+    if let Some(tls) = &layout.tls_dir {
+        use crate::cert::{self, Kind};
+        cert::init(tls, &layout.cluster_name, 3650, false)?;
+        for n in &layout.nodes {
+            cert::issue(tls, Kind::Node, &n.id.to_string(), 825, false)?;
+        }
+        cert::issue(tls, Kind::Operator, LOCAL_OPERATOR, 825, false)?;
+        cert::token(&tls.join("token"), false)?;
+    }
     for n in &layout.nodes {
         std::fs::create_dir_all(&n.dir)?;
         std::fs::write(n.dir.join("node.toml"), node_config(&layout, n))?;
@@ -411,7 +501,7 @@ fn postgres_ready(t: &proto::Topology) -> bool {
 /// Waits until the cluster has a leader and every member registered (and, with Postgres, one
 /// primary and only replicas besides it); returns the topology.
 pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<proto::Topology> {
-    let client = ApiClient::new(layout.endpoints())?.with_patience(Duration::from_secs(2));
+    let client = layout.client()?.with_patience(Duration::from_secs(2));
     let deadline = Instant::now() + timeout;
     loop {
         match crate::fetch_topology(&client).await {
@@ -441,15 +531,21 @@ pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<pro
     }
 }
 
-async fn up(count: u32, dir: &Path, postgres: bool) -> Result<()> {
-    let layout = load_or_create(count, dir, postgres)?;
+async fn up(count: u32, dir: &Path, postgres: bool, secure: bool) -> Result<()> {
+    let layout = load_or_create(count, dir, postgres, secure)?;
+    if layout.tls_dir.is_none() {
+        eprintln!(
+            "warning: this local cluster runs without TLS or authentication (--insecure): \
+             anyone on this machine can steer it"
+        );
+    }
     start_missing(&layout, false)?;
     let topo = wait_ready(&layout, Duration::from_secs(90)).await?;
     print!("{}", output::topology(&topo, Output::Table));
-    println!(
-        "\nexport PGQUORUM_ENDPOINTS={}",
-        layout.endpoints().join(",")
-    );
+    println!();
+    for (k, v) in layout.client_env() {
+        println!("export {k}={v}");
+    }
     if let Some(uri) = layout.uri() {
         println!("psql '{uri}'");
     }

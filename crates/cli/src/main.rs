@@ -1,6 +1,7 @@
 //! `pgquorum`: runs a sidecar (`pgquorum node`) and gives operators their verbs.
 
 mod bench;
+mod cert;
 mod local;
 mod netns;
 mod output;
@@ -157,6 +158,9 @@ enum Command {
     /// Measure this machine: print figures, change nothing outside a temp dir.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Make a cluster CA, member and operator certificates, and tokens.
+    #[command(subcommand)]
+    Cert(cert::CertCmd),
     /// The guard process that owns a postmaster and fences it when its lease runs out (S4);
     /// started by the sidecar, not by people.
     #[command(hide = true)]
@@ -177,11 +181,62 @@ pub struct Conn {
         required = true
     )]
     endpoints: Vec<String>,
+    #[command(flatten)]
+    security: ClientSecurity,
 }
 
 impl Conn {
     fn client(&self) -> Result<ApiClient> {
-        Ok(ApiClient::new(self.endpoints.clone())?)
+        self.security.apply(ApiClient::new(self.endpoints.clone())?)
+    }
+}
+
+/// How the CLI proves who it is and checks whom it talks to.
+#[derive(Args, Clone, Default)]
+pub struct ClientSecurity {
+    /// The cluster CA's certificate (ca.crt): sidecars are verified against it.
+    #[arg(long, env = "PGQUORUM_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// An operator's client certificate (`pgquorum cert issue operator NAME`).
+    #[arg(long, env = "PGQUORUM_CERT_FILE", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "PGQUORUM_KEY_FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// A file holding the cluster's bearer token (security.token_file of the sidecars).
+    #[arg(long, env = "PGQUORUM_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Talk to sidecars that run with `security.insecure = true`: no TLS.
+    #[arg(long, env = "PGQUORUM_INSECURE")]
+    insecure: bool,
+}
+
+impl ClientSecurity {
+    /// Gives `client` this TLS and these credentials.
+    fn apply(&self, client: ApiClient) -> Result<ApiClient> {
+        use raft_node::security::{Holder, Tls, TlsFiles, Token};
+        let token = self.token_file.as_deref().map(Token::load).transpose()?;
+        let client = client.with_credentials(raft_node::client::Credentials::token(token));
+        if self.insecure {
+            if self.ca_file.is_some() || self.cert_file.is_some() {
+                bail!("--insecure turns TLS off; drop --ca-file/--cert-file, or --insecure");
+            }
+            eprintln!(
+                "warning: --insecure: no TLS; whatever this command sends (a token too) crosses \
+                 the network in clear text"
+            );
+            return Ok(client);
+        }
+        let Some(ca) = self.ca_file.clone() else {
+            bail!(
+                "no CA to verify the sidecars with: pass --ca-file (the cluster's ca.crt) or set \
+                 PGQUORUM_CA_FILE (`pgquorum local up` prints it); --insecure talks to a cluster \
+                 that runs without TLS"
+            );
+        };
+        let identity = self.cert_file.clone().zip(self.key_file.clone());
+        let tls = Tls::load(TlsFiles { ca, identity }, Holder::Client)?;
+        Ok(client.with_tls(Some(tls)))
     }
 }
 
@@ -402,6 +457,7 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             bench::run(cmd).await
         }
+        Command::Cert(cmd) => cert::run(cmd),
         Command::Guard { .. } => bail!("the guard runs before the async runtime starts"),
     }
 }
@@ -546,8 +602,10 @@ async fn manage(conn: &Conn, who: &str, action: &str, only_if_pending: bool) -> 
         .map(|m| m.raft_addr.clone())
         .context("the member has no API address")?;
     // A re-clone copies the whole data directory.
-    let one =
-        ApiClient::new(vec![addr])?.with_request_timeout(std::time::Duration::from_secs(3600));
+    let one = conn
+        .client()?
+        .reach(vec![addr])?
+        .with_request_timeout(std::time::Duration::from_secs(3600));
     let req = proto::ManageMemberRequest {
         action: action.to_string(),
         only_if_pending,
@@ -714,7 +772,8 @@ async fn collect_events(client: &ApiClient) -> Result<(Vec<proto::Event>, bool)>
     let topo = fetch_topology(client).await?;
     let mut all = Vec::new();
     for m in &topo.members {
-        let one = ApiClient::new(vec![m.raft_addr.clone()])?
+        let one = client
+            .reach(vec![m.raft_addr.clone()])?
             .with_patience(std::time::Duration::from_millis(500))
             .with_request_timeout(std::time::Duration::from_secs(2));
         if let Ok(list) = one

@@ -17,6 +17,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::security::{valid_host, Access, Need, AUTHORIZATION};
+
 use crate::cluster_state::{Command, CommandOutcome, MemberInfo, PlanKind, PrimaryPlan, Tags};
 use crate::events::EventLog;
 use crate::failover::leader::{FailoverLeader, MemberHealth};
@@ -53,6 +55,7 @@ pub struct ClusterService {
     failover: Arc<FailoverLeader>,
     events: EventLog,
     dialer: Dialer,
+    access: Access,
 }
 
 type TopologyStream = Pin<Box<dyn Stream<Item = Result<proto::Topology, Status>> + Send>>;
@@ -77,7 +80,14 @@ impl ClusterService {
             failover,
             events,
             dialer,
+            access: Access::default(),
         }
+    }
+
+    /// Check every call against `access` (who the caller is, what it may do).
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
     }
 
     /// Send operator requests for this member's Postgres to `tx` (the sidecar loop).
@@ -424,11 +434,66 @@ fn tags_to_proto(t: &Tags) -> proto::Tags {
     }
 }
 
-fn forwarded<T>(inner: T) -> Request<T> {
-    let mut req = Request::new(inner);
-    req.metadata_mut()
+/// The request to send the leader: marked as forwarded, with the caller's bearer token (the
+/// leader checks it again; a member's own certificate also passes there).
+fn forwarded<T>(req: Request<T>) -> Request<T> {
+    let token = req.metadata().get(AUTHORIZATION).cloned();
+    let mut out = Request::new(req.into_inner());
+    out.metadata_mut()
         .insert(FORWARDED_METADATA, MetadataValue::from_static("1"));
-    req
+    if let Some(t) = token {
+        out.metadata_mut().insert(AUTHORIZATION, t);
+    }
+    out
+}
+
+/// The longest member name a registration may carry.
+const MAX_NAME: usize = 63;
+use crate::node_config::{MAX_ELECTION_MS, MAX_HEARTBEAT_MS};
+
+/// Refuses a registration whose fields could not be written safely into other members' files.
+#[allow(clippy::result_large_err)]
+fn check_registration(r: &proto::RegisterMemberRequest) -> Result<(), Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    if r.id == 0 {
+        return bad("member id must be a positive integer".into());
+    }
+    if r.name.is_empty()
+        || r.name.len() > MAX_NAME
+        || !r
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return bad(format!(
+            "member name must be 1 to {MAX_NAME} letters, digits, '-', '_' or '.'"
+        ));
+    }
+    if r.raft_heartbeat_ms > MAX_HEARTBEAT_MS || r.raft_election_max_ms > MAX_ELECTION_MS {
+        return bad(format!(
+            "Raft timings heartbeat {} ms / election {} ms are beyond {MAX_HEARTBEAT_MS} / \
+             {MAX_ELECTION_MS} ms",
+            r.raft_heartbeat_ms, r.raft_election_max_ms
+        ));
+    }
+    if !valid_host(&r.pg_host) {
+        return bad(format!(
+            "pg_host '{}' is not an IP address or a host name",
+            r.pg_host.escape_debug()
+        ));
+    }
+    if !r.http_addr.is_empty() {
+        let ok = r.http_addr.rsplit_once(':').is_some_and(|(h, p)| {
+            valid_host(h.trim_matches(['[', ']'])) && p.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            return bad(format!(
+                "http_addr '{}' is not host:port",
+                r.http_addr.escape_debug()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn config_reply(state: &AppliedState, log_index: u64) -> proto::ClusterConfig {
@@ -447,6 +512,8 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetTopologyRequest>,
     ) -> Result<Response<proto::Topology>, Status> {
+        self.access
+            .require(&req, Need::Read, "reading the topology")?;
         if req.get_ref().local {
             let state = self.state.borrow().clone();
             let metrics = self.raft.metrics().borrow().clone();
@@ -461,7 +528,7 @@ impl Cluster for ClusterService {
             return Ok(Response::new(topo));
         }
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.get_topology(forwarded(req.into_inner())).await;
+            return leader.get_topology(forwarded(req)).await;
         }
         self.raft.ensure_linearizable().await.map_err(|e| match e {
             RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
@@ -478,8 +545,10 @@ impl Cluster for ClusterService {
 
     async fn watch_topology(
         &self,
-        _req: Request<proto::WatchTopologyRequest>,
+        req: Request<proto::WatchTopologyRequest>,
     ) -> Result<Response<Self::WatchTopologyStream>, Status> {
+        self.access
+            .require(&req, Need::Read, "watching the topology")?;
         // Applied state is committed state, so any member can serve the watch locally.
         let this = self.clone();
         let stream =
@@ -491,8 +560,10 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::AddMemberRequest>,
     ) -> Result<Response<proto::MembershipReply>, Status> {
+        self.access
+            .require(&req, Need::Operate, "adding a member")?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.add_member(forwarded(req.into_inner())).await;
+            return leader.add_member(forwarded(req)).await;
         }
         let r = req.into_inner();
         if r.id == 0 {
@@ -537,19 +608,40 @@ impl Cluster for ClusterService {
         let learner = self
             .raft
             .add_learner(r.id, BasicNode::new(&r.raft_addr), true);
-        match tokio::time::timeout(CATCH_UP_TIMEOUT, learner).await {
-            Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
-                    "node {} at {} did not catch up within {} s; is its sidecar running with an \
-                     empty initial_members? It stays a learner: retry, or remove it",
-                    r.id,
-                    r.raft_addr,
-                    CATCH_UP_TIMEOUT.as_secs()
-                )))
-            }
+        let not_caught_up = || {
+            Status::deadline_exceeded(format!(
+                "node {} at {} did not catch up within {} s; is its sidecar running with an \
+                 empty initial_members, and does its certificate come from this cluster's CA? \
+                 It stays a learner: retry, or remove it",
+                r.id,
+                r.raft_addr,
+                CATCH_UP_TIMEOUT.as_secs()
+            ))
+        };
+        let added = match tokio::time::timeout(CATCH_UP_TIMEOUT, learner).await {
+            Err(_) => return Err(not_caught_up()),
             Ok(Err(e)) => return Err(write_error(self.node_id, e)),
-            Ok(Ok(_)) => {}
-        }
+            Ok(Ok(added)) => added.log_id.index,
+        };
+        // openraft's blocking add_learner counts a learner within its lag threshold (thousands of
+        // entries) as caught up, even one that was never reached. A voter must hold the log up
+        // to its own admission: otherwise a member nobody can talk to (another CA, a wrong
+        // address) would count towards every quorum.
+        let id = r.id;
+        self.raft
+            .wait(Some(CATCH_UP_TIMEOUT))
+            .metrics(
+                move |m| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|rep| rep.get(&id))
+                        .and_then(|matched| matched.as_ref())
+                        .is_some_and(|l| l.index >= added)
+                },
+                "the new member holds the log up to its admission",
+            )
+            .await
+            .map_err(|_| not_caught_up())?;
         let reply = self
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])))
             .await?;
@@ -561,8 +653,10 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::RemoveMemberRequest>,
     ) -> Result<Response<proto::MembershipReply>, Status> {
+        self.access
+            .require(&req, Need::Operate, "removing a member")?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.remove_member(forwarded(req.into_inner())).await;
+            return leader.remove_member(forwarded(req)).await;
         }
         let id = req.into_inner().id;
         let state = self.state.borrow().clone();
@@ -592,13 +686,15 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetConfigRequest>,
     ) -> Result<Response<proto::ClusterConfig>, Status> {
+        self.access
+            .require(&req, Need::Read, "reading the config")?;
         if req.get_ref().local {
             let state = self.state.borrow().clone();
             let index = state.last_applied.map(|l| l.index).unwrap_or(0);
             return Ok(Response::new(config_reply(&state, index)));
         }
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.get_config(forwarded(req.into_inner())).await;
+            return leader.get_config(forwarded(req)).await;
         }
         self.raft
             .ensure_linearizable()
@@ -613,8 +709,10 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::SetConfigRequest>,
     ) -> Result<Response<proto::ClusterConfig>, Status> {
+        self.access
+            .require(&req, Need::Operate, "changing the config")?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.set_config(forwarded(req.into_inner())).await;
+            return leader.set_config(forwarded(req)).await;
         }
         let changes: BTreeMap<String, String> = req.into_inner().changes.into_iter().collect();
         // Refuse early with the same rule the state machine applies, so a bad value never
@@ -633,8 +731,10 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::SetPausedRequest>,
     ) -> Result<Response<proto::SetPausedReply>, Status> {
+        self.access
+            .require(&req, Need::Operate, "pausing or resuming failover")?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.set_paused(forwarded(req.into_inner())).await;
+            return leader.set_paused(forwarded(req)).await;
         }
         let paused = req.into_inner().paused;
         let log_index = self.write(Command::SetPaused { paused }).await?;
@@ -651,8 +751,9 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::SwitchoverRequest>,
     ) -> Result<Response<proto::PlanReply>, Status> {
+        self.access.require(&req, Need::Operate, "a switchover")?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.switchover(forwarded(req.into_inner())).await;
+            return leader.switchover(forwarded(req)).await;
         }
         let r = req.into_inner();
         let to = (r.to != 0).then_some(r.to);
@@ -663,8 +764,10 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::FailoverRequest>,
     ) -> Result<Response<proto::PlanReply>, Status> {
+        self.access
+            .require(&req, Need::Operate, "a manual failover")?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.failover(forwarded(req.into_inner())).await;
+            return leader.failover(forwarded(req)).await;
         }
         let to = req.into_inner().to;
         if to == 0 {
@@ -679,6 +782,11 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::ManageMemberRequest>,
     ) -> Result<Response<proto::ManageMemberReply>, Status> {
+        self.access.require(
+            &req,
+            Need::Operate,
+            "a member verb (restart, reload, reinit)",
+        )?;
         let r = req.into_inner();
         let action = match r.action.as_str() {
             "restart" => MemberAction::Restart {
@@ -713,8 +821,10 @@ impl Cluster for ClusterService {
 
     async fn get_events(
         &self,
-        _req: Request<proto::GetEventsRequest>,
+        req: Request<proto::GetEventsRequest>,
     ) -> Result<Response<proto::EventList>, Status> {
+        self.access
+            .require(&req, Need::Read, "reading the events")?;
         Ok(Response::new(proto::EventList {
             events: self.events.snapshot(),
         }))
@@ -722,8 +832,10 @@ impl Cluster for ClusterService {
 
     async fn get_node_status(
         &self,
-        _req: Request<proto::GetNodeStatusRequest>,
+        req: Request<proto::GetNodeStatusRequest>,
     ) -> Result<Response<NodeStatus>, Status> {
+        self.access
+            .require(&req, Need::Read, "reading a member's status")?;
         let metrics = self.raft.metrics().borrow().clone();
         Ok(Response::new(self.status_from_metrics(&metrics)))
     }
@@ -735,9 +847,13 @@ impl Internal for ClusterService {
         &self,
         req: Request<proto::RegisterMemberRequest>,
     ) -> Result<Response<proto::RegisterMemberReply>, Status> {
+        // Only a member publishes its own details: they say where the others replicate from.
+        self.access
+            .require_node(&req, req.get_ref().id, "registering member details")?;
+        check_registration(req.get_ref())?;
         if let Some(channel) = self.leader_channel(&req)? {
             return InternalClient::new(channel)
-                .register_member(forwarded(req.into_inner()))
+                .register_member(forwarded(req))
                 .await;
         }
         let r = req.into_inner();
@@ -767,6 +883,13 @@ impl Internal for ClusterService {
         &self,
         req: Request<proto::ReportRequest>,
     ) -> Result<Response<proto::ReportReply>, Status> {
+        let node = req.get_ref().report.as_ref().map(|r| r.node);
+        let Some(node) = node else {
+            return Err(Status::invalid_argument("malformed report: no report"));
+        };
+        // A report can end a lease early (a fenced primary) or name a promotion candidate: only
+        // the member it describes may send it.
+        self.access.require_node(&req, node, "a report")?;
         let report = req
             .into_inner()
             .report

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -51,10 +52,63 @@ fn describe(s: &Status) -> String {
         Code::AlreadyExists => "already exists",
         Code::FailedPrecondition => "refused",
         Code::DeadlineExceeded => "timed out",
+        Code::Unauthenticated => "not authenticated",
+        Code::PermissionDenied => "permission denied",
         _ => "error",
     };
-    format!("{kind}: {}", s.message())
+    // A connection the server dropped (a refused client certificate, say) surfaces as a bare
+    // "transport error"; its innermost cause names the reason.
+    let mut cause = std::error::Error::source(s);
+    let mut innermost = None;
+    while let Some(c) = cause {
+        innermost = Some(c.to_string());
+        cause = c.source();
+    }
+    let text = match innermost {
+        Some(c) if !s.message().contains(&c) => format!("{kind}: {}: {c}", s.message()),
+        _ => format!("{kind}: {}", s.message()),
+    };
+    if s.message() == "transport error" {
+        // TLS 1.3 finishes the client's side of the handshake before the server has judged
+        // the client's certificate, so a refusal arrives as a dropped connection.
+        format!(
+            "{text} (a sidecar drops the connection when it refuses the client certificate: \
+             is it issued by this cluster's CA?)"
+        )
+    } else {
+        text
+    }
 }
+
+/// Adds a caller's bearer token to every request.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    token: Option<crate::security::Token>,
+}
+
+impl Credentials {
+    /// Sends `token` with every call.
+    pub fn token(token: Option<crate::security::Token>) -> Self {
+        Self { token }
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(t) = &self.token {
+            let value = t
+                .header()
+                .parse()
+                .map_err(|_| Status::invalid_argument("the token is not valid header text"))?;
+            req.metadata_mut()
+                .insert(crate::security::AUTHORIZATION, value);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that carries the caller's credentials.
+pub type AuthChannel = InterceptedService<Channel, Credentials>;
 
 /// Calls the cluster API through a list of endpoints.
 #[derive(Debug, Clone)]
@@ -62,6 +116,8 @@ pub struct ApiClient {
     endpoints: Vec<String>,
     patience: Duration,
     request_timeout: Duration,
+    tls: Option<crate::security::Tls>,
+    credentials: Credentials,
 }
 
 impl ApiClient {
@@ -86,7 +142,29 @@ impl ApiClient {
             endpoints,
             patience: Duration::from_secs(10),
             request_timeout: Duration::from_secs(40),
+            tls: None,
+            credentials: Credentials::default(),
         })
+    }
+
+    /// The same client (TLS, credentials, timeouts) over other endpoints.
+    pub fn reach(&self, endpoints: Vec<String>) -> Result<Self, ClientError> {
+        Ok(Self {
+            endpoints: Self::new(endpoints)?.endpoints,
+            ..self.clone()
+        })
+    }
+
+    /// Speak TLS with `tls`: the cluster CA, and a client certificate if it holds one.
+    pub fn with_tls(mut self, tls: Option<crate::security::Tls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Send `credentials` (a bearer token) with every call.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// How long to keep retrying while no member can answer (default 10 s).
@@ -108,16 +186,15 @@ impl ApiClient {
         &self.endpoints
     }
 
-    async fn connect(&self, addr: &str) -> Result<Channel, String> {
+    async fn connect(&self, addr: &str) -> Result<AuthChannel, String> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_millis(1000))
             .timeout(self.request_timeout);
-        let channel = endpoint
-            .connect()
+        let channel = crate::security::connect(endpoint, self.tls.as_ref())
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        Ok(channel)
+            .map_err(|e| format!("cannot connect: {}", connect_error(&e)))?;
+        Ok(InterceptedService::new(channel, self.credentials.clone()))
     }
 
     /// Runs `call` against the cluster: a transient failure (unreachable member, no leader yet)
@@ -125,7 +202,7 @@ impl ApiClient {
     /// until the patience runs out; any other error is returned as it is.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(ClusterClient<Channel>) -> Fut,
+        F: Fn(ClusterClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         self.call_on(ClusterClient::new, call).await
@@ -134,13 +211,17 @@ impl ApiClient {
     /// Like [`ApiClient::call`], for the sidecars' own service.
     pub async fn call_internal<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(InternalClient<Channel>) -> Fut,
+        F: Fn(InternalClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         self.call_on(InternalClient::new, call).await
     }
 
-    async fn call_on<C, T, F, Fut>(&self, make: fn(Channel) -> C, call: F) -> Result<T, ClientError>
+    async fn call_on<C, T, F, Fut>(
+        &self,
+        make: fn(AuthChannel) -> C,
+        call: F,
+    ) -> Result<T, ClientError>
     where
         F: Fn(C) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -191,6 +272,18 @@ impl ApiClient {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// The innermost cause of a connect failure: tonic's own message is only "transport error",
+/// while a refused TLS handshake names its reason (an unknown CA, a wrong name) further in.
+fn connect_error(e: &tonic::transport::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg = s.to_string();
+        source = s.source();
+    }
+    msg
 }
 
 #[cfg(test)]

@@ -18,7 +18,12 @@ use crate::types::NodeId;
 /// stands; the new leader confirms its quorum (a heartbeat round) and the primary's next report
 /// (within a tick) renews the lease.
 pub fn lease_floor_ms(heartbeat_ms: u64, election_max_ms: u64, tick_ms: u64) -> u64 {
-    2 * election_max_ms + 2 * heartbeat_ms + tick_ms
+    // Saturating: absurd registered timings (found by fuzzing) must give an absurd floor that
+    // refuses the setting, never an overflow that panics every member on the same entry.
+    election_max_ms
+        .saturating_mul(2)
+        .saturating_add(heartbeat_ms.saturating_mul(2))
+        .saturating_add(tick_ms)
 }
 
 /// How many role changes the history keeps; older ones are dropped first.

@@ -136,6 +136,7 @@ struct Shared {
     state: watch::Receiver<Arc<AppliedState>>,
     metrics: Metrics,
     raft: crate::types::Raft,
+    metrics_token: Option<crate::security::Token>,
 }
 
 async fn answer(s: &Shared, check: Check) -> Response {
@@ -195,7 +196,22 @@ async fn cluster(State(s): State<Shared>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text (OpenMetrics flavour, which Prometheus reads).
-async fn metrics(State(s): State<Shared>) -> Response {
+async fn metrics(State(s): State<Shared>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(token) = &s.metrics_token {
+        let offered = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !offered.is_some_and(|o| token.matches(o)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                "GET /metrics needs `Authorization: Bearer <token>` with the token of \
+                 security.metrics_token_file\n",
+            )
+                .into_response();
+        }
+    }
     let health = *s.health.borrow();
     let state = s.state.borrow().clone();
     let m = s.raft.metrics().borrow().clone();
@@ -233,6 +249,8 @@ pub struct Sources {
     pub metrics: Metrics,
     /// Raft, for its metrics.
     pub raft: crate::types::Raft,
+    /// The token `/metrics` needs, if any.
+    pub metrics_token: Option<crate::security::Token>,
 }
 
 /// Serves the endpoints on `listener` until `stop`.
@@ -253,6 +271,7 @@ pub async fn serve(
             state: sources.state,
             metrics: sources.metrics,
             raft: sources.raft,
+            metrics_token: sources.metrics_token,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

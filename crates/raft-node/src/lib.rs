@@ -16,6 +16,7 @@ pub mod network;
 pub mod node;
 pub mod node_config;
 pub mod pg_settings;
+pub mod security;
 pub mod store;
 pub mod transport_service;
 pub mod types;

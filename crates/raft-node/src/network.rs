@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::raft_transport_client::RaftTransportClient;
 use crate::proto::RaftMessage;
+use crate::security::Tls;
 use crate::types::{NodeId, TypeConfig};
 
 /// How long establishing a TCP + HTTP/2 connection to a peer may take.
@@ -34,14 +35,14 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// Builds a lazily connecting channel meant to be kept and shared: it pings its peer, so a
 /// connection that went silent is closed and the next call dials afresh.
-fn kept_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+fn kept_channel(addr: &str, tls: Option<&Tls>) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    Ok(crate::security::connect_lazy(endpoint, tls))
 }
 
 /// Where this node dials an address a peer advertised: that address itself, or the one the node
@@ -54,6 +55,7 @@ fn kept_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 pub struct Dialer {
     via: Arc<BTreeMap<String, String>>,
     kept: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Option<Tls>,
 }
 
 impl Dialer {
@@ -62,7 +64,19 @@ impl Dialer {
         Self {
             via: Arc::new(via),
             kept: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Dial every peer over mutual TLS with `tls` (the member's own certificate).
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS this dialer speaks, if any.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
     }
 
     /// The address to connect to for the advertised `addr`.
@@ -80,7 +94,7 @@ impl Dialer {
         if let Some(c) = kept.get(&route) {
             return Ok(c.clone());
         }
-        let c = kept_channel(&route)?;
+        let c = kept_channel(&route, self.tls.as_ref())?;
         kept.insert(route, c.clone());
         Ok(c)
     }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api_service::ClusterService;
 use crate::client::ApiClient;
@@ -22,6 +21,7 @@ use crate::node_config::NodeConfig;
 use crate::proto::cluster_server::ClusterServer;
 use crate::proto::raft_transport_server::RaftTransportServer;
 use crate::proto::{self};
+use crate::security::{self, Access, Holder, Tls, Token};
 use crate::store::identity::{self, DataDirIdentity, IdentityError};
 use crate::store::log_store::LogStore;
 use crate::store::open_db;
@@ -82,7 +82,86 @@ pub enum NodeError {
     /// The sidecar's failover memory can neither be read nor rebuilt.
     #[error("{0}")]
     Memory(#[from] crate::failover::sidecar::MemoryError),
+    /// The TLS files or a token cannot be used.
+    #[error("security: {0}")]
+    Security(#[from] crate::security::SecurityError),
 }
+
+/// The TLS configuration, the operators' token and the `/metrics` token of a sidecar, loaded
+/// from its config.
+struct Secured {
+    tls: Option<Tls>,
+    token: Option<Token>,
+    metrics_token: Option<Token>,
+}
+
+fn load_security(cfg: &NodeConfig) -> Result<Secured, NodeError> {
+    let sec = &cfg.security;
+    let tls = match sec.tls_files() {
+        Some(files) => Some(Tls::load(files, Holder::Node(cfg.node_id))?),
+        None => {
+            tracing::warn!(
+                node = cfg.node_id,
+                "security.insecure = true: no TLS and no certificate checks; anyone who reaches \
+                 this member's gRPC port can change the cluster, and members cannot tell each \
+                 other apart. Use it for debugging only"
+            );
+            None
+        }
+    };
+    let token = sec.token_file.as_deref().map(Token::load).transpose()?;
+    let metrics_token = sec
+        .metrics_token_file
+        .as_deref()
+        .map(Token::load)
+        .transpose()?;
+    Ok(Secured {
+        tls,
+        token,
+        metrics_token,
+    })
+}
+
+/// Re-reads the certificates and tokens when their files change, so a rotation takes effect
+/// without a restart; a broken new file keeps the old material and is logged.
+async fn reload_security(secured: Secured, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(SECURITY_RELOAD_EVERY) => {}
+        }
+        if let Some(tls) = &secured.tls {
+            match tls.reload_if_changed() {
+                Ok(true) => tracing::info!(files = ?tls.files(), "reloaded the TLS certificates"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reload the TLS certificates; keeping the ones in use")
+                }
+            }
+        }
+        for (what, token) in [
+            ("operator", &secured.token),
+            ("metrics", &secured.metrics_token),
+        ] {
+            if let Some(t) = token {
+                match t.reload_if_changed() {
+                    Ok(true) => tracing::info!(token = what, "reloaded a token file"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(token = what, error = %e, "cannot reload a token file; keeping the one in use")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How often certificate and token files are checked for a change.
+const SECURITY_RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// The largest Raft message taken (a snapshot chunk with its JSON overhead).
+const MAX_RAFT_MESSAGE: usize = 64 * 1024 * 1024;
+/// The largest cluster API or internal message taken.
+const MAX_API_MESSAGE: usize = 1024 * 1024;
 
 /// A started node: its Raft handle and a view of the applied state.
 pub struct NodeHandle {
@@ -150,6 +229,14 @@ pub async fn run(
                 })?,
         )
     };
+    // Bad TLS files fail before the data dir is touched, too.
+    let secured = load_security(&cfg)?;
+    let metrics_token = secured.metrics_token.clone();
+    let access = Access::new(
+        secured.tls.is_some(),
+        secured.token.clone(),
+        cfg.security.open_reads,
+    );
     let data_path = cfg.data_dir.display().to_string();
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
         path: data_path.clone(),
@@ -177,7 +264,7 @@ pub async fn run(
     })?;
     let sm = StateMachineStore::new(db.clone()).map_err(|e| NodeError::Raft(e.to_string()))?;
     let state = sm.subscribe();
-    let dialer = Dialer::new(cfg.dial_via.clone());
+    let dialer = Dialer::new(cfg.dial_via.clone()).with_tls(secured.tls.clone());
     let network = GrpcNetwork::new(dialer.clone());
     let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log_store, sm)
         .await
@@ -210,6 +297,7 @@ pub async fn run(
         events.clone(),
         dialer.clone(),
     );
+    api = api.with_access(access.clone());
     if cfg.postgres.data_dir.is_some() {
         api = api.with_requests(request_tx);
     }
@@ -221,16 +309,21 @@ pub async fn run(
     let (mode_tx, mode_rx) = watch::channel(Shutdown::StopPostgres);
     let mut server_stop = late_stop_rx.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(RaftTransportServer::new(RaftTransportService::new(
-            raft.clone(),
-        )))
-        .add_service(crate::proto::internal_server::InternalServer::new(
-            api.clone(),
-        ))
-        .add_service(ClusterServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = server_stop.wait_for(|s| *s).await;
-        });
+        .add_service(
+            RaftTransportServer::new(RaftTransportService::new(raft.clone(), access))
+                .max_decoding_message_size(MAX_RAFT_MESSAGE),
+        )
+        .add_service(
+            crate::proto::internal_server::InternalServer::new(api.clone())
+                .max_decoding_message_size(MAX_API_MESSAGE),
+        )
+        .add_service(ClusterServer::new(api).max_decoding_message_size(MAX_API_MESSAGE))
+        .serve_with_incoming_shutdown(
+            security::incoming(listener, secured.tls.clone()),
+            async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            },
+        );
     let server = tokio::spawn(server);
     tracing::info!(
         node = cfg.node_id,
@@ -259,6 +352,7 @@ pub async fn run(
             state: state.clone(),
             metrics: metrics.clone(),
             raft: raft.clone(),
+            metrics_token: metrics_token.clone(),
         };
         let stop = stop_rx.clone();
         let addr = cfg.http_addr.clone();
@@ -301,9 +395,11 @@ pub async fn run(
     };
     tokio::spawn(publish_own_details(
         cfg.clone(),
+        secured.tls.clone(),
         state.clone(),
         stop_rx.clone(),
     ));
+    tokio::spawn(reload_security(secured, late_stop_rx.clone()));
     if let Some(tx) = started {
         let _ = tx.send(NodeHandle {
             id: cfg.node_id,
@@ -444,6 +540,7 @@ fn own_details(cfg: &NodeConfig) -> MemberInfo {
 /// a member, and again if they differ (a config change, or a re-added member).
 async fn publish_own_details(
     cfg: NodeConfig,
+    tls: Option<Tls>,
     mut state: watch::Receiver<Arc<AppliedState>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -451,7 +548,7 @@ async fn publish_own_details(
     let Ok(client) = ApiClient::new(vec![cfg.advertised().to_string()]) else {
         return;
     };
-    let client = client.with_patience(Duration::from_secs(2));
+    let client = client.with_patience(Duration::from_secs(2)).with_tls(tls);
     loop {
         let needed = {
             let s = state.borrow_and_update();

@@ -10,6 +10,11 @@ use serde::Deserialize;
 use crate::cluster_state::Tags;
 use crate::types::NodeId;
 
+/// The longest Raft heartbeat a member may run (and register).
+pub const MAX_HEARTBEAT_MS: u64 = 60_000;
+/// The longest upper election timeout a member may run (and register).
+pub const MAX_ELECTION_MS: u64 = 600_000;
+
 /// A sidecar's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +55,49 @@ pub struct NodeConfig {
     /// Executables run when this member's Postgres starts, stops or changes role.
     #[serde(default)]
     pub callbacks: crate::callbacks::CallbackConfig,
+    /// TLS between members and who may call the cluster API.
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// TLS and authentication. A sidecar runs with TLS unless `insecure = true` says otherwise.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Run without TLS or certificate checks: anyone who reaches the gRPC port can steer the
+    /// cluster. For a debugging session only; the sidecar warns at start.
+    pub insecure: bool,
+    /// The cluster CA's certificate (`pgquorum cert init`): the only issuer of members and
+    /// operators. Relative paths are relative to the config file, as for the two below.
+    pub ca_file: Option<PathBuf>,
+    /// This member's certificate (`pgquorum cert issue node ID`), naming its node id.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key, readable by its owner only.
+    pub key_file: Option<PathBuf>,
+    /// A file whose first line is the operators' bearer token: callers that present it may use
+    /// every verb, as an operator's client certificate may.
+    pub token_file: Option<PathBuf>,
+    /// Let any caller read the topology, the config and the events (writes still need an
+    /// operator).
+    pub open_reads: bool,
+    /// A file holding a token that `GET /metrics` must present (`Authorization: Bearer ...`);
+    /// unset, `/metrics` is open like the health endpoints.
+    pub metrics_token_file: Option<PathBuf>,
+}
+
+impl SecurityConfig {
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::security::TlsFiles> {
+        match (&self.ca_file, &self.cert_file, &self.key_file) {
+            (Some(ca), Some(cert), Some(key)) if !self.insecure => {
+                Some(crate::security::TlsFiles {
+                    ca: ca.clone(),
+                    identity: Some((cert.clone(), key.clone())),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// This member's Postgres: where clients reach it and, when `data_dir` is set, how the sidecar
@@ -312,6 +360,20 @@ impl NodeConfig {
                 *secret = Secret(v);
             }
         }
+        let sec = &mut cfg.security;
+        for p in [
+            &mut sec.ca_file,
+            &mut sec.cert_file,
+            &mut sec.key_file,
+            &mut sec.token_file,
+            &mut sec.metrics_token_file,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|p| p.is_relative())
+        {
+            *p = base.join(&*p);
+        }
         let cb = &mut cfg.callbacks;
         for p in [&mut cb.on_start, &mut cb.on_stop, &mut cb.on_role_change]
             .into_iter()
@@ -455,8 +517,17 @@ impl NodeConfig {
             }
         }
         let r = &self.raft;
-        if r.heartbeat_ms < 20 {
-            return Err(invalid("raft.heartbeat_ms", "must be at least 20".into()));
+        if !(20..=MAX_HEARTBEAT_MS).contains(&r.heartbeat_ms) {
+            return Err(invalid(
+                "raft.heartbeat_ms",
+                format!("must be between 20 and {MAX_HEARTBEAT_MS}"),
+            ));
+        }
+        if r.election_timeout_max_ms > MAX_ELECTION_MS {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                format!("must be at most {MAX_ELECTION_MS}"),
+            ));
         }
         if r.election_timeout_min_ms <= 2 * r.heartbeat_ms {
             return Err(invalid(
@@ -476,6 +547,25 @@ impl NodeConfig {
         }
         if r.snapshot_every == 0 {
             return Err(invalid("raft.snapshot_every", "must be positive".into()));
+        }
+        let sec = &self.security;
+        let tls = [&sec.ca_file, &sec.cert_file, &sec.key_file];
+        let given = tls.iter().filter(|f| f.is_some()).count();
+        if sec.insecure && given > 0 {
+            return Err(invalid(
+                "security.insecure",
+                "is true but TLS files are given too; remove one or the other".into(),
+            ));
+        }
+        if !sec.insecure && given < 3 {
+            return Err(invalid(
+                "security",
+                "needs ca_file, cert_file and key_file: members talk over mutual TLS. Make \
+                 them with `pgquorum cert init DIR` and `pgquorum cert issue node ID --dir DIR`, \
+                 or set security.insecure = true to run without any authentication (anyone \
+                 who reaches the port can then steer the cluster)"
+                    .into(),
+            ));
         }
         let mut ids = BTreeSet::new();
         let mut addrs = BTreeSet::new();
@@ -551,6 +641,7 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"
+security = { insecure = true }
 cluster_name = "demo"
 node_id = 1
 name = "n1"
@@ -630,6 +721,14 @@ addr = "127.0.0.1:7002"
             "on_stop",
             "on_role_change",
             "timeout_ms",
+            "[security]",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "token_file",
+            "open_reads",
+            "metrics_token_file",
+            "insecure",
             "[[initial_members]]",
             "id",
             "addr",

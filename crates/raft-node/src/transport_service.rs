@@ -1,28 +1,50 @@
 //! The server half of the Raft transport: decodes openraft requests from gRPC and hands them to
 //! the local Raft.
 
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::proto::raft_transport_server::RaftTransport;
 use crate::proto::RaftMessage;
-use crate::types::Raft;
+use crate::security::Access;
+use crate::types::{NodeId, Raft, TypeConfig};
 
 /// gRPC service that feeds peers' Raft messages into the local node.
 pub struct RaftTransportService {
     raft: Raft,
+    access: Access,
 }
 
 impl RaftTransportService {
-    /// Serves `raft`.
-    pub fn new(raft: Raft) -> Self {
-        Self { raft }
+    /// Serves `raft`, taking each message only from the member it says it comes from.
+    pub fn new(raft: Raft, access: Access) -> Self {
+        Self { raft, access }
+    }
+
+    /// Decodes a message and checks that the peer's certificate names the member that `from`
+    /// reads out of it (the candidate of a vote, the leader of an append or a snapshot): a
+    /// member cannot vote or lead under another member's id.
+    #[allow(clippy::result_large_err)]
+    fn accept<T: DeserializeOwned>(
+        &self,
+        req: Request<RaftMessage>,
+        what: &str,
+        from: impl Fn(&T) -> Option<NodeId>,
+    ) -> Result<T, Status> {
+        let rpc: T = decode(req.get_ref())?;
+        let id = from(&rpc).ok_or_else(|| {
+            Status::invalid_argument(format!("{what} that names no sending member"))
+        })?;
+        self.access.require_node(&req, id, what)?;
+        Ok(rpc)
     }
 }
 
-fn decode<T: DeserializeOwned>(req: Request<RaftMessage>) -> Result<T, Status> {
-    serde_json::from_slice(&req.into_inner().payload)
+#[allow(clippy::result_large_err)]
+fn decode<T: DeserializeOwned>(req: &RaftMessage) -> Result<T, Status> {
+    serde_json::from_slice(&req.payload)
         .map_err(|e| Status::invalid_argument(format!("malformed Raft message: {e}")))
 }
 
@@ -38,12 +60,18 @@ impl RaftTransport for RaftTransportService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(req)?;
+        let rpc = self.accept(
+            req,
+            "an AppendEntries",
+            |r: &AppendEntriesRequest<TypeConfig>| r.vote.leader_id().voted_for(),
+        )?;
         encode(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(req)?;
+        let rpc = self.accept(req, "a vote request", |r: &VoteRequest<NodeId>| {
+            r.vote.leader_id().voted_for()
+        })?;
         encode(&self.raft.vote(rpc).await)
     }
 
@@ -56,7 +84,7 @@ impl RaftTransport for RaftTransportService {
             from: crate::types::NodeId,
             term: u64,
         }
-        let ask: Ask = decode(req)?;
+        let ask: Ask = self.accept(req, "a leadership hand-over", |a: &Ask| Some(a.from))?;
         let m = self.raft.metrics().borrow().clone();
         if m.current_leader != Some(ask.from) || m.current_term != ask.term {
             return Err(Status::failed_precondition(format!(
@@ -81,7 +109,11 @@ impl RaftTransport for RaftTransportService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(req)?;
+        let rpc = self.accept(
+            req,
+            "a snapshot",
+            |r: &InstallSnapshotRequest<TypeConfig>| r.vote.leader_id().voted_for(),
+        )?;
         encode(&self.raft.install_snapshot(rpc).await)
     }
 }

@@ -147,20 +147,19 @@ impl TryFrom<proto::MemberReport> for MemberReport {
             None => None,
             Some(s) => {
                 let set = s.set.unwrap_or_default();
-                if set.members.len() > 16 || set.k as usize > set.members.len() + 16 {
+                let wire_len = set.members.len();
+                // Judged on the set as it will be kept (duplicates gone), so that a report that
+                // is taken converts back into one that is taken too (found by fuzzing).
+                let members: std::collections::BTreeSet<u64> = set.members.into_iter().collect();
+                if wire_len > 16 || members.contains(&0) || set.k as usize > members.len() + 16 {
                     return Err(format!(
                         "report of member {}: synchronous set of {} members with k = {}",
-                        r.node,
-                        set.members.len(),
-                        set.k
+                        r.node, wire_len, set.k
                     ));
                 }
                 Some(SyncApplied {
                     epoch: s.epoch,
-                    set: SyncSet {
-                        members: set.members.into_iter().collect(),
-                        k: set.k,
-                    },
+                    set: SyncSet { members, k: set.k },
                     confirmed: s.confirmed,
                     revision: s.revision,
                 })

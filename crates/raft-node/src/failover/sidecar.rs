@@ -1310,7 +1310,9 @@ impl Sidecar {
 pub fn member_addresses<'a>(hosts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mut out: Vec<String> = hosts
         .into_iter()
-        .filter(|h| !h.trim().is_empty())
+        // A registered host lands in pg_hba.conf: anything but an address or a host name
+        // (a CIDR, a keyword, a line break) would admit more than that member.
+        .filter(|h| crate::security::valid_host(h.trim()))
         .map(|h| match h.trim().parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(a)) => format!("{a}/32"),
             Ok(std::net::IpAddr::V6(a)) => format!("{a}/128"),

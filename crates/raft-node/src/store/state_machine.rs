@@ -29,6 +29,24 @@ pub struct AppliedState {
 }
 
 impl AppliedState {
+    /// Applies one committed entry: the state machine's whole logic, without storage.
+    pub fn apply_entry(&mut self, entry: openraft::Entry<TypeConfig>) -> CommandOutcome {
+        self.last_applied = Some(entry.log_id);
+        match entry.payload {
+            EntryPayload::Blank => CommandOutcome::Applied,
+            EntryPayload::Normal(cmd) => {
+                let members = self.member_ids();
+                self.cluster.apply(&cmd, &members)
+            }
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(entry.log_id), m);
+                let members = self.member_ids();
+                self.cluster.retain_members(&members);
+                CommandOutcome::Applied
+            }
+        }
+    }
+
     /// Ids of all Raft members (voters and learners) of the applied membership.
     pub fn member_ids(&self) -> BTreeSet<NodeId> {
         self.membership
@@ -171,21 +189,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut state = self.state.write().await;
         let mut replies = Vec::new();
         for entry in entries {
-            state.last_applied = Some(entry.log_id);
-            let reply = match entry.payload {
-                EntryPayload::Blank => CommandOutcome::Applied,
-                EntryPayload::Normal(cmd) => {
-                    let members = state.member_ids();
-                    state.cluster.apply(&cmd, &members)
-                }
-                EntryPayload::Membership(m) => {
-                    state.membership = StoredMembership::new(Some(entry.log_id), m);
-                    let members = state.member_ids();
-                    state.cluster.retain_members(&members);
-                    CommandOutcome::Applied
-                }
-            };
-            replies.push(reply);
+            replies.push(state.apply_entry(entry));
         }
         self.persist(&state).await?;
         Ok(replies)
