@@ -270,6 +270,32 @@ async fn only_an_operator_may_change_anything_and_gets_a_clear_refusal_otherwise
     let (ok, _, err) = cli(&["resume"], &[("PGQUORUM_ENDPOINTS", &ep)]);
     assert!(ok, "{err}");
     assert!(!harness::workload::topology(&c).await.paused);
+    // A member's certificate speaks for operators only while it is a member: a sidecar
+    // forwards their calls and gathers statuses with it, a removed one must not.
+    let pause = |tls: Tls, addr: String| async move {
+        let ch = harness::channel(&addr, &tls).await.expect("connect");
+        proto::cluster_client::ClusterClient::new(ch)
+            .set_paused(proto::SetPausedRequest { paused: true })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code())
+    };
+    let (ok, _, err) = cli(
+        &["member", "remove", "--id", "3"],
+        &[("PGQUORUM_ENDPOINTS", &ep)],
+    );
+    assert!(ok, "{err}");
+    let leader = c.wait_leader(T).await;
+    let leader_addr = c.nodes[&leader].addr.clone();
+    assert_eq!(
+        pause(pki().node_tls(3), leader_addr.clone()).await,
+        Err(tonic::Code::Unauthenticated),
+        "a removed member's certificate paused the cluster"
+    );
+    assert!(!harness::workload::topology(&c).await.paused);
+    let member = if leader == 1 { 2 } else { 1 };
+    assert_eq!(pause(pki().node_tls(member), leader_addr).await, Ok(()));
+    assert!(harness::workload::topology(&c).await.paused);
     // Health endpoints stay open; /metrics wants its own token.
     let metrics_secret = std::fs::read_to_string(&metrics_token).unwrap();
     for addr in &http {

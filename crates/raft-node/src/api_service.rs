@@ -90,6 +90,13 @@ impl ClusterService {
         self
     }
 
+    /// Lets `req` through if its caller may do `need` (see [`Access::require`]).
+    #[allow(clippy::result_large_err)]
+    fn allow<T>(&self, req: &Request<T>, need: Need, what: &str) -> Result<(), Status> {
+        let members = self.state.borrow().member_ids();
+        self.access.require(req, need, what, &members)
+    }
+
     /// Send operator requests for this member's Postgres to `tx` (the sidecar loop).
     pub fn with_requests(mut self, tx: tokio::sync::mpsc::Sender<MemberRequest>) -> Self {
         self.requests = Some(tx);
@@ -512,8 +519,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetTopologyRequest>,
     ) -> Result<Response<proto::Topology>, Status> {
-        self.access
-            .require(&req, Need::Read, "reading the topology")?;
+        self.allow(&req, Need::Read, "reading the topology")?;
         if req.get_ref().local {
             let state = self.state.borrow().clone();
             let metrics = self.raft.metrics().borrow().clone();
@@ -547,8 +553,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::WatchTopologyRequest>,
     ) -> Result<Response<Self::WatchTopologyStream>, Status> {
-        self.access
-            .require(&req, Need::Read, "watching the topology")?;
+        self.allow(&req, Need::Read, "watching the topology")?;
         // Applied state is committed state, so any member can serve the watch locally.
         let this = self.clone();
         let stream =
@@ -560,8 +565,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::AddMemberRequest>,
     ) -> Result<Response<proto::MembershipReply>, Status> {
-        self.access
-            .require(&req, Need::Operate, "adding a member")?;
+        self.allow(&req, Need::Operate, "adding a member")?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.add_member(forwarded(req)).await;
         }
@@ -653,8 +657,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::RemoveMemberRequest>,
     ) -> Result<Response<proto::MembershipReply>, Status> {
-        self.access
-            .require(&req, Need::Operate, "removing a member")?;
+        self.allow(&req, Need::Operate, "removing a member")?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.remove_member(forwarded(req)).await;
         }
@@ -686,8 +689,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetConfigRequest>,
     ) -> Result<Response<proto::ClusterConfig>, Status> {
-        self.access
-            .require(&req, Need::Read, "reading the config")?;
+        self.allow(&req, Need::Read, "reading the config")?;
         if req.get_ref().local {
             let state = self.state.borrow().clone();
             let index = state.last_applied.map(|l| l.index).unwrap_or(0);
@@ -709,8 +711,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::SetConfigRequest>,
     ) -> Result<Response<proto::ClusterConfig>, Status> {
-        self.access
-            .require(&req, Need::Operate, "changing the config")?;
+        self.allow(&req, Need::Operate, "changing the config")?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.set_config(forwarded(req)).await;
         }
@@ -731,8 +732,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::SetPausedRequest>,
     ) -> Result<Response<proto::SetPausedReply>, Status> {
-        self.access
-            .require(&req, Need::Operate, "pausing or resuming failover")?;
+        self.allow(&req, Need::Operate, "pausing or resuming failover")?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.set_paused(forwarded(req)).await;
         }
@@ -751,7 +751,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::SwitchoverRequest>,
     ) -> Result<Response<proto::PlanReply>, Status> {
-        self.access.require(&req, Need::Operate, "a switchover")?;
+        self.allow(&req, Need::Operate, "a switchover")?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.switchover(forwarded(req)).await;
         }
@@ -764,8 +764,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::FailoverRequest>,
     ) -> Result<Response<proto::PlanReply>, Status> {
-        self.access
-            .require(&req, Need::Operate, "a manual failover")?;
+        self.allow(&req, Need::Operate, "a manual failover")?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.failover(forwarded(req)).await;
         }
@@ -782,7 +781,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::ManageMemberRequest>,
     ) -> Result<Response<proto::ManageMemberReply>, Status> {
-        self.access.require(
+        self.allow(
             &req,
             Need::Operate,
             "a member verb (restart, reload, reinit)",
@@ -823,8 +822,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetEventsRequest>,
     ) -> Result<Response<proto::EventList>, Status> {
-        self.access
-            .require(&req, Need::Read, "reading the events")?;
+        self.allow(&req, Need::Read, "reading the events")?;
         Ok(Response::new(proto::EventList {
             events: self.events.snapshot(),
         }))
@@ -834,8 +832,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<proto::GetNodeStatusRequest>,
     ) -> Result<Response<NodeStatus>, Status> {
-        self.access
-            .require(&req, Need::Read, "reading a member's status")?;
+        self.allow(&req, Need::Read, "reading a member's status")?;
         let metrics = self.raft.metrics().borrow().clone();
         Ok(Response::new(self.status_from_metrics(&metrics)))
     }

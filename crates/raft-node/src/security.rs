@@ -666,15 +666,25 @@ impl Access {
         }
     }
 
-    /// Lets the call through if its caller may do `need`: a member, an operator certificate or
-    /// the bearer token; reads also pass when they are open.
+    /// Lets the call through if its caller may do `need`: one of the current `members` (its
+    /// sidecar forwards and gathers on operators' behalf), an operator certificate or the
+    /// bearer token; reads also pass when they are open. A removed member's certificate no
+    /// longer counts.
     #[allow(clippy::result_large_err)]
-    pub fn require<T>(&self, req: &Request<T>, need: Need, what: &str) -> Result<(), Status> {
+    pub fn require<T>(
+        &self,
+        req: &Request<T>,
+        need: Need,
+        what: &str,
+        members: &std::collections::BTreeSet<NodeId>,
+    ) -> Result<(), Status> {
         if need == Need::Read && self.open_reads {
             return Ok(());
         }
         if let Some(cert) = Self::leaf(req) {
-            if cert_names(cert, NODE_NAME) || cert_names(cert, OPERATOR_NAME) {
+            if cert_names(cert, OPERATOR_NAME)
+                || members.iter().any(|id| cert_names(cert, &node_name(*id)))
+            {
                 return Ok(());
             }
         }
@@ -732,16 +742,17 @@ mod tests {
 
     #[test]
     fn without_tls_or_token_everything_passes_and_with_a_token_only_it_does() {
+        let none = std::collections::BTreeSet::new();
         let req = Request::new(());
         let open = Access::new(false, None, false);
-        assert!(open.require(&req, Need::Operate, "x").is_ok());
+        assert!(open.require(&req, Need::Operate, "x", &none).is_ok());
         assert!(open.require_node(&req, 1, "x").is_ok());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
         std::fs::write(&path, "0123456789abcdef-token").unwrap();
         let guarded = Access::new(false, Some(Token::load(&path).unwrap()), false);
         let e = guarded
-            .require(&req, Need::Operate, "switchover")
+            .require(&req, Need::Operate, "switchover", &none)
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         let mut with = Request::new(());
@@ -749,18 +760,22 @@ mod tests {
             AUTHORIZATION,
             "Bearer 0123456789abcdef-token".parse().unwrap(),
         );
-        assert!(guarded.require(&with, Need::Operate, "x").is_ok());
+        assert!(guarded.require(&with, Need::Operate, "x", &none).is_ok());
         let mut wrong = Request::new(());
         wrong
             .metadata_mut()
             .insert(AUTHORIZATION, "Bearer nope-nope-nope-nope".parse().unwrap());
-        let e = guarded.require(&wrong, Need::Operate, "x").unwrap_err();
+        let e = guarded
+            .require(&wrong, Need::Operate, "x", &none)
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(!e.message().contains("nope"));
         let tls = Access::new(true, None, true);
-        assert!(tls.require(&req, Need::Read, "x").is_ok());
+        assert!(tls.require(&req, Need::Read, "x", &none).is_ok());
         assert_eq!(
-            tls.require(&req, Need::Operate, "x").unwrap_err().code(),
+            tls.require(&req, Need::Operate, "x", &none)
+                .unwrap_err()
+                .code(),
             tonic::Code::Unauthenticated
         );
         assert_eq!(
