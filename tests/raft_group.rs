@@ -379,9 +379,11 @@ async fn a_data_dir_of_another_cluster_is_refused_and_left_intact() {
     let (ok, _, err) = cli(&["node", "--config", path.to_str().unwrap()], &[]);
     assert!(!ok);
     assert!(err.contains("belongs to cluster 'test'"), "{err}");
+    // Member 2's own certificate: the data dir, not TLS, must be what refuses it.
     let other_node = cfg
         .replace("node_id = 1", "node_id = 2")
-        .replace("id = 1\n", "id = 2\n");
+        .replace("id = 1\n", "id = 2\n")
+        .replace("node-1.", "node-2.");
     std::fs::write(
         &path,
         other_node.replace(

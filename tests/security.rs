@@ -519,3 +519,213 @@ async fn forged_reports_registrations_and_votes_change_nothing_and_strangers_can
     }
     assert!(seen.len() > 10_000, "the outputs and logs were read");
 }
+
+/// Starts `pgquorum node` on `config` and expects it to refuse, with `expect` in its error.
+fn refuses_to_start(config: &Path, expect: &str) {
+    let (ok, _, err) = cli_bare(&["node", "--config", config.to_str().unwrap()], &[]);
+    assert!(!ok, "a sidecar started with {}", config.display());
+    assert!(err.contains(expect), "expected '{expect}' in: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_without_usable_tls_refuses_to_start_and_says_why() {
+    let mut c = TestCluster::new(2, DEFAULT_RAFT);
+    let cfg = c.nodes[&2].config_path();
+    let secure = std::fs::read_to_string(&cfg).unwrap();
+    let data = c.nodes[&2].dir.join("data");
+    // No [security] at all: TLS is the default, and the error names both ways out.
+    let start = secure.find("\n[security]").unwrap();
+    let end = secure[start + 1..]
+        .find("\n[")
+        .map_or(secure.len(), |e| start + 1 + e);
+    let bare = format!("{}{}", &secure[..start], &secure[end..]);
+    std::fs::write(&cfg, &bare).unwrap();
+    refuses_to_start(&cfg, "pgquorum cert init");
+    refuses_to_start(&cfg, "security.insecure = true");
+    // Member 1's certificate on member 2.
+    let (c1, k1) = pki().node_cert(1);
+    let (c2, k2) = pki().node_cert(2);
+    let swapped = secure
+        .replace(&c2.display().to_string(), &c1.display().to_string())
+        .replace(&k2.display().to_string(), &k1.display().to_string());
+    std::fs::write(&cfg, swapped).unwrap();
+    refuses_to_start(&cfg, "is not valid for node-2.pgquorum");
+    // A key others may read.
+    let key = c.root.path().join("open.key");
+    std::fs::copy(&k2, &key).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(
+        &cfg,
+        secure.replace(&k2.display().to_string(), &key.display().to_string()),
+    )
+    .unwrap();
+    refuses_to_start(&cfg, "chmod 600");
+    assert!(!data.exists(), "a refused start touched the data dir");
+
+    // open_reads lets anyone read, and still nobody else change anything.
+    std::fs::write(&cfg, &secure).unwrap();
+    for id in 1..=2 {
+        c.insert_config(id, "token_file", "open_reads = true");
+    }
+    c.start_all();
+    c.wait_leader(T).await;
+    let ep = c.endpoints().join(",");
+    let ca = pki().ca().display().to_string();
+    let anonymous = [
+        ("PGQUORUM_ENDPOINTS", ep.as_str()),
+        ("PGQUORUM_CA_FILE", ca.as_str()),
+    ];
+    let (ok, out, err) = cli_bare(&["list"], &anonymous);
+    assert!(ok, "{err}");
+    assert!(out.contains("n1"), "{out}");
+    let (ok, _, err) = cli_bare(&["pause"], &anonymous);
+    assert!(!ok);
+    assert!(err.contains("not authenticated"), "{err}");
+}
+
+/// Writes `text` to `path` through a rename, as a careful operator (or `pgquorum cert`) does.
+fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Whether `tls` may commit a config change through `c`'s members within a few seconds.
+async fn commits_as(c: &TestCluster, tls: &Tls, value: u64) -> bool {
+    let client = raft_node::client::ApiClient::new(c.endpoints())
+        .unwrap()
+        .with_tls(Some(tls.clone()))
+        .with_patience(Duration::from_secs(2));
+    let changes = std::collections::HashMap::from([(
+        "maximum_lag_on_failover".to_string(),
+        value.to_string(),
+    )]);
+    client
+        .call(|mut cl| {
+            let changes = changes.clone();
+            async move { cl.set_config(proto::SetConfigRequest { changes }).await }
+        })
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_and_the_certificates_rotate_without_a_restart() {
+    let mut c = TestCluster::new(3, DEFAULT_RAFT);
+    let root = c.root.path().to_path_buf();
+    // Each member reads its own copies, so this test can change them.
+    let ca = root.join("ca.pem");
+    std::fs::copy(pki().ca(), &ca).unwrap();
+    for id in 1..=3 {
+        let (cert, key) = pki().node_cert(id);
+        let (mine_c, mine_k) = (
+            root.join(format!("n{id}.crt")),
+            root.join(format!("n{id}.key")),
+        );
+        std::fs::copy(&cert, &mine_c).unwrap();
+        std::fs::copy(&key, &mine_k).unwrap();
+        let cfg = c.nodes[&id].config_path();
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(&pki().ca().display().to_string(), &ca.display().to_string())
+            .replace(&cert.display().to_string(), &mine_c.display().to_string())
+            .replace(&key.display().to_string(), &mine_k.display().to_string());
+        std::fs::write(&cfg, text).unwrap();
+    }
+    c.start_all();
+    c.wait_leader(T).await;
+    // The new CA, its member and operator certificates.
+    let b = root.join("b");
+    let bs = b.to_str().unwrap();
+    for args in [
+        vec!["cert", "init", bs, "--cluster", "test"],
+        vec!["cert", "issue", "node", "1", "--dir", bs],
+        vec!["cert", "issue", "node", "2", "--dir", bs],
+        vec!["cert", "issue", "node", "3", "--dir", bs],
+        vec!["cert", "issue", "operator", "new", "--dir", bs],
+    ] {
+        let (ok, _, err) = cli_bare(&args, &[]);
+        assert!(ok, "{err}");
+    }
+    let a_ca = std::fs::read(pki().ca()).unwrap();
+    let b_ca = std::fs::read(b.join("ca.crt")).unwrap();
+    let bundle = root.join("bundle.pem");
+    std::fs::write(&bundle, [a_ca.clone(), b_ca.clone()].concat()).unwrap();
+    let operator = |ca: &Path, dir: &Path, stem: &str| {
+        Tls::load(
+            TlsFiles {
+                ca: ca.to_path_buf(),
+                identity: Some((
+                    dir.join(format!("{stem}.crt")),
+                    dir.join(format!("{stem}.key")),
+                )),
+            },
+            Holder::Client,
+        )
+        .unwrap()
+    };
+    let new_operator = operator(&bundle, &b, "operator-new");
+    let old_operator = operator(&bundle, &pki().dir, "operator-tester");
+    assert!(
+        !commits_as(&c, &new_operator, 1).await,
+        "the new CA was trusted before the rotation"
+    );
+    // 1. Every member trusts both CAs: the new operator gets in, the old one still does.
+    replace_file(&ca, &[a_ca.clone(), b_ca.clone()].concat());
+    wait_for("the members trust the new CA too", T, || async {
+        commits_as(&c, &new_operator, 2).await.then_some(())
+    })
+    .await;
+    assert!(commits_as(&c, &old_operator, 3).await);
+    // 2. Every member takes its certificate from the new CA.
+    for id in 1..=3 {
+        replace_file(
+            &root.join(format!("n{id}.key")),
+            &std::fs::read(b.join(format!("node-{id}.key"))).unwrap(),
+        );
+        replace_file(
+            &root.join(format!("n{id}.crt")),
+            &std::fs::read(b.join(format!("node-{id}.crt"))).unwrap(),
+        );
+    }
+    let b_only = operator(&b.join("ca.crt"), &b, "operator-new");
+    wait_for(
+        "every member presents the new CA's certificate",
+        T,
+        || async {
+            // A client that trusts only the new CA can verify each member.
+            let mut all = true;
+            for id in 1..=3 {
+                let one = raft_node::client::ApiClient::new(vec![c.nodes[&id].addr.clone()])
+                    .unwrap()
+                    .with_tls(Some(b_only.clone()))
+                    .with_patience(Duration::from_millis(300));
+                all &= one
+                    .call(|mut cl| async move {
+                        cl.get_node_status(proto::GetNodeStatusRequest {}).await
+                    })
+                    .await
+                    .is_ok();
+            }
+            all.then_some(())
+        },
+    )
+    .await;
+    // 3. The old CA is dropped: its operator is refused, the cluster goes on committing.
+    replace_file(&ca, &b_ca);
+    wait_for("the old CA's operator is refused", T, || async {
+        (!commits_as(&c, &old_operator, 4).await).then_some(())
+    })
+    .await;
+    assert!(commits_as(&c, &b_only, 5).await);
+    let reloads = (1..=3)
+        .filter(|id| log_of(&c, *id).contains("reloaded the TLS certificates"))
+        .count();
+    assert_eq!(reloads, 3, "every member logged its reloads");
+    // Nobody restarted.
+    for id in 1..=3 {
+        assert!(c.nodes[&id].is_running());
+        assert_eq!(log_of(&c, id).matches("sidecar started").count(), 1);
+    }
+}

@@ -83,7 +83,7 @@ pub enum NodeError {
     #[error("{0}")]
     Memory(#[from] crate::failover::sidecar::MemoryError),
     /// The TLS files or a token cannot be used.
-    #[error("security: {0}")]
+    #[error(transparent)]
     Security(#[from] crate::security::SecurityError),
 }
 

@@ -725,6 +725,28 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_token_file_takes_over_and_a_broken_one_keeps_the_old_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let write = |text: &str, secs: u64| {
+            std::fs::write(&path, text).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+                .unwrap();
+        };
+        write("first-token-0123456789", 1_000);
+        let t = Token::load(&path).unwrap();
+        assert!(!t.reload_if_changed().unwrap());
+        write("second-token-0123456789", 2_000);
+        assert!(t.reload_if_changed().unwrap());
+        assert!(t.matches("second-token-0123456789"));
+        assert!(!t.matches("first-token-0123456789"));
+        write("short", 3_000);
+        assert!(t.reload_if_changed().is_err());
+        assert!(t.matches("second-token-0123456789"));
+    }
+
+    #[test]
     fn a_short_or_spaced_token_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
