@@ -729,3 +729,36 @@ async fn the_ca_and_the_certificates_rotate_without_a_restart() {
         assert_eq!(log_of(&c, id).matches("sidecar started").count(), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insecure_member_warns_and_takes_only_a_client_that_says_insecure() {
+    let mut c = TestCluster::new(1, DEFAULT_RAFT);
+    let cfg = c.nodes[&1].config_path();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let start = text.find("\n[security]").unwrap();
+    let end = text[start + 1..].find("\n[").map_or(text.len(), |e| start + 1 + e);
+    std::fs::write(
+        &cfg,
+        format!("{}\n[security]\ninsecure = true\n{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+    c.start(1);
+    wait_for("the insecure warning", T, || async {
+        log_of(&c, 1)
+            .contains("security.insecure = true: no TLS and no certificate checks")
+            .then_some(())
+    })
+    .await;
+    let ep = c.endpoints().join(",");
+    // A client that expects TLS says how to talk to this member instead of failing obscurely.
+    let (ok, _, err) = cli_bare(&["list"], &[("PGQUORUM_ENDPOINTS", &ep)]);
+    assert!(!ok);
+    assert!(err.contains("--insecure"), "{err}");
+    let (ok, out, err) = wait_for("an insecure client gets an answer", T, || async {
+        let r = cli_bare(&["list", "--insecure"], &[("PGQUORUM_ENDPOINTS", &ep)]);
+        r.0.then_some(r)
+    })
+    .await;
+    assert!(ok && out.contains("n1"), "{out}");
+    assert!(err.contains("warning: --insecure"), "{err}");
+}
