@@ -520,6 +520,15 @@ async fn forged_reports_registrations_and_votes_change_nothing_and_strangers_can
     assert!(seen.len() > 10_000, "the outputs and logs were read");
 }
 
+/// A node config without its `[security]` table.
+fn without_security(text: &str) -> String {
+    let start = text.find("\n[security]").expect("a [security] table");
+    let end = text[start + 1..]
+        .find("\n[")
+        .map_or(text.len(), |e| start + 1 + e);
+    format!("{}{}", &text[..start], &text[end..])
+}
+
 /// Starts `pgquorum node` on `config` and expects it to refuse, with `expect` in its error.
 fn refuses_to_start(config: &Path, expect: &str) {
     let (ok, _, err) = cli_bare(&["node", "--config", config.to_str().unwrap()], &[]);
@@ -534,12 +543,7 @@ async fn a_sidecar_without_usable_tls_refuses_to_start_and_says_why() {
     let secure = std::fs::read_to_string(&cfg).unwrap();
     let data = c.nodes[&2].dir.join("data");
     // No [security] at all: TLS is the default, and the error names both ways out.
-    let start = secure.find("\n[security]").unwrap();
-    let end = secure[start + 1..]
-        .find("\n[")
-        .map_or(secure.len(), |e| start + 1 + e);
-    let bare = format!("{}{}", &secure[..start], &secure[end..]);
-    std::fs::write(&cfg, &bare).unwrap();
+    std::fs::write(&cfg, without_security(&secure)).unwrap();
     refuses_to_start(&cfg, "pgquorum cert init");
     refuses_to_start(&cfg, "security.insecure = true");
     // Member 1's certificate on member 2.
@@ -735,11 +739,9 @@ async fn an_insecure_member_warns_and_takes_only_a_client_that_says_insecure() {
     let mut c = TestCluster::new(1, DEFAULT_RAFT);
     let cfg = c.nodes[&1].config_path();
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let start = text.find("\n[security]").unwrap();
-    let end = text[start + 1..].find("\n[").map_or(text.len(), |e| start + 1 + e);
     std::fs::write(
         &cfg,
-        format!("{}\n[security]\ninsecure = true\n{}", &text[..start], &text[end..]),
+        format!("{}\n[security]\ninsecure = true\n", without_security(&text)),
     )
     .unwrap();
     c.start(1);
