@@ -63,6 +63,19 @@ pub enum BenchCmd {
         #[arg(long)]
         lease_ms: Option<u64>,
     },
+    /// Select-only throughput directly against the primary and through `pgquorum router`, on
+    /// a fresh local 3-member cluster: what the router costs.
+    Router {
+        /// Client connections, each querying in a loop.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Alternations of direct and routed measurements.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 /// A fault injected on the primary's member.
@@ -110,6 +123,17 @@ impl Fault {
 
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Router {
+            clients,
+            seconds,
+            rounds,
+        } => {
+            let dir =
+                std::env::temp_dir().join(format!("pgquorum-bench-router-{}", std::process::id()));
+            let result = crate::bench_router::run(clients, seconds, rounds, &dir).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
         BenchCmd::Failover {
             runs,
             faults,

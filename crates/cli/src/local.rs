@@ -164,6 +164,23 @@ impl Layout {
         )?))
     }
 
+    /// The CLI's security settings for this cluster's operator.
+    pub(crate) fn client_security(&self) -> crate::ClientSecurity {
+        match &self.tls_dir {
+            Some(d) => crate::ClientSecurity {
+                ca_file: Some(d.join("ca.crt")),
+                cert_file: Some(d.join(format!("operator-{LOCAL_OPERATOR}.crt"))),
+                key_file: Some(d.join(format!("operator-{LOCAL_OPERATOR}.key"))),
+                token_file: None,
+                insecure: false,
+            },
+            None => crate::ClientSecurity {
+                insecure: true,
+                ..Default::default()
+            },
+        }
+    }
+
     /// A client of this cluster over `endpoints`, as its operator.
     pub(crate) fn client_for(&self, endpoints: Vec<String>) -> Result<ApiClient> {
         Ok(ApiClient::new(endpoints)?.with_tls(self.tls()?))

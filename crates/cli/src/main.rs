@@ -1,10 +1,12 @@
 //! `pgquorum`: runs a sidecar (`pgquorum node`) and gives operators their verbs.
 
 mod bench;
+mod bench_router;
 mod cert;
 mod local;
 mod netns;
 mod output;
+mod router;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -158,6 +160,13 @@ enum Command {
     /// Measure this machine: print figures, change nothing outside a temp dir.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Route applications' connections: a read-write port to the committed primary (new
+    /// connections wait out a failover), a read-only port over the replicas.
+    Router {
+        /// The router's TOML configuration (`deploy/router.example.toml`).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Make a cluster CA, member and operator certificates, and tokens.
     #[command(subcommand)]
     Cert(cert::CertCmd),
@@ -191,8 +200,9 @@ impl Conn {
     }
 }
 
-/// How the CLI proves who it is and checks whom it talks to.
-#[derive(Args, Clone, Default)]
+/// How the CLI (or the router) proves who it is and checks whom it talks to.
+#[derive(Args, Clone, Default, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientSecurity {
     /// The cluster CA's certificate (ca.crt): sidecars are verified against it.
     #[arg(long, env = "PGQUORUM_CA_FILE")]
@@ -315,11 +325,24 @@ fn init_logging(default: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Node { .. } | Command::Guard { .. }) {
-        // Operator verbs die quietly when the reader of their output goes away (`pgquorum list
-        // | head`), as Unix tools do. Never the sidecar or the guard: a closed pipe to a
-        // child must be an error they handle, not a signal that kills them.
-        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        // Operator verbs end quietly when the reader of their output goes away (`pgquorum list
+        // | head`), with the status a Unix tool killed by SIGPIPE has. SIGPIPE itself stays
+        // ignored: hyper writes to sockets with writev, which raises it when a sidecar drops
+        // the connection (as it does on a refused client certificate), and the default
+        // disposition then killed the CLI without a word.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+                std::process::exit(141);
+            }
+            default_hook(info)
+        }));
     }
     if let Command::Guard { args } = &cli.command {
         // No async runtime: the guard stays a small, plain process.
@@ -458,6 +481,14 @@ async fn run(cli: Cli) -> Result<()> {
             bench::run(cmd).await
         }
         Command::Cert(cmd) => cert::run(cmd),
+        Command::Router { config } => {
+            init_logging("info");
+            let cfg = router::RouterConfig::load(&config)?;
+            router::run(cfg, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }
         Command::Guard { .. } => bail!("the guard runs before the async runtime starts"),
     }
 }

@@ -190,7 +190,12 @@ impl ApiClient {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_millis(1000))
-            .timeout(self.request_timeout);
+            .timeout(self.request_timeout)
+            // A member that froze keeps the connection open and answers nothing: the pings
+            // end a watch stream on it (the router's) instead of leaving it silent for ever.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
         let channel = crate::security::connect(endpoint, self.tls.as_ref())
             .await
             .map_err(|e| format!("cannot connect: {}", connect_error(&e)))?;
