@@ -907,6 +907,28 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        let example = include_str!("../../../deploy/router.example.toml");
+        std::fs::write(&path, example).unwrap();
+        let cfg = RouterConfig::load(&path).unwrap();
+        assert_eq!(cfg.endpoints.len(), 3);
+        assert_eq!(cfg.write_timeout_ms, 30_000);
+        assert!(cfg.read_fallback_to_primary);
+        std::fs::write(&path, example.replace("127.0.0.1:6432", "nowhere")).unwrap();
+        let e = format!("{:#}", RouterConfig::load(&path).unwrap_err());
+        assert!(e.contains("listen_rw") && e.contains("nowhere"), "{e}");
+        std::fs::write(
+            &path,
+            example.replace("write_timeout_ms = 30000", "write_timeout_ms = 0"),
+        )
+        .unwrap();
+        let e = format!("{:#}", RouterConfig::load(&path).unwrap_err());
+        assert!(e.contains("write_timeout_ms"), "{e}");
+    }
+
+    #[test]
     fn a_refusal_for_shutdown_is_told_from_other_errors() {
         assert!(refused_for_now(&error_response("57P03", "shutting down")));
         assert!(refused_for_now(&error_response("57P01", "terminating")));
