@@ -98,6 +98,17 @@ fn serve_http(c: &mut TestCluster) {
     }
 }
 
+/// A three-member cluster managing Postgres, its members serving HTTP, and a router in front:
+/// the cluster, its first primary and the router.
+async fn routed_cluster() -> (TestCluster, u64, Router) {
+    let mut c = TestCluster::with_postgres(3);
+    serve_http(&mut c);
+    c.start_all();
+    let (primary, _) = c.wait_postgres(START).await;
+    let router = Router::start(&c).await;
+    (c, primary, router)
+}
+
 async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
@@ -152,12 +163,8 @@ fn writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_the_router_wait_out_a_switchover_and_a_host_crash_and_lose_nothing() {
-    let mut c = TestCluster::with_postgres(3);
-    serve_http(&mut c);
-    c.start_all();
-    let (old, _) = c.wait_postgres(START).await;
+    let (mut c, old, router) = routed_cluster().await;
     wait_sync_committed(&c).await;
-    let router = Router::start(&c).await;
     let url = Router::url(&router.rw);
     connect(&url)
         .await
@@ -291,11 +298,7 @@ async fn try_server_port(url: &str) -> Result<i32, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_spread_over_the_replicas_and_survive_a_replicas_death() {
-    let mut c = TestCluster::with_postgres(3);
-    serve_http(&mut c);
-    c.start_all();
-    let (primary, _) = c.wait_postgres(START).await;
-    let router = Router::start(&c).await;
+    let (mut c, primary, router) = routed_cluster().await;
     let url = Router::url(&router.ro);
     let replicas: Vec<u64> = (1..=3).filter(|id| *id != primary).collect();
     let port_of: std::collections::BTreeMap<u64, i32> = c
@@ -330,11 +333,7 @@ async fn reads_spread_over_the_replicas_and_survive_a_replicas_death() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_to_the_primary_is_closed_when_it_loses_its_office() {
-    let mut c = TestCluster::with_postgres(3);
-    serve_http(&mut c);
-    c.start_all();
-    let (old, _) = c.wait_postgres(START).await;
-    let router = Router::start(&c).await;
+    let (mut c, old, router) = routed_cluster().await;
     let url = Router::url(&router.rw);
     let client = connect(&url).await.expect("through the router");
     let port: i32 = client
@@ -367,11 +366,7 @@ async fn a_connection_to_the_primary_is_closed_when_it_loses_its_office() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_request_through_the_router_cancels_the_right_backend() {
-    let mut c = TestCluster::with_postgres(3);
-    serve_http(&mut c);
-    c.start_all();
-    c.wait_postgres(START).await;
-    let router = Router::start(&c).await;
+    let (_cluster, _, router) = routed_cluster().await;
     let url = Router::url(&router.rw);
     let sleeper = connect(&url).await.expect("through the router");
     let bystander = connect(&url).await.expect("a second session");

@@ -372,13 +372,7 @@ async fn follow_primary(client: ApiClient, view: watch::Sender<View>) {
 /// committed state the watch stream carries).
 async fn follow_replicas(client: ApiClient, view: watch::Sender<View>, max_lag: Option<u64>) {
     loop {
-        let t = client
-            .call(|mut c| async move {
-                c.get_topology(proto::GetTopologyRequest { local: false })
-                    .await
-            })
-            .await;
-        if let Ok(t) = t {
+        if let Ok(t) = crate::fetch_topology(&client).await {
             let replicas = readable_replicas(&t, max_lag);
             // The leader's own view also backs the stream up: a stream from a member that
             // froze sends nothing until its keepalive gives up.
@@ -440,9 +434,17 @@ fn error_response(code: &str, message: &str) -> Vec<u8> {
     msg
 }
 
-/// Tells a client that no backend took it: after a negotiation request the client expects a
-/// one-byte answer first ('N': no encryption), then it sends its startup packet.
-async fn refuse(client: &mut TcpStream, first: &First, message: &str) {
+/// Tells a client that no backend took it, and counts the refusal: after a negotiation request
+/// the client expects a one-byte answer first ('N': no encryption), then it sends its startup
+/// packet.
+async fn refuse(shared: &Shared, port: Port, client: &mut TcpStream, first: &First, message: &str) {
+    shared
+        .metrics
+        .rejects
+        .get_or_create(&RejectLabel {
+            port: port.name().into(),
+        })
+        .inc();
     if matches!(first, First::Negotiate(_)) {
         if client.write_all(b"N").await.is_err() {
             return;
@@ -674,13 +676,6 @@ async fn serve(mut client: TcpStream, port: Port, shared: Arc<Shared>) {
         Port::ReadOnly => place_on_replica(&shared).await.map(|(b, s)| (b, None, s)),
     };
     let Some((backend, epoch, mut server)) = placed else {
-        shared
-            .metrics
-            .rejects
-            .get_or_create(&RejectLabel {
-                port: port.name().into(),
-            })
-            .inc();
         let why = match port {
             Port::ReadWrite => format!(
                 "pgquorum router: no primary accepted a connection within {} ms",
@@ -690,7 +685,7 @@ async fn serve(mut client: TcpStream, port: Port, shared: Arc<Shared>) {
                 "pgquorum router: no replica (or primary) accepted a connection".into()
             }
         };
-        refuse(&mut client, &first, &why).await;
+        refuse(&shared, port, &mut client, &first, &why).await;
         return;
     };
     // A server that is shutting down or not yet up answers a startup packet with an error
@@ -700,14 +695,9 @@ async fn serve(mut client: TcpStream, port: Port, shared: Arc<Shared>) {
             match place_startup(&shared, port, backend, server, &bytes).await {
                 Some(p) => p,
                 None => {
-                    shared
-                        .metrics
-                        .rejects
-                        .get_or_create(&RejectLabel {
-                            port: port.name().into(),
-                        })
-                        .inc();
                     refuse(
+                        &shared,
+                        port,
                         &mut client,
                         &first,
                         "pgquorum router: no primary took the session",

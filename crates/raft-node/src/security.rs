@@ -200,13 +200,18 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// Whether the end-entity certificate `cert` is valid for the DNS name `name`. The chain was
 /// verified by the handshake; this only reads the names.
 pub fn cert_names(cert: &CertificateDer<'_>, name: &str) -> bool {
+    cert_names_any(cert, [name.to_string()])
+}
+
+/// Whether `cert` is valid for any of `names`, parsing it once (a check runs on every RPC).
+fn cert_names_any(cert: &CertificateDer<'_>, names: impl IntoIterator<Item = String>) -> bool {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return false;
     };
-    let Ok(server_name) = ServerName::try_from(name) else {
-        return false;
-    };
-    ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+    names.into_iter().any(|name| {
+        ServerName::try_from(name.as_str())
+            .is_ok_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok())
+    })
 }
 
 impl Tls {
@@ -682,9 +687,9 @@ impl Access {
             return Ok(());
         }
         if let Some(cert) = Self::leaf(req) {
-            if cert_names(cert, OPERATOR_NAME)
-                || members.iter().any(|id| cert_names(cert, &node_name(*id)))
-            {
+            let names = std::iter::once(OPERATOR_NAME.to_string())
+                .chain(members.iter().map(|id| node_name(*id)));
+            if cert_names_any(cert, names) {
                 return Ok(());
             }
         }
