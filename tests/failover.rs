@@ -463,28 +463,112 @@ async fn strict_blocks_writes_without_its_standby_and_on_falls_back_by_commit() 
         .expect("a write with the standby back");
 }
 
-/// The pid of member `id`'s WAL receiver.
-async fn walreceiver_pid(c: &TestCluster, id: u64) -> i32 {
+/// The pid that `sql` (one row, one int4 column) finds on member `id`'s Postgres.
+async fn pid_by_query(c: &TestCluster, id: u64, what: &str, sql: &str) -> i32 {
     let url = format!(
         "postgresql://postgres:{}@127.0.0.1:{}/postgres?connect_timeout=2",
         harness::PG_PASSWORD,
         c.nodes[&id].pg_port
     );
-    wait_for("a WAL receiver", FAILOVER, || async {
+    wait_for(what, FAILOVER, || async {
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .ok()?;
         tokio::spawn(conn);
-        let rows = client
-            .query(
-                "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'",
-                &[],
-            )
-            .await
-            .ok()?;
+        let rows = client.query(sql, &[]).await.ok()?;
         rows.first().map(|r| r.get::<_, i32>(0))
     })
     .await
+}
+
+/// The pid of member `id`'s WAL receiver.
+async fn walreceiver_pid(c: &TestCluster, id: u64) -> i32 {
+    let sql = "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'";
+    pid_by_query(c, id, "a WAL receiver", sql).await
+}
+
+/// The pid of member `id`'s startup process: it replays WAL, and it carries out a promotion.
+async fn startup_pid(c: &TestCluster, id: u64) -> i32 {
+    let sql = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'startup'";
+    pid_by_query(c, id, "a startup process", sql).await
+}
+
+/// A promotion slower than the lease keeps its lease and completes: the sidecar renews the
+/// lease while it waits on `pg_promote` (found by CI on a busy host: a 2.1 s promotion lost its
+/// 2.5 s lease half-way, the guard stopped the new primary, and a second failover followed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_slower_than_the_lease_keeps_its_lease_and_completes() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    wait_sync_committed(&c).await;
+    let lease = Duration::from_millis(
+        c.local_config(old)
+            .await
+            .and_then(|cfg| cfg.values.get("lease_ms")?.parse().ok())
+            .expect("the lease length"),
+    );
+    // With their startup processes stopped, the replicas still receive WAL, but a promotion
+    // cannot finish: `pg_promote` waits.
+    let mut held = Vec::new();
+    for id in c
+        .nodes
+        .keys()
+        .copied()
+        .filter(|id| *id != old)
+        .collect::<Vec<_>>()
+    {
+        held.push(startup_pid(&c, id).await);
+    }
+    for pid in &held {
+        // SAFETY: signalling a process of the test's own Postgres.
+        assert_eq!(unsafe { libc::kill(*pid, libc::SIGSTOP) }, 0);
+    }
+    c.crash_host(old);
+    let target = wait_for("a committed successor", FAILOVER, || async {
+        let t = c
+            .local_topology(*c.nodes.keys().find(|id| **id != old)?)
+            .await?;
+        t.primary.filter(|p| p.node_id != old).map(|p| p.node_id)
+    })
+    .await;
+    let log_of = |id: u64| std::fs::read_to_string(c.nodes[&id].log_path()).unwrap_or_default();
+    wait_for("pg_promote under way", FAILOVER, || async {
+        log_of(target).contains("roles: promoting").then_some(())
+    })
+    .await;
+    // The fault: the promotion is held for two leases.
+    tokio::time::sleep(lease * 2).await;
+    let target_log = log_of(target);
+    for pid in &held {
+        // SAFETY: as above.
+        unsafe { libc::kill(*pid, libc::SIGCONT) };
+    }
+    assert!(
+        !target_log.contains("fenced PostgreSQL"),
+        "the guard stopped a promotion that was held up, not dead:\n{}",
+        c.log_tails()
+    );
+    let (new, t) = c.wait_postgres(FAILOVER).await;
+    assert_eq!(
+        new,
+        target,
+        "another member was promoted:\n{}",
+        c.log_tails()
+    );
+    assert_eq!(
+        t.primary.map(|p| p.epoch),
+        Some(2),
+        "a second failover followed the slow promotion"
+    );
+    let (client, conn) = tokio_postgres::connect(&c.pg_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the new primary");
+    tokio::spawn(conn);
+    client
+        .batch_execute("CREATE TABLE slow_promotion (id bigint)")
+        .await
+        .expect("the new primary writes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

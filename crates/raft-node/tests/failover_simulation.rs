@@ -37,7 +37,7 @@ use raft_node::cluster_state::{
 };
 use raft_node::dynamic_config::{DynamicConfig, SyncMode};
 use raft_node::failover::assess::{Assessor, Seen};
-use raft_node::failover::lease::{adopted_lease, HeldLease, LeaseTerms, Millis};
+use raft_node::failover::lease::{adopted_lease, renewed, HeldLease, LeaseTerms, Millis};
 use raft_node::failover::plan::{
     follows_without_rewind, hypothetical_refusal, manual_failover_refusal, switchover_target,
 };
@@ -48,7 +48,9 @@ use raft_node::failover::reconcile::{plan, while_paused, Action, LocalView};
 use raft_node::failover::report::{
     record, HandedOver, LeaderStamp, MemberReport, PgState, ReportBook, StorageReport, SyncApplied,
 };
-use raft_node::failover::sidecar::{follow_waits, Unreachable, UNREACHABLE_BACKOFF_MS};
+use raft_node::failover::sidecar::{
+    follow_waits, Unreachable, RENEWAL_LEASES, UNREACHABLE_BACKOFF_MS,
+};
 use raft_node::failover::sync::{self as syncrules, SyncStep};
 use raft_node::types::NodeId;
 use rand::rngs::StdRng;
@@ -134,6 +136,21 @@ struct Node {
     /// Where this member's timeline forked off its predecessor's (its WAL position when it
     /// was promoted): WAL of the old timeline past it is not in its history.
     fork_lsn: u64,
+    /// Postgres is promoting (`pg_promote` runs) for this epoch until this sim time; and
+    /// whether it began after everything healed.
+    promoting: Option<(u64, u64, bool)>,
+    /// The sidecar waits on a promotion and renews its lease meanwhile (lost with the process).
+    renewals: Option<Renewing>,
+}
+
+/// The sidecar's renewals while it waits on a promotion (`Renewals` in the real sidecar).
+struct Renewing {
+    epoch: u64,
+    /// The report of the tick that started the promotion, sent again.
+    report: MemberReport,
+    /// Local clock: the next resend, and the last one allowed.
+    next: Millis,
+    until: Millis,
 }
 
 impl Node {
@@ -160,6 +177,7 @@ impl Node {
         self.applied_sync = None;
         self.handed_over = None;
         self.unreachable = None;
+        self.renewals = None;
         self.last_heard = t;
     }
 }
@@ -249,6 +267,8 @@ struct Sim {
     acked_high: u64,
     /// The highest WAL position acknowledged by the primary of each epoch.
     acked_by_epoch: BTreeMap<u64, u64>,
+    /// Every fault has healed.
+    healed: bool,
     events: Vec<String>,
 }
 
@@ -313,6 +333,8 @@ impl Sim {
                 disk_full_until: 0,
                 handed_over: None,
                 fork_lsn: 0,
+                promoting: None,
+                renewals: None,
             })
             .collect();
         let mut committed = ClusterState {
@@ -360,6 +382,7 @@ impl Sim {
             acked_sync_high: 0,
             acked_high: 0,
             acked_by_epoch: BTreeMap::new(),
+            healed: false,
             events: Vec::new(),
         };
         for node in &mut sim.nodes {
@@ -867,9 +890,10 @@ impl Sim {
                     if !n.assessor.accepts_grant_for(sent) {
                         continue;
                     }
-                    let new = HeldLease::from_grant(epoch, sent, lease_ms);
-                    n.lease = Some(n.lease.map_or(new, |old| old.extend(new)));
-                    if n.pg == PgState::Primary && n.lease.is_some_and(|l| l.epoch == epoch) {
+                    n.lease = Some(renewed(n.lease, epoch, sent, lease_ms));
+                    // A sidecar waiting on a promotion feeds every renewal to the guard.
+                    let feeds = n.pg == PgState::Primary || n.renewals.is_some();
+                    if feeds && n.lease.is_some_and(|l| l.epoch == epoch) {
                         n.guard_deadline = n.lease.map(|l| l.expires_at);
                     }
                 }
@@ -890,7 +914,29 @@ impl Sim {
             let sidecar_gone =
                 matches!(n.sidecar, Process::Dead { .. }) && n.detached_until.is_none();
             let now = n.local(t);
-            if n.pg == PgState::Primary {
+            if n.pg == PgState::Replica && n.promoting.is_some() {
+                // The guard holds the lease fed before `pg_promote`, and every renewal since.
+                let lease = Lease::Until(n.guard_deadline.unwrap_or(0));
+                let expired = effective_deadline(lease, n.detached_until).is_some_and(|d| now >= d);
+                if expired || sidecar_gone {
+                    let healed = n.promoting.is_some_and(|(_, _, healed)| healed);
+                    n.pg = PgState::Fenced;
+                    n.promoting = None;
+                    n.detached_until = None;
+                    let id = n.id;
+                    self.log(format!(
+                        "guard of {id} stops a promotion that outlived its lease"
+                    ));
+                    if healed {
+                        // Nothing is wrong any more: a promotion, however slow, must keep
+                        // its lease.
+                        self.fail(&format!(
+                            "{id}'s promotion, begun after everything healed, lost its lease \
+                             half-way"
+                        ));
+                    }
+                }
+            } else if n.pg == PgState::Primary {
                 let lease = Lease::Until(n.guard_deadline.unwrap_or(0));
                 let expired = effective_deadline(lease, n.detached_until).is_some_and(|d| now >= d);
                 if expired || sidecar_gone {
@@ -910,6 +956,38 @@ impl Sim {
                 // Nothing runs under a guard any more.
                 n.detached_until = None;
             }
+        }
+        self.promotion_step();
+    }
+
+    /// Postgres finishes the promotions that are due, whatever its sidecar does meanwhile.
+    fn promotion_step(&mut self) {
+        let t = self.t;
+        for id in self.members.clone() {
+            let n = self.node(id);
+            let Some((epoch, done_at, _)) = n.promoting else {
+                continue;
+            };
+            if !n.host_up || n.pg != PgState::Replica {
+                // Crashed or stopped half-way: `pg_promote` fails.
+                self.node_mut(id).promoting = None;
+                continue;
+            }
+            if t < done_at {
+                continue;
+            }
+            // Writable from now on: only under a lease of this epoch (S2), which the renewals
+            // kept alive however long the promotion took.
+            self.check_lease(id, n.local(t), epoch, "finish promoting");
+            let n = self.node_mut(id);
+            n.fork_lsn = n.lsn;
+            n.pg = PgState::Primary;
+            n.timeline += 1;
+            n.upstream = None;
+            n.receiver_streaming = false;
+            n.last_receipt = None;
+            n.promoting = None;
+            self.log(format!("{id}'s Postgres is promoted (epoch {epoch})"));
         }
     }
 
@@ -981,6 +1059,10 @@ impl Sim {
         let t = self.t;
         for id in self.members.clone() {
             let n = self.node(id);
+            if n.alive() && n.renewals.is_some() && self.renewing(id) {
+                continue;
+            }
+            let n = self.node(id);
             if !n.alive() || n.local(t) < n.next_tick {
                 continue;
             }
@@ -1038,6 +1120,7 @@ impl Sim {
                 system_identifier: None,
             };
             let term = n.term;
+            let sent = report.clone();
             if let Some(l) = self.current_leader_of(id) {
                 let body = Body::Report {
                     report: Box::new(report),
@@ -1172,16 +1255,28 @@ impl Sim {
                     self.manual_failovers += usize::from(manual);
                     self.apply_sync(id, epoch, now);
                     self.promotions.push((id, epoch));
+                    // `pg_promote` may take a while on a busy host, sometimes beyond the lease:
+                    // the sidecar waits on it and renews its lease meanwhile.
+                    let lease_ms = self.node(id).applied.config.lease_ms;
+                    let took = if self.rng.gen_bool(0.2) {
+                        self.rng.gen_range(0..=2 * lease_ms)
+                    } else {
+                        self.rng.gen_range(0..=300)
+                    };
+                    let healed = self.healed;
                     let n = self.node_mut(id);
-                    n.fork_lsn = lsn;
-                    n.pg = PgState::Primary;
-                    n.timeline += 1;
-                    n.upstream = None;
-                    n.receiver_streaming = false;
-                    n.last_receipt = None;
-                    n.last_primary_epoch = Some(epoch);
                     n.guard_deadline = n.lease.map(|l| l.expires_at);
-                    self.log(format!("{id} promotes (epoch {epoch}): {}", step.reason));
+                    n.promoting = Some((epoch, t + took, healed));
+                    n.renewals = Some(Renewing {
+                        epoch,
+                        report: sent,
+                        next: now + tick,
+                        until: now + lease_ms * RENEWAL_LEASES,
+                    });
+                    self.log(format!(
+                        "{id} promotes (epoch {epoch}, {took} ms): {}",
+                        step.reason
+                    ));
                 }
                 Action::Follow { upstream } => {
                     // Following reaches the upstream first; one that cannot be reached is not
@@ -1321,6 +1416,54 @@ impl Sim {
             .history
             .iter()
             .any(|h| h.to == id && h.epoch == epoch)
+    }
+
+    /// A sidecar waiting on its promotion: resends its last report every tick while
+    /// `pg_promote` runs (true), and once it returned takes up the tick again (false).
+    fn renewing(&mut self, id: NodeId) -> bool {
+        let t = self.t;
+        let n = self.node_mut(id);
+        let now = n.local(t);
+        let tick = n.applied.config.tick_ms;
+        let Some(r) = n.renewals.as_mut() else {
+            return false;
+        };
+        if n.promoting.is_none() {
+            let epoch = r.epoch;
+            n.renewals = None;
+            if n.pg == PgState::Primary {
+                n.last_primary_epoch = Some(epoch);
+                n.next_tick = now;
+                self.log(format!("{id} promoted (epoch {epoch})"));
+            }
+            return false;
+        }
+        if now < r.next {
+            return true;
+        }
+        r.next = now + tick;
+        if now >= r.until {
+            return true;
+        }
+        let report = r.report.resent(now);
+        let term = n.term;
+        if let Some(l) = self.current_leader_of(id) {
+            let body = Body::Report {
+                report: Box::new(report),
+                term,
+            };
+            if l == id {
+                self.msgs.push(Msg {
+                    at: t,
+                    from: id,
+                    to: id,
+                    body,
+                });
+            } else {
+                self.send(id, l, body);
+            }
+        }
+        true
     }
 
     fn check_lease(&self, id: NodeId, now: Millis, epoch: u64, what: &str) {
@@ -1552,8 +1695,9 @@ impl Sim {
                 self.nodes[victim].sidecar = Process::Dead { until };
                 self.leaders.remove(&id);
                 self.log(format!("sidecar {id} killed until {until}"));
-            } else {
-                // A clean stop for a restart or an upgrade (SIGTERM): the sidecar detaches from its
+            } else if self.nodes[victim].renewals.is_none() {
+                // A clean stop for a restart or an upgrade (SIGTERM), taken after the tick under
+                // way (so never in the middle of a promotion): the sidecar detaches from its
                 // guard, which keeps Postgres for the restart window. Half the restarts are
                 // back within a lease, half long after it (a slow upgrade, a failed start).
                 let until = if self.rng.gen_bool(0.5) {
@@ -1758,6 +1902,7 @@ impl Sim {
                 n.guard = Process::Frozen { until: t };
             }
         }
+        self.healed = true;
         self.log("everything heals".into());
     }
 

@@ -94,7 +94,7 @@ impl Instance {
                     after: self.cfg.timeouts.start,
                 });
             }
-            tokio::time::sleep(POLL).await;
+            self.fed(tokio::time::sleep(POLL)).await?;
         }
     }
 

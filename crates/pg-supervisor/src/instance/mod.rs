@@ -43,6 +43,8 @@ pub struct Instance {
     last_lease: Option<Lease>,
     /// A write probe still running from an earlier observation.
     write_in_flight: InFlight,
+    /// Leases the sidecar renews while a promotion or a start holds this instance.
+    renewals: Option<tokio::sync::watch::Receiver<Lease>>,
 }
 
 impl Instance {
@@ -59,6 +61,7 @@ impl Instance {
             guard: None,
             last_lease: None,
             write_in_flight: InFlight::default(),
+            renewals: None,
         })
     }
 
@@ -143,6 +146,41 @@ impl Instance {
         guard.feed(lease).await?;
         self.last_lease = Some(lease);
         Ok(())
+    }
+
+    /// While set, a promotion or a start feeds the guard every lease sent on `leases` as it
+    /// comes. Either can outlast a lease (a slow end of recovery, a long crash recovery), and
+    /// the sidecar, busy waiting on it, renews the lease meanwhile: without this the guard would
+    /// stop Postgres half-way through.
+    pub fn renew_from(&mut self, leases: Option<tokio::sync::watch::Receiver<Lease>>) {
+        self.renewals = leases;
+    }
+
+    /// Runs `work` (which must not touch the guard) while feeding the guard each renewed lease.
+    pub(crate) async fn fed<T>(&mut self, work: impl std::future::Future<Output = T>) -> Result<T> {
+        let (guard, last, renewals) = (&mut self.guard, &mut self.last_lease, &mut self.renewals);
+        let Some(leases) = renewals.as_mut() else {
+            return Ok(work.await);
+        };
+        tokio::pin!(work);
+        loop {
+            let renewed = async {
+                match leases.changed().await {
+                    Ok(()) => *leases.borrow_and_update(),
+                    // The sidecar is done renewing: nothing more will come.
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                lease = renewed => {
+                    if let Some(g) = guard.as_mut() {
+                        g.feed(lease).await?;
+                        *last = Some(lease);
+                    }
+                }
+            }
+        }
     }
 
     /// One bounded look at the server; never takes longer than

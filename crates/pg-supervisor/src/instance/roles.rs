@@ -181,14 +181,14 @@ impl Instance {
         let s = connect(&self.local_target(), &self.cfg.superuser, t.connect, None).await?;
         let wait_secs = t.promote.as_secs().clamp(1, i32::MAX as u64) as i32;
         tracing::info!(member = %self.cfg.member_name, "promoting");
-        let rows = s
-            .query(
+        let rows = self
+            .fed(s.query(
                 "pg_promote",
                 "SELECT pg_promote(true, $1)",
                 &[&wait_secs],
                 t.promote + Duration::from_secs(5),
-            )
-            .await?;
+            ))
+            .await??;
         let promoted: bool = rows
             .first()
             .and_then(|r| r.try_get(0).ok())
@@ -216,7 +216,7 @@ impl Instance {
                     "still in recovery after pg_promote".into(),
                 ));
             }
-            tokio::time::sleep(POLL).await;
+            self.fed(tokio::time::sleep(POLL)).await?;
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
         // A later restart must not try to stream from the old primary.

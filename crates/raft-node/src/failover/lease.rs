@@ -45,6 +45,14 @@ impl HeldLease {
     }
 }
 
+/// The lease held once a grant of `epoch` for `lease_ms` answers a report sent at `sent_at`
+/// (holder's clock): it extends a lease of the same epoch, replaces one of an older epoch, and
+/// never shortens what is held.
+pub fn renewed(held: Option<HeldLease>, epoch: u64, sent_at: Millis, lease_ms: u64) -> HeldLease {
+    let new = HeldLease::from_grant(epoch, sent_at, lease_ms);
+    held.map_or(new, |old| old.extend(new))
+}
+
 /// The lease a new sidecar holds after adopting the guard its predecessor left running: the
 /// guard's deadline (on the same clock), for the epoch the data directory last served as primary
 /// in. `None` when the guard holds no deadline (a replica) or the epoch is unknown: such a server
@@ -144,6 +152,25 @@ pub fn max_clock_rate_error(cfg: &DynamicConfig) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_extends_the_lease_of_its_epoch_and_never_shortens_it() {
+        let held = renewed(None, 3, 1_000, 2_500);
+        assert_eq!(held.expires_at, 3_500);
+        assert_eq!(renewed(Some(held), 3, 1_500, 2_500).expires_at, 4_000);
+        // An answer to an older report comes late: it shortens nothing.
+        assert_eq!(renewed(Some(held), 3, 500, 2_500), held);
+        // A grant of a later epoch replaces the lease, even when it ends sooner.
+        assert_eq!(
+            renewed(Some(held), 4, 600, 2_500),
+            HeldLease {
+                epoch: 4,
+                expires_at: 3_100
+            }
+        );
+        // A grant of an older epoch changes nothing.
+        assert_eq!(renewed(Some(held), 2, 9_000, 2_500), held);
+    }
 
     #[test]
     fn an_adopted_lease_is_the_guards_deadline_for_a_known_primary_epoch() {

@@ -117,6 +117,19 @@ pub struct StorageReport {
     pub write_probe_ms: Option<u64>,
 }
 
+impl MemberReport {
+    /// This report sent again at `now`, while a long action (a promotion, a start as primary)
+    /// keeps the sidecar from observing anew. It says what was last seen and echoes the same
+    /// leader stamp, so nothing in it claims to be newer than it is; it renews the lease all
+    /// the same.
+    pub fn resent(&self, now: Millis) -> MemberReport {
+        MemberReport {
+            sent_at: now,
+            ..self.clone()
+        }
+    }
+}
+
 /// A leader's term and clock reading, returned with every report reply and echoed in the
 /// member's next report. A report echoing a stamp taken at or after some instant of the leader
 /// was sent after that instant, whatever the network did: what it says (the member's WAL
@@ -244,6 +257,21 @@ mod tests {
             pending_restart: Vec::new(),
             system_identifier: None,
         }
+    }
+
+    #[test]
+    fn a_resent_report_changes_only_its_send_time() {
+        let mut r = replica(Some(10), 1_000);
+        r.leader_stamp = Some(LeaderStamp { term: 2, at: 900 });
+        let again = r.resent(1_400);
+        assert_eq!(again.sent_at, 1_400);
+        assert_eq!(
+            MemberReport {
+                sent_at: 1_000,
+                ..again
+            },
+            r
+        );
     }
 
     #[test]

@@ -16,13 +16,14 @@ use tokio::sync::watch;
 
 use super::assess::{Assessor, Seen};
 use super::leader::{boot_clock_ms, FailoverLeader, Grant, ReportAnswer};
-use super::lease::{adopted_lease, HeldLease, Millis};
+use super::lease::{adopted_lease, renewed, HeldLease, Millis};
 use super::plan::follows_without_rewind;
 use super::reconcile::{plan, while_paused, Action, LocalView};
 use super::report::{HandedOver, LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied};
 use super::sync;
 use crate::callbacks::{CallbackAction, Callbacks};
 use crate::cluster_state::{ClusterState, Epoch, PlanKind, SyncSet};
+use crate::dynamic_config::DynamicConfig;
 use crate::events::EventLog;
 use crate::http::LocalHealth;
 use crate::metrics::Metrics;
@@ -82,7 +83,7 @@ pub fn guard_deadline(lease: Option<HeldLease>) -> Lease {
 /// report left, so a late answer is as safe as a prompt one, just shorter-lived; waiting a
 /// quarter lease (never less than a tick) lets renewals ride out round trips far longer than a
 /// tick, and a primary whose reports all fail still sees its lease end on time.
-pub fn report_timeout(cfg: &crate::dynamic_config::DynamicConfig) -> Duration {
+pub fn report_timeout(cfg: &DynamicConfig) -> Duration {
     Duration::from_millis(cfg.tick_ms.max(cfg.lease_ms / 4))
 }
 
@@ -191,6 +192,123 @@ pub struct Sidecar {
     restart_window: Duration,
     /// The upstream a follow could not reach, and until when not to try it again.
     unreachable: Option<Unreachable>,
+}
+
+/// Sends a sidecar's reports to the Raft leader.
+#[derive(Clone)]
+struct Reporter {
+    node_id: NodeId,
+    raft: Raft,
+    leader: Arc<FailoverLeader>,
+    dialer: Dialer,
+    metrics: Metrics,
+}
+
+impl Reporter {
+    fn leader_addr(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Sends `report` to the Raft leader (this node's own, without the network) and returns
+    /// its answer, if one came within `timeout`.
+    async fn send(&self, report: &MemberReport, timeout: Duration) -> Option<ReportAnswer> {
+        let (leader, addr) = self.leader_addr()?;
+        if leader == self.node_id {
+            return self.leader.on_report(report.clone());
+        }
+        // One kept channel per leader: a report is a call on an open HTTP/2 connection.
+        let mut client = InternalClient::new(self.dialer.kept(&addr).ok()?);
+        let sent = Instant::now();
+        let req = ReportRequest {
+            report: Some(report.into()),
+        };
+        let reply = match tokio::time::timeout(timeout, client.report(req)).await {
+            Ok(Ok(reply)) => {
+                self.metrics
+                    .report_rtt
+                    .observe(sent.elapsed().as_secs_f64());
+                reply.into_inner()
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(status)) => status.to_string(),
+                    _ => format!("no answer within {} ms", timeout.as_millis()),
+                };
+                tracing::debug!(leader, %why, "report to the Raft leader failed");
+                self.metrics.report_failures.inc();
+                // The kept connection may be the one a cut silenced: dial afresh next time.
+                self.dialer.forget(&addr);
+                return None;
+            }
+        };
+        Some(ReportAnswer {
+            grant: reply.granted.then_some(Grant {
+                epoch: reply.epoch,
+                lease_ms: reply.lease_ms,
+            }),
+            stamp: LeaderStamp {
+                term: reply.leader_term,
+                at: reply.leader_at_ms,
+            },
+            report_again: reply.report_again,
+        })
+    }
+}
+
+/// A promotion or a start as primary can outlast the lease (a slow end of recovery on a busy
+/// host, a long crash recovery), and the tick that renews the lease waits on it. Renewals go
+/// on meanwhile, for at most this many leases: a promotion stuck longer than that loses its
+/// lease, and the guard stops it so that another member can take over.
+pub const RENEWAL_LEASES: u64 = 8;
+
+/// Lease renewals while a long action holds the tick.
+struct Renewals {
+    reporter: Reporter,
+    /// The report of the tick that started the action, sent again.
+    report: MemberReport,
+    lease: Option<HeldLease>,
+    stamp: Option<LeaderStamp>,
+    assessor: Assessor,
+    /// Where every renewed lease goes, for the instance to feed its guard.
+    feed: watch::Sender<Lease>,
+    every: Duration,
+    timeout: Duration,
+    /// Boot clock: no renewal is sent after this.
+    until: Millis,
+}
+
+impl Renewals {
+    /// Runs `work` while renewing.
+    async fn around<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::select! {
+            out = work => out,
+            never = self.run() => match never {},
+        }
+    }
+
+    async fn run(&mut self) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(self.every).await;
+            let now = boot_clock_ms();
+            if now >= self.until {
+                continue;
+            }
+            let report = self.report.resent(now);
+            let Some(answer) = self.reporter.send(&report, self.timeout).await else {
+                continue;
+            };
+            self.stamp = Some(answer.stamp);
+            if let Some(g) = answer.grant {
+                if self.assessor.accepts_grant_for(report.sent_at) {
+                    self.lease = Some(renewed(self.lease, g.epoch, report.sent_at, g.lease_ms));
+                    self.feed.send_replace(guard_deadline(self.lease));
+                }
+            }
+        }
+    }
 }
 
 /// A follow that could not reach its upstream.
@@ -572,54 +690,41 @@ impl Sidecar {
         }
     }
 
-    fn leader_addr(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
-        Some((id, addr))
+    /// What sends this sidecar's reports; owned, so that renewals can go on while an action
+    /// holds the instance.
+    fn reporter(&self) -> Reporter {
+        Reporter {
+            node_id: self.node_id,
+            raft: self.raft.clone(),
+            leader: self.leader.clone(),
+            dialer: self.dialer.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
-    async fn send_report(&self, report: &MemberReport, timeout: Duration) -> Option<ReportAnswer> {
-        let (leader, addr) = self.leader_addr()?;
-        if leader == self.node_id {
-            return self.leader.on_report(report.clone());
+    /// Starts renewing the lease while a long action runs: `report` (the one this tick sent)
+    /// goes out again every tick, and the instance feeds its guard every lease granted.
+    fn begin_renewals(&mut self, report: &MemberReport, cfg: &DynamicConfig) -> Renewals {
+        let (feed, leases) = watch::channel(self.guard_lease());
+        self.instance.renew_from(Some(leases));
+        Renewals {
+            reporter: self.reporter(),
+            report: report.clone(),
+            lease: self.lease,
+            stamp: self.leader_stamp,
+            assessor: self.assessor,
+            feed,
+            every: Duration::from_millis(cfg.tick_ms),
+            timeout: report_timeout(cfg),
+            until: boot_clock_ms().saturating_add(cfg.lease_ms.saturating_mul(RENEWAL_LEASES)),
         }
-        // One kept channel per leader: a report is a call on an open HTTP/2 connection.
-        let mut client = InternalClient::new(self.dialer.kept(&addr).ok()?);
-        let sent = Instant::now();
-        let req = ReportRequest {
-            report: Some(report.into()),
-        };
-        let reply = match tokio::time::timeout(timeout, client.report(req)).await {
-            Ok(Ok(reply)) => {
-                self.metrics
-                    .report_rtt
-                    .observe(sent.elapsed().as_secs_f64());
-                reply.into_inner()
-            }
-            failed => {
-                let why = match failed {
-                    Ok(Err(status)) => status.to_string(),
-                    _ => format!("no answer within {} ms", timeout.as_millis()),
-                };
-                tracing::debug!(leader, %why, "report to the Raft leader failed");
-                self.metrics.report_failures.inc();
-                // The kept connection may be the one a cut silenced: dial afresh next time.
-                self.dialer.forget(&addr);
-                return None;
-            }
-        };
-        Some(ReportAnswer {
-            grant: reply.granted.then_some(Grant {
-                epoch: reply.epoch,
-                lease_ms: reply.lease_ms,
-            }),
-            stamp: LeaderStamp {
-                term: reply.leader_term,
-                at: reply.leader_at_ms,
-            },
-            report_again: reply.report_again,
-        })
+    }
+
+    /// Takes back what the renewals got.
+    fn end_renewals(&mut self, r: Renewals) {
+        self.instance.renew_from(None);
+        self.lease = r.lease;
+        self.leader_stamp = r.stamp;
     }
 
     fn upstream_of(&self, node: NodeId) -> Option<Upstream> {
@@ -789,15 +894,14 @@ impl Sidecar {
                 .filter(|_| pg == PgState::Fenced)
                 .map(|(h, _, _)| h),
         };
-        let answer = self.send_report(&report, report_timeout(&cfg)).await;
+        let answer = self.reporter().send(&report, report_timeout(&cfg)).await;
         let report_again = answer.is_some_and(|a| a.report_again);
         if let Some(a) = answer {
             self.leader_stamp = Some(a.stamp);
         }
         if let Some(g) = answer.and_then(|a| a.grant) {
             if self.assessor.accepts_grant_for(now) {
-                let new = HeldLease::from_grant(g.epoch, now, g.lease_ms);
-                self.lease = Some(self.lease.map_or(new, |old| old.extend(new)));
+                self.lease = Some(renewed(self.lease, g.epoch, now, g.lease_ms));
                 if pg == PgState::Primary {
                     let lease = self.guard_lease();
                     if let Err(e) = self.instance.feed_lease(lease).await {
@@ -873,7 +977,9 @@ impl Sidecar {
         }
         let mut memory = self.memory;
         memory.epoch_seen = memory.epoch_seen.max(epoch);
-        let result = self.execute(step.action, &state.cluster, &mut memory).await;
+        let result = self
+            .execute(step.action, &state.cluster, &report, &mut memory)
+            .await;
         if result.is_ok() {
             self.call_back(step.action, pg);
         }
@@ -1105,6 +1211,7 @@ impl Sidecar {
         &mut self,
         action: Action,
         cluster: &ClusterState,
+        report: &MemberReport,
         memory: &mut Memory,
     ) -> Result<(), String> {
         let epoch = cluster.primary.map(|a| a.epoch).unwrap_or(0);
@@ -1143,10 +1250,11 @@ impl Sidecar {
                 memory.last_primary_epoch = None;
             }
             Action::StartPrimary => {
-                self.instance
-                    .start(self.guard_lease())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let lease = self.guard_lease();
+                let mut renewals = self.begin_renewals(report, &cluster.config);
+                let started = renewals.around(self.instance.start(lease)).await;
+                self.end_renewals(renewals);
+                started.map_err(|e| e.to_string())?;
                 self.assessor.started();
                 memory.last_primary_epoch = Some(epoch);
             }
@@ -1175,7 +1283,10 @@ impl Sidecar {
                     .feed_lease(lease)
                     .await
                     .map_err(|e| e.to_string())?;
-                let r = self.instance.promote().await.map_err(|e| e.to_string())?;
+                let mut renewals = self.begin_renewals(report, &cluster.config);
+                let promoted = renewals.around(self.instance.promote()).await;
+                self.end_renewals(renewals);
+                let r = promoted.map_err(|e| e.to_string())?;
                 tracing::info!(
                     epoch,
                     timeline = r.timeline,
