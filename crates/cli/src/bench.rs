@@ -75,6 +75,11 @@ pub enum BenchCmd {
         /// Alternations of direct and routed measurements.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// CPUs (comma-separated ids) for the router's process alone; the cluster and the
+        /// clients then run on the others, as with a router on an application host. By default
+        /// all share every CPU.
+        #[arg(long, value_delimiter = ',')]
+        router_cpus: Vec<usize>,
     },
 }
 
@@ -127,10 +132,12 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             clients,
             seconds,
             rounds,
+            router_cpus,
         } => {
             let dir =
                 std::env::temp_dir().join(format!("pgquorum-bench-router-{}", std::process::id()));
-            let result = crate::bench_router::run(clients, seconds, rounds, &dir).await;
+            let result =
+                crate::bench_router::run(clients, seconds, rounds, &router_cpus, &dir).await;
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
