@@ -1119,25 +1119,8 @@ impl Sim {
                 pending_restart: Vec::new(),
                 system_identifier: None,
             };
-            let term = n.term;
             let sent = report.clone();
-            if let Some(l) = self.current_leader_of(id) {
-                let body = Body::Report {
-                    report: Box::new(report),
-                    term,
-                };
-                if l == id {
-                    // The leader reports to itself without the network.
-                    self.msgs.push(Msg {
-                        at: t,
-                        from: id,
-                        to: id,
-                        body,
-                    });
-                } else {
-                    self.send(id, l, body);
-                }
-            }
+            self.report_to_leader(id, report);
             // Reconcile.
             let n = self.node(id);
             let view = LocalView {
@@ -1446,24 +1429,30 @@ impl Sim {
             return true;
         }
         let report = r.report.resent(now);
-        let term = n.term;
-        if let Some(l) = self.current_leader_of(id) {
-            let body = Body::Report {
-                report: Box::new(report),
-                term,
-            };
-            if l == id {
-                self.msgs.push(Msg {
-                    at: t,
-                    from: id,
-                    to: id,
-                    body,
-                });
-            } else {
-                self.send(id, l, body);
-            }
-        }
+        self.report_to_leader(id, report);
         true
+    }
+
+    /// `id`'s sidecar sends `report` to the Raft leader it knows, if any.
+    fn report_to_leader(&mut self, id: NodeId, report: MemberReport) {
+        let Some(l) = self.current_leader_of(id) else {
+            return;
+        };
+        let body = Body::Report {
+            report: Box::new(report),
+            term: self.node(id).term,
+        };
+        if l == id {
+            // The leader reports to itself without the network.
+            self.msgs.push(Msg {
+                at: self.t,
+                from: id,
+                to: id,
+                body,
+            });
+        } else {
+            self.send(id, l, body);
+        }
     }
 
     fn check_lease(&self, id: NodeId, now: Millis, epoch: u64, what: &str) {
