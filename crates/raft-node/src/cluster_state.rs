@@ -59,9 +59,9 @@ pub struct MemberInfo {
     pub pg_port: u16,
     /// Failover tags.
     pub tags: Tags,
-    /// The Raft heartbeat interval this member runs with (0: not said). Every member must run
-    /// the same one: a new leader's wait (S2) rests on its predecessor's quorum-contact bound,
-    /// which is three heartbeats.
+    /// The Raft heartbeat interval this member runs with (0: not said). A new leader's wait
+    /// (S2) rests on its predecessor's quorum-contact bound, three heartbeats, so the cluster
+    /// keeps the longest one registered.
     #[serde(default)]
     pub raft_heartbeat_ms: u64,
     /// The upper Raft election timeout this member runs with (0: not said).
@@ -308,7 +308,8 @@ pub struct ClusterState {
     /// leader waits by these until a leader settles them.
     #[serde(default)]
     pub lease_ceiling: Option<LeaseTerms>,
-    /// The Raft heartbeat interval every member runs with, from the first registration.
+    /// The longest Raft heartbeat interval any member registered with (it only grows): a new
+    /// leader's wait rests on its predecessor's quorum-contact bound, three heartbeats.
     #[serde(default)]
     pub raft_heartbeat_ms: Option<u64>,
     /// The longest upper election timeout any member registered with.
@@ -369,23 +370,35 @@ impl ClusterState {
                         info.name, other.id, info.id
                     ));
                 }
-                match self.raft_heartbeat_ms {
-                    Some(hb) if info.raft_heartbeat_ms != 0 && info.raft_heartbeat_ms != hb => {
+                // Members may run different heartbeats (a rolling change of the Raft timings
+                // passes through every mix): a new leader's wait assumes the longest one any
+                // member registered, and a leader running a longer one grants nothing until its
+                // own registration raised it. The lease must still outlast an election.
+                let hb = self
+                    .raft_heartbeat_ms
+                    .unwrap_or(0)
+                    .max(info.raft_heartbeat_ms);
+                let election = self
+                    .raft_election_max_ms
+                    .unwrap_or(0)
+                    .max(info.raft_election_max_ms);
+                if hb != 0 && election != 0 {
+                    let floor = lease_floor_ms(hb, election, self.config.tick_ms);
+                    if self.config.lease_ms < floor {
                         return Err(format!(
-                            "node {} runs raft.heartbeat_ms = {} but the cluster runs {hb}; every \
-                             member must use the same Raft timings (set raft.heartbeat_ms = {hb} \
-                             in its config)",
-                            info.id, info.raft_heartbeat_ms
+                            "node {} runs raft.heartbeat_ms = {} and raft.election_timeout_max_ms                              = {}: with them a Raft election may take {floor} ms, longer than the                              cluster's lease_ms = {} (a leader change alone would fence a healthy                              primary); raise lease_ms to at least {floor} first                              (`pgquorum config set lease_ms={floor}`), or shorten this member's                              Raft timings",
+                            info.id,
+                            info.raft_heartbeat_ms,
+                            info.raft_election_max_ms,
+                            self.config.lease_ms
                         ));
                     }
-                    None if info.raft_heartbeat_ms != 0 => {
-                        self.raft_heartbeat_ms = Some(info.raft_heartbeat_ms)
-                    }
-                    _ => {}
                 }
-                if info.raft_election_max_ms != 0 {
-                    let longest = self.raft_election_max_ms.unwrap_or(0);
-                    self.raft_election_max_ms = Some(longest.max(info.raft_election_max_ms));
+                if hb != 0 {
+                    self.raft_heartbeat_ms = Some(hb);
+                }
+                if election != 0 {
+                    self.raft_election_max_ms = Some(election);
                 }
                 self.members.insert(info.id, info.clone());
                 Ok(())
@@ -662,6 +675,17 @@ impl ClusterState {
                 "stale epoch {epoch}: synchronous standbys belong to the current primary's epoch"
             )),
         }
+    }
+
+    /// The longest Raft heartbeat any member registered with.
+    pub fn longest_raft_heartbeat_ms(&self) -> Option<u64> {
+        self.raft_heartbeat_ms
+    }
+
+    /// The longest quorum-contact age a predecessor may have granted a lease on: three of the
+    /// longest heartbeat any member registered (0 when none registered its timings).
+    pub fn predecessor_ack_max_ms(&self) -> u64 {
+        crate::failover::lease::quorum_ack_max_ms(self.raft_heartbeat_ms.unwrap_or(0))
     }
 
     /// The terms a new leader must assume its predecessor granted leases under.
@@ -1091,26 +1115,40 @@ mod tests {
     }
 
     #[test]
-    fn members_must_agree_on_the_raft_heartbeat() {
+    fn the_longest_registered_heartbeat_is_kept_and_a_lease_it_cannot_cover_is_refused() {
+        // Finding 4 of the review: a member with other Raft timings was refused at
+        // registration but stayed a voter, and as leader blocked every grant for good.
         let mut s = ClusterState::default();
         let m = ids(&[1, 2]);
         let mut a = info(1, "a");
         a.raft_heartbeat_ms = 150;
+        a.raft_election_max_ms = 600;
         assert_eq!(
-            s.apply(&Command::RegisterMember(a), &m),
+            s.apply(&Command::RegisterMember(a.clone()), &m),
             CommandOutcome::Applied
         );
         let mut b = info(2, "b");
         b.raft_heartbeat_ms = 300;
-        match s.apply(&Command::RegisterMember(b.clone()), &m) {
-            CommandOutcome::Rejected { reason } => assert!(reason.contains("heartbeat_ms = 150")),
-            other => panic!("{other:?}"),
-        }
-        b.raft_heartbeat_ms = 150;
+        b.raft_election_max_ms = 600;
         assert_eq!(
-            s.apply(&Command::RegisterMember(b), &m),
+            s.apply(&Command::RegisterMember(b.clone()), &m),
             CommandOutcome::Applied
         );
+        assert_eq!(s.longest_raft_heartbeat_ms(), Some(300));
+        assert_eq!(s.predecessor_ack_max_ms(), 900);
+        // Back to 150 everywhere: the longest stays (a lease may still rest on it).
+        b.raft_heartbeat_ms = 150;
+        s.apply(&Command::RegisterMember(b.clone()), &m);
+        assert_eq!(s.longest_raft_heartbeat_ms(), Some(300));
+        // Timings whose election outlasts the lease are refused, naming the fix.
+        b.raft_election_max_ms = 60_000;
+        match s.apply(&Command::RegisterMember(b), &m) {
+            CommandOutcome::Rejected { reason } => {
+                assert!(reason.contains("raise lease_ms"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.raft_election_max_ms, Some(600), "nothing half-applied");
     }
 
     #[test]

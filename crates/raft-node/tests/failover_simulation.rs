@@ -33,25 +33,24 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use pg_supervisor::{effective_deadline, Lease};
 use raft_node::cluster_state::{
-    ClusterState, Command, CommandOutcome, PlanKind, PrimaryAssignment, PrimaryPlan, SyncSet,
+    ClusterState, Command, CommandOutcome, PlanKind, PrimaryPlan, SyncSet,
 };
 use raft_node::dynamic_config::{DynamicConfig, SyncMode};
 use raft_node::failover::assess::{Assessor, Seen};
+use raft_node::failover::duty::{DutyView, LeaderBook, RaftFacts};
 use raft_node::failover::lease::{adopted_lease, renewed, HeldLease, LeaseTerms, Millis};
 use raft_node::failover::plan::{
     follows_without_rewind, hypothetical_refusal, manual_failover_refusal, switchover_target,
 };
-use raft_node::failover::policy::{
-    decide, may_grant_lease, sync_step, wal_fresh_ms, GrantRecord, PolicyInput, Verdict,
-};
+use raft_node::failover::policy::Verdict;
 use raft_node::failover::reconcile::{plan, while_paused, Action, LocalView};
 use raft_node::failover::report::{
-    record, HandedOver, LeaderStamp, MemberReport, PgState, ReportBook, StorageReport, SyncApplied,
+    HandedOver, LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied,
 };
 use raft_node::failover::sidecar::{
     follow_waits, Unreachable, RENEWAL_LEASES, UNREACHABLE_BACKOFF_MS,
 };
-use raft_node::failover::sync::{self as syncrules, SyncStep};
+use raft_node::failover::sync::{self as syncrules};
 use raft_node::types::NodeId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -64,7 +63,20 @@ const ELECTION_MIN: u64 = 400;
 const ELECTION_MAX: u64 = 600;
 const HEARTBEAT: u64 = 150;
 /// A leader grants leases only while its quorum contact is at most this old (as the sidecar).
-const QUORUM_ACK_MAX: u64 = 3 * HEARTBEAT;
+/// The heartbeat a member may switch to in a rolling change of the Raft timings (the default
+/// lease still outlasts an election with it).
+const OTHER_HEARTBEAT: u64 = 200;
+
+/// What a member registers: its name and Raft timings.
+fn member_info(id: NodeId, heartbeat_ms: u64) -> raft_node::cluster_state::MemberInfo {
+    raft_node::cluster_state::MemberInfo {
+        id,
+        name: format!("n{id}"),
+        raft_heartbeat_ms: heartbeat_ms,
+        raft_election_max_ms: ELECTION_MAX,
+        ..Default::default()
+    }
+}
 /// `wal_receiver_timeout`: how long the status word says `streaming` after a silent cut.
 const RECEIVER_TIMEOUT: u64 = 5_000;
 /// Faults happen during this much simulated time, then everything heals.
@@ -73,7 +85,13 @@ const FAULT_PHASE_MS: u64 = 30_000;
 const LIVENESS_BOUND_MS: u64 = 20_000;
 /// Lease terms an operator may switch between mid-run; clock rates stay within the error the
 /// smallest margin covers.
-const LEASE_CHOICES: [(u64, u64); 4] = [(2_000, 100), (2_500, 150), (3_000, 200), (4_000, 200)];
+const LEASE_CHOICES: [(u64, u64); 5] = [
+    (2_000, 100),
+    (2_500, 150),
+    (3_000, 200),
+    (4_000, 200),
+    (8_000, 300),
+];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Process {
@@ -141,6 +159,10 @@ struct Node {
     promoting: Option<(u64, u64, bool)>,
     /// The sidecar waits on a promotion and renews its lease meanwhile (lost with the process).
     renewals: Option<Renewing>,
+    /// The Raft heartbeat this member's sidecar runs (a restart may change it: a rolling change
+    /// of the Raft timings), and whether its registration of it was committed.
+    heartbeat_ms: u64,
+    registered: bool,
 }
 
 /// The sidecar's renewals while it waits on a promotion (`Renewals` in the real sidecar).
@@ -182,17 +204,14 @@ impl Node {
     }
 }
 
+/// A leader: the shipped book of its term ([`LeaderBook`]), driven by the shipped steps, plus
+/// what the simulation's Raft model keeps about it.
 struct Leader {
     term: u64,
-    since: Millis,
-    reports: ReportBook,
-    last_grant: Option<GrantRecord>,
+    book: LeaderBook,
+    /// Sim time of the last quorum contact.
     last_quorum_ack: u64,
     next_policy: Millis,
-    pending: Option<PrimaryAssignment>,
-    awaiting_reports: bool,
-    verdict: String,
-    plan_seen: Option<(u64, Millis)>,
 }
 
 enum Body {
@@ -335,6 +354,8 @@ impl Sim {
                 fork_lsn: 0,
                 promoting: None,
                 renewals: None,
+                heartbeat_ms: HEARTBEAT,
+                registered: true,
             })
             .collect();
         let mut committed = ClusterState {
@@ -343,11 +364,7 @@ impl Sim {
         };
         let ids: BTreeSet<NodeId> = (1..=n as u64).collect();
         for id in 1..=n as u64 {
-            let info = raft_node::cluster_state::MemberInfo {
-                id,
-                name: format!("n{id}"),
-                ..Default::default()
-            };
+            let info = member_info(id, HEARTBEAT);
             committed.apply(&Command::RegisterMember(info), &ids);
         }
         let mut sim = Sim {
@@ -504,8 +521,15 @@ impl Sim {
                 .collect();
             if acks.len() >= self.majority() {
                 let t = self.t;
+                let asked = self.node(l).local(t);
+                let read_index = if term == self.top_term {
+                    self.committed_index
+                } else {
+                    self.node(l).log_index
+                };
                 if let Some(ld) = self.leaders.get_mut(&l) {
                     ld.last_quorum_ack = t;
+                    ld.book.quorum_confirmed(asked, read_index);
                 }
                 if term == self.top_term {
                     let index = self.committed_index;
@@ -572,15 +596,9 @@ impl Sim {
                     c,
                     Leader {
                         term,
-                        since,
-                        reports: ReportBook::new(),
-                        last_grant: None,
+                        book: LeaderBook::new(term, since),
                         last_quorum_ack: t,
                         next_policy: since,
-                        pending: None,
-                        awaiting_reports: false,
-                        verdict: String::new(),
-                        plan_seen: None,
                     },
                 );
                 self.log(format!("{c} elected leader of term {term}"));
@@ -604,9 +622,11 @@ impl Sim {
                 ld.term == f.term && f.term == self.top_term && t - ld.last_quorum_ack <= HEARTBEAT
             });
             if leads {
-                self.commit(f.leader, f.cmd);
-                if let Some(ld) = self.leaders.get_mut(&f.leader) {
-                    ld.pending = None;
+                // The book forgets the pending promotion once the applied state shows it.
+                if !self.commit(f.leader, f.cmd) {
+                    if let Some(ld) = self.leaders.get_mut(&f.leader) {
+                        ld.book.promotion_refused();
+                    }
                 }
             } else if self
                 .leaders
@@ -627,24 +647,38 @@ impl Sim {
             .map(|(l, _)| *l)
     }
 
-    fn policy_input<'a>(&'a self, ld: &'a Leader, now: Millis, l: NodeId) -> PolicyInput<'a> {
-        PolicyInput {
-            now,
-            term: ld.term,
-            leader_since: ld.since,
-            quorum_ack_max_ms: QUORUM_ACK_MAX,
-            cluster: &self.nodes[Self::idx(l)].applied,
+    /// What leader `l`'s duty is judged by at its clock's `now`, besides its book.
+    fn view(&self, now: Millis, l: NodeId) -> DutyView<'_> {
+        let n = self.node(l);
+        DutyView {
+            me: l,
+            cluster: &n.applied,
+            applied_index: Some(n.log_index),
             members: &self.members,
-            reports: &ld.reports,
-            last_grant: ld.last_grant,
-            pending: ld.pending,
+            heartbeat_ms: n.heartbeat_ms,
+            now,
             // Sim time stands in for the wall clock of planned switchovers.
             now_unix_ms: self.t,
-            plan_started_seen: ld.plan_seen.map(|(_, at)| at),
         }
     }
 
-    /// The leader's policy: decide and, with a quorum, commit (promotions after a delay).
+    /// The Raft facts a hand-off is judged by, for leader `l`.
+    fn raft_facts(&self, l: NodeId) -> RaftFacts {
+        RaftFacts {
+            voters: self.members.clone(),
+            caught_up: self
+                .members
+                .iter()
+                .copied()
+                .filter(|&j| self.can_talk(l, j) && self.node(j).log_index == self.committed_index)
+                .collect(),
+            raft_leader_lease_ms: RAFT_LEADER_LEASE,
+        }
+    }
+
+    /// The leader's policy round and upkeep, through the shipped steps
+    /// ([`LeaderBook::decide`], [`LeaderBook::upkeep`]); with a quorum, their commands commit
+    /// (promotions after a delay).
     fn policy_step(&mut self) {
         let ids: Vec<NodeId> = self.leaders.keys().copied().collect();
         for l in ids {
@@ -652,54 +686,27 @@ impl Sim {
                 continue;
             }
             let now = self.node(l).local(self.t);
-            let started = self
-                .node(l)
-                .applied
-                .plan
-                .filter(|p| p.started)
-                .map(|p| p.id);
-            let ld = self.leaders.get_mut(&l).expect("leader present");
-            if ld.plan_seen.map(|(id, _)| id) != started {
-                ld.plan_seen = started.map(|id| (id, now));
-            }
             let ld = &self.leaders[&l];
             if now < ld.next_policy || ld.term != self.top_term {
                 continue;
             }
-            let has_quorum = self.t - ld.last_quorum_ack <= HEARTBEAT;
-            let (verdict, step) = {
-                let input = self.policy_input(ld, now, l);
-                (decide(&input), sync_step(&input))
-            };
-            let tick = self.node(l).applied.config.tick_ms;
-            let term = ld.term;
-            let text = match &verdict {
-                Verdict::Wait { reason }
-                | Verdict::AwaitReports { reason }
-                | Verdict::CancelPlan { reason, .. }
-                | Verdict::NoCandidate { reason } => {
-                    reason.split(';').next().unwrap_or("").to_string()
-                        + " / "
-                        + reason.rsplit(';').next().unwrap_or("")
-                }
-                _ => String::new(),
-            };
-            let mut changed = None;
-            if let Some(ld) = self.leaders.get_mut(&l) {
-                ld.next_policy = now + tick;
-                ld.awaiting_reports = matches!(verdict, Verdict::AwaitReports { .. });
-                if ld.verdict != text && !text.contains("ms more") {
-                    ld.verdict = text.clone();
-                    changed = Some(text);
-                }
-            }
-            if let Some(text) = changed.filter(|t| !t.is_empty()) {
-                self.log(format!("leader {l}: {text}"));
-            }
-            if !has_quorum {
+            if self.t - ld.last_quorum_ack > HEARTBEAT {
                 continue;
             }
-            match verdict {
+            let term = ld.term;
+            let tick = self.node(l).applied.config.tick_ms;
+            let mut ld = self.leaders.remove(&l).expect("leader present");
+            ld.next_policy = now + tick;
+            let decision = ld.book.decide(&self.view(now, l));
+            let upkeep = matches!(decision.verdict, Verdict::Steady).then(|| {
+                let raft = self.raft_facts(l);
+                ld.book.upkeep(&self.view(now, l), &raft)
+            });
+            self.leaders.insert(l, ld);
+            if let Some(a) = decision.announce.filter(|a| a.new_kind) {
+                self.log(format!("leader {l}: {}", a.text));
+            }
+            match decision.verdict {
                 Verdict::Promote {
                     node,
                     epoch,
@@ -744,9 +751,7 @@ impl Sim {
                     if old.is_some_and(|o| self.node(o.node).disk_full(self.t)) {
                         self.write_failovers += 1;
                     }
-                    if let Some(ld) = self.leaders.get_mut(&l) {
-                        ld.pending = Some(PrimaryAssignment { node, epoch });
-                    }
+                    // The book made the promotion pending in the same step.
                     // A commit waits for a quorum's fsync; a slow disk makes it long.
                     let latency = self.rng.gen_range(0..=1_000);
                     self.log(format!(
@@ -774,23 +779,22 @@ impl Sim {
                     self.plans_cancelled += usize::from(cancelled);
                 }
                 Verdict::Steady => {
-                    let epoch = self.committed.primary.map(|p| p.epoch).unwrap_or(0);
-                    match step {
-                        Some(SyncStep::Commit(set)) => {
-                            let ld = &self.leaders[&l];
+                    let upkeep = upkeep.unwrap_or_default();
+                    if let Some(cmd) = upkeep.command {
+                        if let Command::CommitSync { .. } = cmd {
                             let seen = self
                                 .committed
                                 .primary
-                                .and_then(|p| ld.reports.get(&p.node))
+                                .and_then(|p| self.leaders[&l].book.reports.get(&p.node))
                                 .map(|r| format!("{:?}", r.report.sync_applied))
                                 .unwrap_or_default();
                             self.log(format!("leader {l} sees the primary run {seen}"));
-                            self.commit(l, Command::CommitSync { epoch, set });
                         }
-                        Some(SyncStep::Target(target)) => {
-                            self.commit(l, Command::SetSyncTarget { epoch, target });
-                        }
-                        None => {}
+                        self.commit(l, cmd);
+                    }
+                    if let Some(target) = upkeep.handoff {
+                        // Not modelled: the hand-off request is a hint that Raft may refuse.
+                        self.log(format!("leader {l} would ask {target} to take leadership"));
                     }
                 }
                 _ => {}
@@ -819,49 +823,23 @@ impl Sim {
                         continue;
                     }
                     let now = self.node(l).local(t);
-                    let ack_age = now.saturating_sub(self.node(l).local(ld.last_quorum_ack));
-                    let mut reports = ld.reports.clone();
-                    let granted = ld
-                        .last_grant
-                        .filter(|g| g.node == report.node)
-                        .map(|g| g.report_sent_at);
-                    let fresh = wal_fresh_ms(&self.node(l).applied.config);
-                    record(&mut reports, report.clone(), now, granted, fresh);
-                    let grant = {
-                        let ld = &self.leaders[&l];
-                        let mut input = self.policy_input(ld, now, l);
-                        input.reports = &reports;
-                        may_grant_lease(&input, &report, Some(ack_age))
-                    };
-                    let terms = LeaseTerms::of(&self.node(l).applied.config);
-                    let ld = self.leaders.get_mut(&l).expect("leader present");
-                    ld.reports = reports;
-                    let (ld_term, report_again) = (ld.term, ld.awaiting_reports);
-                    if let Some(epoch) = grant {
-                        ld.last_grant = Some(GrantRecord {
-                            node: report.node,
-                            epoch,
-                            received_at: now,
-                            report_sent_at: report.sent_at,
-                            terms,
-                        });
-                        if report.pg != PgState::Primary {
-                            self.log(format!(
-                                "leader {l} grants {} a lease for its {:?} report sent at {}",
-                                report.node, report.pg, report.sent_at
-                            ));
-                        }
+                    let mut ld = self.leaders.remove(&l).expect("leader present");
+                    let pg = report.pg;
+                    let (node, sent_at) = (report.node, report.sent_at);
+                    let answer = ld.book.on_report(&self.view(now, l), report);
+                    self.leaders.insert(l, ld);
+                    if answer.grant.is_some() && pg != PgState::Primary {
+                        self.log(format!(
+                            "leader {l} grants {node} a lease for its {pg:?} report sent at {sent_at}"
+                        ));
                     }
                     let body = Body::Reply {
-                        grant: grant.map(|e| (e, terms.lease_ms)),
-                        sent: report.sent_at,
-                        stamp: LeaderStamp {
-                            term: ld_term,
-                            at: now,
-                        },
-                        report_again,
+                        grant: answer.grant.map(|g| (g.epoch, g.lease_ms)),
+                        sent: sent_at,
+                        stamp: answer.stamp,
+                        report_again: answer.report_again,
                     };
-                    if l == report.node {
+                    if l == node {
                         self.msgs.push(Msg {
                             at: t,
                             from: l,
@@ -869,7 +847,7 @@ impl Sim {
                             body,
                         });
                     } else {
-                        self.send(l, report.node, body);
+                        self.send(l, node, body);
                     }
                 }
                 Body::Reply {
@@ -1239,10 +1217,12 @@ impl Sim {
                     self.apply_sync(id, epoch, now);
                     self.promotions.push((id, epoch));
                     // `pg_promote` may take a while on a busy host, sometimes beyond the lease:
-                    // the sidecar waits on it and renews its lease meanwhile.
+                    // the sidecar waits on it and renews its lease meanwhile. Up to two leases,
+                    // and never beyond 8 s, so the longest lease choice keeps within the
+                    // liveness bound.
                     let lease_ms = self.node(id).applied.config.lease_ms;
                     let took = if self.rng.gen_bool(0.2) {
-                        self.rng.gen_range(0..=2 * lease_ms)
+                        self.rng.gen_range(0..=(2 * lease_ms).min(8_000))
                     } else {
                         self.rng.gen_range(0..=300)
                     };
@@ -1607,6 +1587,21 @@ impl Sim {
                 }
                 Process::Dead { until } if t >= until && self.nodes[i].host_up => {
                     self.nodes[i].sidecar_restarted(t);
+                    if self.rng.gen_bool(0.3) {
+                        // A rolling change of the Raft timings: the new sidecar runs the other
+                        // heartbeat, and leads (if elected) before its registration commits.
+                        let n = &mut self.nodes[i];
+                        n.heartbeat_ms = if n.heartbeat_ms == HEARTBEAT {
+                            OTHER_HEARTBEAT
+                        } else {
+                            HEARTBEAT
+                        };
+                        n.registered = false;
+                        let hb = n.heartbeat_ms;
+                        self.log(format!(
+                            "sidecar {id} restarts with raft.heartbeat_ms = {hb}"
+                        ));
+                    }
                     let n = &mut self.nodes[i];
                     if n.detached_until.take().is_some()
                         && matches!(n.pg, PgState::Primary | PgState::Replica)
@@ -1809,7 +1804,8 @@ impl Sim {
                 let cmd = {
                     let ld = &self.leaders[&l];
                     let now = self.node(l).local(t);
-                    let input = self.policy_input(ld, now, l);
+                    let view = self.view(now, l);
+                    let input = ld.book.policy_input(&view);
                     let primary = input.cluster.primary;
                     let plan = |kind, to| {
                         primary.map(|a| PrimaryPlan {
@@ -1863,6 +1859,27 @@ impl Sim {
         }
     }
 
+    /// A sidecar that restarted with other Raft timings registers them through a leader with
+    /// its quorum (the real one does at start, through whichever leader it reaches).
+    fn register_step(&mut self) {
+        let Some(l) = self.leader_with_quorum() else {
+            return;
+        };
+        let waiting: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| !n.registered && n.alive())
+            .map(|n| n.id)
+            .filter(|&id| id == l || self.can_talk(id, l))
+            .collect();
+        for id in waiting {
+            let hb = self.node(id).heartbeat_ms;
+            if self.commit(l, Command::RegisterMember(member_info(id, hb))) {
+                self.node_mut(id).registered = true;
+            }
+        }
+    }
+
     /// A leader that has its quorum now, if any.
     fn leader_with_quorum(&self) -> Option<NodeId> {
         self.leaders.iter().find_map(|(l, ld)| {
@@ -1903,6 +1920,7 @@ impl Sim {
         self.check_s1();
         self.sidecar_step();
         self.guard_step();
+        self.register_step();
         self.policy_step();
         self.wal_step();
         self.check_s1();

@@ -9,26 +9,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::ServerState;
 use tokio::sync::watch;
 
-use super::lease::{new_leader_wait, LeaseTerms, Millis};
+pub use super::duty::{duty_blocked, DutyBlock, Grant, ReportAnswer};
+use super::duty::{DutyView, LeaderBook, RaftFacts};
+use super::lease::Millis;
 use super::plan::{hypothetical_refusal, manual_failover_refusal, switchover_target};
-use super::policy::{
-    decide, leadership_handoff, may_grant_lease, sync_step, GrantRecord, PolicyInput, Verdict,
-};
-use super::report::{LeaderStamp, MemberReport, PgState, ReportBook};
-use super::sync::SyncStep;
-use crate::cluster_state::{Command, CommandOutcome, PlanKind, PrimaryAssignment, SyncSet};
+use super::policy::Verdict;
+use super::report::{MemberReport, PgState};
+use crate::cluster_state::{Command, CommandOutcome, PlanKind, SyncSet};
 use crate::events::EventLog;
 use crate::network::Dialer;
 use crate::store::state_machine::AppliedState;
 use crate::types::{NodeId, Raft};
 
-/// The primary's WAL position is committed at most this often (it bounds replicas' lag for a
-/// leader that never heard the primary).
-const LSN_RECORD_EVERY_MS: Millis = 2_000;
 /// How often the leader re-evaluates while a failover is due.
 const FAILOVER_POLL: Duration = Duration::from_millis(50);
-/// A leader on the primary's node asks another member to take over at most this often.
-const HANDOFF_EVERY_MS: Millis = 2_000;
 
 /// Milliseconds of `CLOCK_BOOTTIME`: one clock for every lease computation of this host, which
 /// keeps counting while the host is suspended (so is the guard's).
@@ -42,26 +36,6 @@ pub fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A renewal granted to a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
-    /// Epoch of the lease.
-    pub epoch: u64,
-    /// Length, counted by the holder from when it sent the report.
-    pub lease_ms: u64,
-}
-
-/// The leader's answer to a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReportAnswer {
-    /// The lease renewal, if granted.
-    pub grant: Option<Grant>,
-    /// This leader's term and clock, for the member to echo in its next report.
-    pub stamp: LeaderStamp,
-    /// A failover waits for reports sent after the old primary stopped: report again now.
-    pub report_again: bool,
 }
 
 /// What the leader currently knows of one member, for the topology.
@@ -81,58 +55,15 @@ pub struct MemberHealth {
     pub pending_restart: Vec<String>,
 }
 
-#[derive(Default)]
-struct Book {
-    term: u64,
-    since: Millis,
-    reports: ReportBook,
-    last_grant: Option<GrantRecord>,
-    quorum_confirmed_at: Option<Millis>,
-    /// The log index the last quorum confirmation read at: an applied state older than it may
-    /// miss a promotion a predecessor committed.
-    read_index: Option<u64>,
-    /// A promotion this leader is committing.
-    pending: Option<PrimaryAssignment>,
-    ceiling_seen_at: Option<Millis>,
-    lsn_recorded_at: Option<Millis>,
-    handoff_at: Option<Millis>,
-    /// The last verdict waits for fresh reports.
-    awaiting_reports: bool,
-    verdict: String,
-    /// The started plan this leader saw, and when it first saw it.
-    plan_seen: Option<(u64, Millis)>,
-}
-
 /// The leader-side failover state of one sidecar (inactive while it is not the leader).
 pub struct FailoverLeader {
     node_id: NodeId,
     raft: Raft,
     state: watch::Receiver<Arc<AppliedState>>,
     heartbeat_ms: u64,
-    book: Mutex<Book>,
+    book: Mutex<LeaderBook>,
     events: EventLog,
     dialer: Dialer,
-}
-
-/// Why this leader may neither grant nor promote right now, if it may not.
-pub fn duty_blocked(
-    state: &AppliedState,
-    read_index: Option<u64>,
-    heartbeat_ms: u64,
-) -> Option<String> {
-    if let Some(hb) = state.cluster.raft_heartbeat_ms {
-        if hb != heartbeat_ms {
-            return Some(format!(
-                "this leader runs raft.heartbeat_ms = {heartbeat_ms} but the cluster runs {hb}: \
-                 its lease arithmetic would not match its predecessors'; fix its config"
-            ));
-        }
-    }
-    let applied = state.last_applied.map(|l| l.index);
-    match read_index {
-        Some(ri) if applied.is_some_and(|a| a >= ri) => None,
-        _ => Some("waiting for the applied state to catch up with the committed log".into()),
-    }
 }
 
 impl FailoverLeader {
@@ -151,7 +82,7 @@ impl FailoverLeader {
             raft,
             state,
             heartbeat_ms,
-            book: Mutex::new(Book::default()),
+            book: Mutex::new(LeaderBook::default()),
             events,
             dialer,
         })
@@ -162,7 +93,47 @@ impl FailoverLeader {
     }
 
     fn quorum_ack_max_ms(&self) -> u64 {
-        3 * self.heartbeat_ms
+        super::lease::quorum_ack_max_ms(self.heartbeat_ms)
+    }
+
+    /// What the duty is judged by now, besides the book.
+    fn view<'a>(
+        &self,
+        state: &'a AppliedState,
+        members: &'a std::collections::BTreeSet<NodeId>,
+        now: Millis,
+    ) -> DutyView<'a> {
+        DutyView {
+            me: self.node_id,
+            cluster: &state.cluster,
+            applied_index: state.last_applied.map(|l| l.index),
+            members,
+            heartbeat_ms: self.heartbeat_ms,
+            now,
+            now_unix_ms: unix_ms(),
+        }
+    }
+
+    /// Raft facts for a hand-off.
+    fn raft_facts(&self, state: &AppliedState) -> RaftFacts {
+        let voters = state.membership.membership().voter_ids().collect();
+        let metrics = self.raft.metrics().borrow().clone();
+        let last_index = metrics.last_log_index;
+        let caught_up = metrics
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, matched)| matched.map(|m| m.index) == last_index)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        RaftFacts {
+            voters,
+            caught_up,
+            raft_leader_lease_ms: self.raft.config().election_timeout_max,
+        }
     }
 
     /// This node's term if it leads now.
@@ -174,47 +145,13 @@ impl FailoverLeader {
 
     /// Runs `f` on the book of the current term, resetting it when the term changed: reports
     /// and grants of an earlier leadership say nothing about this one.
-    fn with_book<T>(&self, term: u64, f: impl FnOnce(&mut Book) -> T) -> Option<T> {
+    fn with_book<T>(&self, term: u64, f: impl FnOnce(&mut LeaderBook) -> T) -> Option<T> {
         let mut book = self.book.lock().ok()?;
         if book.term != term {
-            *book = Book {
-                term,
-                since: self.now(),
-                ..Book::default()
-            };
+            *book = LeaderBook::new(term, self.now());
             tracing::info!(term, "took office as Raft leader: failover duty starts");
         }
         Some(f(&mut book))
-    }
-
-    fn policy_input<'a>(
-        &self,
-        book: &'a Book,
-        now: Millis,
-        state: &'a AppliedState,
-        members: &'a std::collections::BTreeSet<NodeId>,
-    ) -> PolicyInput<'a> {
-        PolicyInput {
-            now,
-            term: book.term,
-            leader_since: book.since,
-            quorum_ack_max_ms: self.quorum_ack_max_ms(),
-            cluster: &state.cluster,
-            members,
-            reports: &book.reports,
-            last_grant: book.last_grant,
-            pending: book.pending,
-            now_unix_ms: unix_ms(),
-            plan_started_seen: book.plan_seen.map(|(_, at)| at),
-        }
-    }
-
-    /// Notes when this leader first saw the current plan started.
-    fn see_plan(book: &mut Book, state: &AppliedState, now: Millis) {
-        let started = state.cluster.plan.filter(|p| p.started).map(|p| p.id);
-        if book.plan_seen.map(|(id, _)| id) != started {
-            book.plan_seen = started.map(|id| (id, now));
-        }
     }
 
     /// Checks a switchover (to `to`, or to the best replica) or a manual failover (to `to`)
@@ -235,11 +172,12 @@ impl FailoverLeader {
             .cluster
             .primary
             .ok_or("no primary has been chosen yet")?;
+        let view = self.view(&state, &members, now);
         self.with_book(term, |book| {
-            if let Some(why) = duty_blocked(&state, book.read_index, self.heartbeat_ms) {
-                return Err(why);
+            if let Some(why) = book.blocked(&view) {
+                return Err(why.to_string());
             }
-            let input = self.policy_input(book, now, &state, &members);
+            let input = book.policy_input(&view);
             let to = match kind {
                 PlanKind::Switchover => switchover_target(&input, to)?,
                 PlanKind::Failover => {
@@ -268,8 +206,11 @@ impl FailoverLeader {
                     started: true,
                     ..plan
                 });
-                let mut input = self.policy_input(book, now, &state, &members);
-                input.cluster = &cluster;
+                let view = DutyView {
+                    cluster: &cluster,
+                    ..view
+                };
+                let input = book.policy_input(&view);
                 if let Some(why) = hypothetical_refusal(&input, to) {
                     return Err(why);
                 }
@@ -279,79 +220,14 @@ impl FailoverLeader {
         .ok_or("the failover book is unavailable")?
     }
 
-    /// Forgets a pending promotion once the applied state shows it (or a later one).
-    fn settle_pending(book: &mut Book, state: &AppliedState) {
-        let applied_epoch = state.cluster.primary.map(|p| p.epoch).unwrap_or(0);
-        if book.pending.is_some_and(|p| applied_epoch >= p.epoch) {
-            book.pending = None;
-        }
-    }
-
     /// Handles a member's report; `None` when this node does not lead.
     pub fn on_report(&self, report: MemberReport) -> Option<ReportAnswer> {
         let term = self.leading_term()?;
         let now = self.now();
         let state = self.state.borrow().clone();
         let members = state.member_ids();
-        self.with_book(term, |book| {
-            let granted = book
-                .last_grant
-                .filter(|g| g.node == report.node)
-                .map(|g| g.report_sent_at);
-            let fresh = super::policy::wal_fresh_ms(&state.cluster.config);
-            super::report::record(&mut book.reports, report.clone(), now, granted, fresh);
-            Self::settle_pending(book, &state);
-            let grant = self.grant(book, now, &state, &members, &report);
-            ReportAnswer {
-                grant,
-                stamp: LeaderStamp { term, at: now },
-                report_again: book.awaiting_reports,
-            }
-        })
-    }
-
-    fn grant(
-        &self,
-        book: &mut Book,
-        now: Millis,
-        state: &AppliedState,
-        members: &std::collections::BTreeSet<NodeId>,
-        report: &MemberReport,
-    ) -> Option<Grant> {
-        let primary = state.cluster.primary.is_some_and(|p| p.node == report.node);
-        if let Some(why) = duty_blocked(state, book.read_index, self.heartbeat_ms) {
-            if primary {
-                tracing::debug!(node = report.node, ?why, "no lease for the primary yet");
-            }
-            return None;
-        }
-        let ack_age = book.quorum_confirmed_at.map(|t| now.saturating_sub(t));
-        let input = self.policy_input(book, now, state, members);
-        let Some(epoch) = may_grant_lease(&input, report, ack_age) else {
-            if primary {
-                tracing::debug!(
-                    node = report.node,
-                    ?ack_age,
-                    pg = ?report.pg,
-                    failures = report.consecutive_failures,
-                    pending = ?input.pending,
-                    "no lease renewal for the primary"
-                );
-            }
-            return None;
-        };
-        let terms = LeaseTerms::of(&state.cluster.config);
-        book.last_grant = Some(GrantRecord {
-            node: report.node,
-            epoch,
-            received_at: now,
-            report_sent_at: report.sent_at,
-            terms,
-        });
-        Some(Grant {
-            epoch,
-            lease_ms: terms.lease_ms,
-        })
+        let view = self.view(&state, &members, now);
+        self.with_book(term, |book| book.on_report(&view, report))
     }
 
     /// The members as the leader's reports show them, and the latest non-steady verdict.
@@ -412,6 +288,7 @@ impl FailoverLeader {
                     sync,
                 }) => self.promote(term, node, epoch, reason, lsn, sync).await,
                 Some(Verdict::Steady) => self.upkeep(term).await,
+                Some(Verdict::Wait { .. }) => self.hand_off_if_blocked(term).await,
                 Some(Verdict::StartPlan { id }) => {
                     self.commit_plan_step(Command::StartPlan { id }).await
                 }
@@ -424,121 +301,56 @@ impl FailoverLeader {
         }
     }
 
-    /// The leader's chores while the primary is healthy: the synchronous standbys, the
-    /// recorded primary position, an old lease ceiling, and moving Raft leadership off the
-    /// primary's node.
+    /// The leader's chores while the primary is healthy ([`LeaderBook::upkeep`]).
     async fn upkeep(&self, term: u64) {
         let now = self.now();
         let state = self.state.borrow().clone();
         let members = state.member_ids();
-        let voters: std::collections::BTreeSet<NodeId> =
-            state.membership.membership().voter_ids().collect();
-        let metrics = self.raft.metrics().borrow().clone();
-        let last_index = metrics.last_log_index;
-        let caught_up: std::collections::BTreeSet<NodeId> = metrics
-            .replication
-            .as_ref()
-            .map(|r| {
-                r.iter()
-                    .filter(|(_, matched)| matched.map(|m| m.index) == last_index)
-                    .map(|(id, _)| *id)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let raft_leader_lease_ms = self.raft.config().election_timeout_max;
-        let Some(primary) = state.cluster.primary else {
+        let raft = self.raft_facts(&state);
+        let view = self.view(&state, &members, now);
+        let Some(upkeep) = self.with_book(term, |book| book.upkeep(&view, &raft)) else {
             return;
         };
-        let Some((command, handoff)) = self.with_book(term, |book| {
-            let handoff_due = book.handoff_at.is_none_or(|t| now >= t + HANDOFF_EVERY_MS);
-            let (step, handoff) = {
-                let input = self.policy_input(book, now, &state, &members);
-                let handoff = handoff_due
-                    .then(|| {
-                        leadership_handoff(
-                            &input,
-                            self.node_id,
-                            &voters,
-                            &caught_up,
-                            raft_leader_lease_ms,
-                        )
-                    })
-                    .flatten();
-                (sync_step(&input), handoff)
-            };
-            let command = if let Some(step) = step {
-                Some(match step {
-                    SyncStep::Commit(set) => Command::CommitSync {
-                        epoch: primary.epoch,
-                        set,
-                    },
-                    SyncStep::Target(target) => Command::SetSyncTarget {
-                        epoch: primary.epoch,
-                        target,
-                    },
-                })
-            } else if let Some(c) = state.cluster.lease_ceiling {
-                let seen = *book.ceiling_seen_at.get_or_insert(now);
-                let office = book.since + new_leader_wait(c, self.quorum_ack_max_ms());
-                (now >= office && now >= seen + c.grantor_span())
-                    .then_some(Command::SettleLeaseCeiling)
-            } else {
-                None
-            };
-            // The first primary's data names the cluster's data for good.
-            let command = command.or_else(|| {
-                let r = book.reports.get(&primary.node)?;
-                let sysid = r.report.system_identifier?;
-                (state.cluster.system_identifier.is_none() && r.report.pg == PgState::Primary)
-                    .then_some(Command::SetSystemIdentifier { sysid })
-            });
-            let command = command.or_else(|| {
-                let r = book.reports.get(&primary.node)?;
-                let recorded = state
-                    .cluster
-                    .primary_lsn
-                    .filter(|r| r.epoch == primary.epoch);
-                let due = book
-                    .lsn_recorded_at
-                    .is_none_or(|t| now >= t + LSN_RECORD_EVERY_MS);
-                let advanced = recorded.is_none_or(|rec| r.report.lsn > rec.lsn);
-                (due && advanced && r.report.pg == PgState::Primary).then(|| {
-                    book.lsn_recorded_at = Some(now);
-                    Command::RecordPrimaryLsn {
-                        epoch: primary.epoch,
-                        lsn: r.report.lsn,
-                    }
-                })
-            });
-            // A command written in this round would leave the target one entry behind the
-            // log it was judged caught up with; it would lose the election and depose us.
-            let handoff = handoff.filter(|_| command.is_none());
-            if handoff.is_some() {
-                book.handoff_at = Some(now);
-            }
-            (command, handoff)
-        }) else {
-            return;
-        };
-        if let Some(cmd) = command {
+        let epoch = state.cluster.primary.map_or(0, |p| p.epoch);
+        if let Some(cmd) = upkeep.command {
+            let routine = matches!(cmd, Command::RecordPrimaryLsn { .. });
             let what = format!("{cmd:?}");
             match self.raft.client_write(cmd).await {
                 Ok(r) if r.data == CommandOutcome::Applied => {
-                    tracing::info!(epoch = primary.epoch, "committed {what}");
-                    if !what.starts_with("RecordPrimaryLsn") {
-                        self.events.record(
-                            "failover",
-                            format!("committed {what}"),
-                            primary.epoch,
-                            0,
-                        );
+                    tracing::info!(epoch, "committed {what}");
+                    if !routine {
+                        self.events
+                            .record("failover", format!("committed {what}"), epoch, 0);
                     }
                 }
                 Ok(r) => tracing::warn!(outcome = ?r.data, "{what} refused"),
                 Err(e) => tracing::warn!(error = %e, "{what} not committed"),
             }
         }
-        if let Some(target) = handoff {
+        if let Some(target) = upkeep.handoff {
+            self.hand_off(term, target, &state).await;
+        }
+    }
+
+    /// A leader that may not do its duty for its Raft timings hands leadership to a member
+    /// that can ([`LeaderBook::handoff_while_blocked`]); a cluster must never stay without
+    /// grants and promotions because one member leads with other timings.
+    async fn hand_off_if_blocked(&self, term: u64) {
+        let now = self.now();
+        let state = self.state.borrow().clone();
+        let members = state.member_ids();
+        let raft = self.raft_facts(&state);
+        let view = self.view(&state, &members, now);
+        let target = self
+            .with_book(term, |book| book.handoff_while_blocked(&view, &raft))
+            .flatten();
+        if let Some(target) = target {
+            tracing::warn!(
+                term,
+                target,
+                heartbeat_ms = self.heartbeat_ms,
+                "this leader's Raft timings are not registered yet: handing leadership over"
+            );
             self.hand_off(term, target, &state).await;
         }
     }
@@ -557,7 +369,7 @@ impl FailoverLeader {
         tracing::info!(
             term,
             target,
-            "this node runs the primary: asking member {target} to take Raft leadership"
+            "asking member {target} to take Raft leadership"
         );
         let payload = serde_json::json!({ "from": self.node_id, "term": term }).to_string();
         let call = async {
@@ -603,47 +415,28 @@ impl FailoverLeader {
             if let Ok(Ok((read_log_id, _))) = confirm {
                 // Counted from before the heartbeats left: never younger than the real contact.
                 self.with_book(term, |b| {
-                    b.quorum_confirmed_at = Some(asked);
-                    b.read_index = Some(read_log_id.map(|l| l.index).unwrap_or(0));
+                    b.quorum_confirmed(asked, read_log_id.map(|l| l.index).unwrap_or(0))
                 });
             }
         }
     }
 
+    /// One policy round ([`LeaderBook::decide`]): a promotion it decides is pending from the
+    /// same step on, so the primary it demotes gets no further lease.
     fn decide(&self, term: u64) -> Option<Verdict> {
         let now = self.now();
         let state = self.state.borrow().clone();
         let members = state.member_ids();
-        self.with_book(term, |book| {
-            Self::settle_pending(book, &state);
-            Self::see_plan(book, &state, now);
-            let verdict = match duty_blocked(&state, book.read_index, self.heartbeat_ms) {
-                // Nothing committed yet needs a current state to be judged.
-                Some(why) if state.cluster.primary.is_some() => Verdict::Wait { reason: why },
-                _ => decide(&self.policy_input(book, now, &state, &members)),
-            };
-            book.awaiting_reports = matches!(verdict, Verdict::AwaitReports { .. });
-            let text = match &verdict {
-                Verdict::Steady => String::new(),
-                Verdict::Promote { reason, node, .. } => format!("promoting {node}: {reason}"),
-                Verdict::StartPlan { id } => format!("starting plan {id}"),
-                Verdict::CancelPlan { reason, .. } => reason.clone(),
-                Verdict::Wait { reason }
-                | Verdict::AwaitReports { reason }
-                | Verdict::NoCandidate { reason } => reason.clone(),
-            };
-            if text != book.verdict && !text.is_empty() {
-                let epoch = state.cluster.primary.map(|p| p.epoch).unwrap_or(0);
-                tracing::info!(epoch, "failover: {text}");
-                // Countdowns change every tick; record the first of a kind, not every one.
-                let kind_changed = book.verdict.split(';').next() != text.split(';').next();
-                if kind_changed {
-                    self.events.record("failover", text.clone(), epoch, 0);
-                }
+        let view = self.view(&state, &members, now);
+        let decision = self.with_book(term, |book| book.decide(&view))?;
+        if let Some(a) = decision.announce {
+            let epoch = state.cluster.primary.map(|p| p.epoch).unwrap_or(0);
+            tracing::info!(epoch, "failover: {}", a.text);
+            if a.new_kind {
+                self.events.record("failover", a.text, epoch, 0);
             }
-            book.verdict = text;
-            verdict
-        })
+        }
+        Some(decision.verdict)
     }
 
     async fn commit_plan_step(&self, cmd: Command) {
@@ -683,16 +476,13 @@ impl FailoverLeader {
             lsn: Some(lsn),
             sync: sync.clone(),
         };
-        // From here until the applied state shows the promotion, the demoted primary gets no
-        // lease: one granted now would outlive the decision.
-        self.with_book(term, |b| {
-            b.pending = Some(PrimaryAssignment { node, epoch })
-        });
+        // The decision made the promotion pending: until the applied state shows it, the
+        // demoted primary gets no lease (one granted now would outlive the decision).
         let outcome = self.raft.client_write(cmd).await;
         if let Ok(r) = &outcome {
             if r.data != CommandOutcome::Applied {
                 // Applied and refused: nothing changed, nothing pending.
-                self.with_book(term, |b| b.pending = None);
+                self.with_book(term, |b| b.promotion_refused());
             }
         }
         match outcome {
@@ -714,6 +504,21 @@ impl FailoverLeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failover::duty::DutyView;
+
+    fn view(state: &AppliedState, heartbeat_ms: u64) -> DutyView<'_> {
+        static MEMBERS: std::sync::OnceLock<std::collections::BTreeSet<NodeId>> =
+            std::sync::OnceLock::new();
+        DutyView {
+            me: 1,
+            cluster: &state.cluster,
+            applied_index: state.last_applied.map(|l| l.index),
+            members: MEMBERS.get_or_init(Default::default),
+            heartbeat_ms,
+            now: 0,
+            now_unix_ms: 0,
+        }
+    }
 
     fn applied_at(index: u64) -> AppliedState {
         AppliedState {
@@ -730,20 +535,27 @@ mod tests {
         // A new leader whose applied state lags may not yet see a promotion its predecessor
         // committed: it would renew the demoted primary's lease.
         let state = applied_at(41);
-        assert!(duty_blocked(&state, Some(42), 150).is_some());
-        assert!(
-            duty_blocked(&state, None, 150).is_some(),
+        assert_eq!(
+            duty_blocked(&view(&state, 150), Some(42)),
+            Some(DutyBlock::CatchingUp)
+        );
+        assert_eq!(
+            duty_blocked(&view(&state, 150), None),
+            Some(DutyBlock::CatchingUp),
             "no confirmation yet"
         );
-        assert_eq!(duty_blocked(&applied_at(42), Some(42), 150), None);
+        let state = applied_at(42);
+        assert_eq!(duty_blocked(&view(&state, 150), Some(42)), None);
     }
 
     #[test]
-    fn a_leader_with_other_raft_timings_than_the_cluster_neither_grants_nor_promotes() {
+    fn a_leader_with_a_longer_heartbeat_than_registered_neither_grants_nor_promotes() {
         let mut state = applied_at(42);
         state.cluster.raft_heartbeat_ms = Some(150);
-        assert_eq!(duty_blocked(&state, Some(42), 150), None);
-        let why = duty_blocked(&state, Some(42), 300).expect("blocked");
-        assert!(why.contains("heartbeat_ms"), "{why}");
+        assert_eq!(duty_blocked(&view(&state, 150), Some(42)), None);
+        assert!(matches!(
+            duty_blocked(&view(&state, 300), Some(42)),
+            Some(DutyBlock::UnregisteredTimings { ours: 300, .. })
+        ));
     }
 }

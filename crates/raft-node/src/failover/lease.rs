@@ -124,6 +124,15 @@ pub fn grantor_safe_after(received_at: Millis, terms: LeaseTerms) -> Millis {
     received_at.saturating_add(terms.grantor_span())
 }
 
+/// A leader grants leases only while its last quorum confirmation is at most this many
+/// heartbeats old.
+pub const QUORUM_ACKS_PER_GRANT: u64 = 3;
+
+/// The oldest quorum confirmation a leader running `heartbeat_ms` grants a lease on.
+pub fn quorum_ack_max_ms(heartbeat_ms: u64) -> u64 {
+    QUORUM_ACKS_PER_GRANT.saturating_mul(heartbeat_ms)
+}
+
 /// How long a newly elected Raft leader waits from taking office before it promotes anyone
 /// (S2). It cannot know what its predecessor granted, but:
 /// - the predecessor granted a lease only while its last quorum confirmation (counted from when

@@ -4,6 +4,7 @@
 //! member's loop ([`sidecar`]).
 
 pub mod assess;
+pub mod duty;
 pub mod leader;
 pub mod lease;
 pub mod plan;

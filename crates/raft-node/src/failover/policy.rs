@@ -10,20 +10,52 @@ use super::sync::{self, SyncStep};
 use crate::cluster_state::{ClusterState, Epoch, PlanKind, PrimaryAssignment, SyncSet};
 use crate::types::NodeId;
 
-/// The last lease the current leader granted, as the grantor recorded it.
+/// The leases the current leader granted to one holder, as the grantor recorded them: the last
+/// grant, and the latest end any grant of the same holder and epoch may still run to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantRecord {
     /// Holder of the lease.
     pub node: NodeId,
     /// Epoch of the lease.
     pub epoch: Epoch,
-    /// Grantor's clock when the renewal request arrived.
+    /// Grantor's clock when the last granted renewal request arrived.
     pub received_at: Millis,
-    /// Holder's clock when it sent the granted report ([`MemberReport::sent_at`]).
+    /// Holder's clock when it sent the last granted report ([`MemberReport::sent_at`]).
     pub report_sent_at: Millis,
-    /// The lease and margin granted; the grant is judged by these, never by the configuration
-    /// of the moment.
+    /// The lease and margin of the last grant.
     pub terms: LeaseTerms,
+    /// Grantor's clock: before this instant some grant to this holder in this epoch may still
+    /// run. The holder keeps the later of two expiries ([`super::lease::HeldLease::extend`]),
+    /// so a shorter grant after a longer one (the lease was shortened meanwhile) ends nothing:
+    /// this is the maximum over the grants, never the last one's bound.
+    pub safe_after: Millis,
+}
+
+impl GrantRecord {
+    /// The record after granting `node` a lease of `epoch` under `terms`, for a report sent at
+    /// `report_sent_at` (holder's clock) and received at `received_at` (grantor's clock).
+    /// Grants to the same holder and epoch keep the longest bound.
+    pub fn after_grant(
+        prev: Option<GrantRecord>,
+        node: NodeId,
+        epoch: Epoch,
+        received_at: Millis,
+        report_sent_at: Millis,
+        terms: LeaseTerms,
+    ) -> GrantRecord {
+        let bound = grantor_safe_after(received_at, terms);
+        let safe_after = prev
+            .filter(|p| p.node == node && p.epoch == epoch)
+            .map_or(bound, |p| p.safe_after.max(bound));
+        GrantRecord {
+            node,
+            epoch,
+            received_at,
+            report_sent_at,
+            terms,
+            safe_after,
+        }
+    }
 }
 
 /// Everything the policy looks at.
@@ -332,9 +364,13 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
             reason: format!("{why}; a promotion is being committed"),
         };
     }
+    // The predecessor may have run a longer heartbeat than this leader (a rolling change of
+    // the Raft timings): its grants rest on the longest one registered.
     let office_wait_until = input.leader_since.saturating_add(new_leader_wait(
         input.cluster.longest_lease_terms(),
-        input.quorum_ack_max_ms,
+        input
+            .quorum_ack_max_ms
+            .max(input.cluster.predecessor_ack_max_ms()),
     ));
     if input.now < office_wait_until && !hypothetical {
         return Verdict::Wait {
@@ -366,7 +402,7 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
     } else {
         let mut until = office_wait_until;
         if let Some(g) = input.last_grant.filter(|g| g.node == primary.node) {
-            until = until.max(grantor_safe_after(g.received_at, g.terms));
+            until = until.max(g.safe_after);
             if input.now < until && !hypothetical {
                 return Verdict::Wait {
                     reason: format!("{why}; its lease may run {} ms more", until - input.now),
@@ -790,13 +826,14 @@ mod tests {
                 cluster: &self.cluster,
                 members: &self.members,
                 reports: &self.reports,
-                last_grant: Some(GrantRecord {
-                    node: 1,
-                    epoch: 1,
-                    received_at: 10_000,
-                    report_sent_at: 0,
-                    terms: LeaseTerms::of(&self.cluster.config),
-                }),
+                last_grant: Some(GrantRecord::after_grant(
+                    None,
+                    1,
+                    1,
+                    10_000,
+                    0,
+                    LeaseTerms::of(&self.cluster.config),
+                )),
                 pending: None,
                 now_unix_ms: 1_000_000,
                 plan_started_seen: None,
@@ -1327,12 +1364,55 @@ mod tests {
             f.reports.get_mut(&n).unwrap().at = 13_000;
         }
         let mut input = f.input(13_000);
-        input.last_grant = input.last_grant.map(|g| GrantRecord {
-            terms: input_terms,
-            ..g
-        });
+        input.last_grant = Some(GrantRecord::after_grant(None, 1, 1, 10_000, 0, input_terms));
         assert!(
             matches!(decide(&input), Verdict::Wait { ref reason } if reason.contains("lease")),
+            "{:?}",
+            decide(&input)
+        );
+    }
+
+    #[test]
+    fn a_shorter_grant_after_a_longer_one_leaves_the_longer_bound_in_force() {
+        // Finding 1 of the review: a 10 s grant at 10_000, then `lease_ms` lowered to 2.5 s and
+        // a renewal granted under it at 11_000. The holder keeps the later expiry (about
+        // 20_000), so the leader may not promote at 11_000 + 2_700.
+        let mut f = Fixture::new();
+        let long = LeaseTerms {
+            lease_ms: 10_000,
+            drift_margin_ms: 200,
+        };
+        let short = LeaseTerms {
+            lease_ms: 2_500,
+            drift_margin_ms: 200,
+        };
+        let first = GrantRecord::after_grant(None, 1, 1, 10_000, 9_990, long);
+        let second = GrantRecord::after_grant(Some(first), 1, 1, 11_000, 10_990, short);
+        assert_eq!(second.safe_after, 20_200, "the longest bound, not the last");
+        assert_eq!(second.report_sent_at, 10_990, "the last grant's report");
+        // A grant of a new epoch (or to another holder) starts a new record.
+        assert_eq!(
+            GrantRecord::after_grant(Some(first), 1, 2, 11_000, 10_990, short).safe_after,
+            13_700
+        );
+        f.reports.remove(&1);
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = 14_000;
+        }
+        let mut input = f.input(14_000);
+        input.last_grant = Some(second);
+        assert!(
+            matches!(decide(&input), Verdict::Wait { ref reason } if reason.contains("lease may run 6200 ms")),
+            "{:?}",
+            decide(&input)
+        );
+        for n in [2, 3] {
+            f.reports.get_mut(&n).unwrap().at = 20_300;
+        }
+        let mut input = f.input(20_300);
+        input.last_grant = Some(second);
+        assert!(
+            !matches!(decide(&input), Verdict::Wait { ref reason } if reason.contains("lease may run")),
             "{:?}",
             decide(&input)
         );
