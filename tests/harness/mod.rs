@@ -326,11 +326,13 @@ impl TestCluster {
         c
     }
 
-    /// Starts a 3-node cluster with product defaults and waits for its leader.
+    /// Starts an `n`-node cluster with product defaults and waits for its leader and for every
+    /// member's registration (its name, addresses and timings) to be committed.
     pub async fn started(n: u64, raft_toml: &str) -> Self {
         let mut c = Self::new(n, raft_toml);
         c.start_all();
         c.wait_leader(Duration::from_secs(20)).await;
+        c.wait_registered(Duration::from_secs(20)).await;
         c
     }
 
@@ -573,6 +575,29 @@ impl TestCluster {
                 .iter()
                 .any(|s| s.id == leader && s.raft_role_name() == "leader");
             (agreed && leaders == 1 && leader_says).then_some(leader)
+        })
+        .await
+    }
+
+    /// Waits until the committed topology shows every running member registered (an elected
+    /// leader does not mean the sidecars' registrations are applied yet: until then `list`
+    /// shows `(unregistered)` and no name); returns that topology.
+    pub async fn wait_registered(&self, timeout: Duration) -> proto::Topology {
+        let client = self.client();
+        wait_for("every running member registered", timeout, || async {
+            let t = client
+                .call(|mut c| async move {
+                    c.get_topology(proto::GetTopologyRequest { local: false })
+                        .await
+                })
+                .await
+                .ok()?;
+            let all = self
+                .nodes
+                .values()
+                .filter(|n| n.is_running() && !n.frozen)
+                .all(|n| t.members.iter().any(|m| m.id == n.id && m.registered));
+            all.then_some(t)
         })
         .await
     }
