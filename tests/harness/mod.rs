@@ -21,6 +21,23 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pgquorum");
 /// Default Raft section of test configs: the product defaults.
 pub const DEFAULT_RAFT: &str = "";
 
+/// Whether this run is CI's (`CI=true`), where a test that cannot run fails instead of
+/// skipping, so a green CI run means every test ran.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// The one way a test (or a check inside one) skips: prints `SKIPPED <test>: <why>` and
+/// returns, so the caller can return; under `CI=true` it panics with that message instead.
+/// `why` names what is missing and the fix (e.g. "needs root", "apt-get install haproxy").
+pub fn skip(test: &str, why: &str) {
+    let said = format!("SKIPPED {test}: {why}");
+    eprintln!("{said}");
+    if in_ci() {
+        panic!("{said} (CI=true: a skip fails the run; give this machine what the test needs)");
+    }
+}
+
 /// A free loopback port for a listener that binds it later (a sidecar, a Postgres).
 ///
 /// Taken below the kernel's ephemeral range: a port from that range, released until the node
