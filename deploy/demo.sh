@@ -41,6 +41,19 @@ sys.exit(0 if ok else 1)'; then break; fi
 done
 "$pgq" list
 primary=$("$pgq" list --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["primary"]["node_id"])')
+# Every member serves HTTP health checks on loopback (`local up` printed their URLs), as a load
+# balancer or the router reads them: /primary is 200 on the writable primary only.
+http_of() { "$pgq" list --output json | python3 -c 'import json,sys; print(next(m["http_endpoint"] for m in json.load(sys.stdin)["members"] if m["id"] == int(sys.argv[1])))' "$1"; }
+replica=$(( primary % 3 + 1 ))
+echo; echo "== the primary's health check, then a replica's:"
+if command -v curl >/dev/null 2>&1; then
+  for id in "$primary" "$replica"; do
+    echo "\$ curl http://$(http_of "$id")/primary   # n$id"
+    curl -s -w '   -> HTTP %{http_code}\n' "http://$(http_of "$id")/primary" || true
+  done
+else
+  echo "   (no curl here: apt-get install curl to see them)"
+fi
 postmaster=$(head -1 "$dir/n$primary/pgdata/postmaster.pid")
 group=$(ps -o pgid= -p "$postmaster" | tr -d ' ')
 echo; echo "== host crash of the primary n$primary: kill -9 of its sidecar and its Postgres"

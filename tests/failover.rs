@@ -1308,8 +1308,9 @@ async fn postgres_settings_reach_every_member_and_member_verbs_restart_reload_an
             String::from_utf8_lossy(&out.stderr)
         );
     } else {
-        eprintln!(
-            "SKIPPED the Unix-socket check: it runs psql as the postgres user, which needs root"
+        harness::skip(
+            "the Unix-socket check",
+            "it runs psql as the postgres user: needs root",
         );
     }
     // WAL retention: slots are bounded, and the slot of a member that is gone is dropped.
@@ -1386,7 +1387,10 @@ fn haproxy_cfg(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_haproxy_example_routes_writes_to_the_primary_and_follows_a_failover() {
     let Ok(haproxy) = which("haproxy") else {
-        eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy; .ci/run does)");
+        harness::skip(
+            "the HAProxy example",
+            "no haproxy (apt-get install haproxy; .ci/run does)",
+        );
         return;
     };
     let mut c = TestCluster::with_postgres(3);
@@ -1493,7 +1497,10 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_never_starts_the_data_directory_of_another_cluster() {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: the test runs initdb as the postgres user, which needs root");
+        harness::skip(
+            "another cluster's data dir",
+            "it runs initdb as postgres: needs root",
+        );
         return;
     }
     let mut c = TestCluster::with_postgres(3);

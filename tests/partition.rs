@@ -3,7 +3,8 @@
 //! judged by the checkers `single_writer`, `no_lost_writes` and `converges` (see `chaos/mod.rs`).
 //!
 //! Every scenario that a plain cut can express runs on both backends (`<scenario>::netns`:
-//! network namespaces and nftables, root only, skipped with a printed reason otherwise;
+//! network namespaces and nftables, root only, skipped with a printed reason otherwise, and
+//! failing instead under `CI=true`;
 //! `<scenario>::toxiproxy`: one Toxiproxy proxy per directed link on loopback, anywhere).
 //! Latency, bandwidth and refused connections need the proxies and run on Toxiproxy only.
 //!

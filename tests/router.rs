@@ -429,3 +429,79 @@ async fn a_cancel_request_through_the_router_cancels_the_right_backend() {
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
     );
 }
+
+/// A `pgquorum local up` cluster, brought down (Postgres too) when dropped.
+struct LocalCluster {
+    dir: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .env_remove("PGQUORUM_ENDPOINTS")
+            .env_remove("PGQUORUM_CA_FILE")
+            .env_remove("PGQUORUM_CERT_FILE")
+            .env_remove("PGQUORUM_KEY_FILE")
+            .env_remove("PGQUORUM_INSECURE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pgquorum local")
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = self.run(&["local", "down"]);
+    }
+}
+
+/// The health checks a router or load balancer reads, on the cluster a newcomer starts with
+/// `pgquorum local up`: it prints one URL per member, and `/primary` answers 200 on exactly one
+/// of them (503 on the others); `/metrics` answers without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_serves_the_health_checks_and_prints_their_urls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Postgres runs as the unprivileged `postgres` user when tests run as root.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod temp dir");
+    let local = LocalCluster { dir };
+    let up = local.run(&["local", "up", "--nodes", "3"]);
+    let out = String::from_utf8_lossy(&up.stdout).into_owned();
+    assert!(
+        up.status.success(),
+        "local up: {out}{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    // `curl http://127.0.0.1:PORT/primary   # nN: also /replica /health /cluster /metrics`
+    let http: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("curl http://")?.split_once("/primary"))
+        .map(|(addr, _)| addr.to_string())
+        .collect();
+    assert_eq!(http.len(), 3, "one HTTP address per member: {out}");
+    let primary = wait_for("/primary 200 on exactly one member", START, || async {
+        let mut codes = Vec::new();
+        for addr in &http {
+            codes.push(harness::http_get(addr, "/primary", None).await?.0);
+        }
+        let ok: Vec<&String> = http
+            .iter()
+            .zip(&codes)
+            .filter(|(_, c)| **c == 200)
+            .map(|(a, _)| a)
+            .collect();
+        let others_refuse = codes.iter().filter(|c| **c == 503).count() == http.len() - 1;
+        (ok.len() == 1 && others_refuse).then(|| ok[0].clone())
+    })
+    .await;
+    let (code, body) = harness::http_get(&primary, "/metrics", None)
+        .await
+        .expect("/metrics answers");
+    assert_eq!(code, 200, "/metrics without a token: {body}");
+}

@@ -573,6 +573,7 @@ async fn a_sidecar_without_usable_tls_refuses_to_start_and_says_why() {
     }
     c.start_all();
     c.wait_leader(T).await;
+    c.wait_registered(T).await;
     let ep = c.endpoints().join(",");
     let ca = pki().ca().display().to_string();
     let anonymous = [
@@ -756,10 +757,16 @@ async fn an_insecure_member_warns_and_takes_only_a_client_that_says_insecure() {
     let (ok, _, err) = cli_bare(&["list"], &[("PGQUORUM_ENDPOINTS", &ep)]);
     assert!(!ok);
     assert!(err.contains("--insecure"), "{err}");
-    let (ok, out, err) = wait_for("an insecure client gets an answer", T, || async {
-        let r = cli_bare(&["list", "--insecure"], &[("PGQUORUM_ENDPOINTS", &ep)]);
-        r.0.then_some(r)
-    })
+    // The member's registration is committed after its election: until it is applied, `list`
+    // answers with the member `(unregistered)`.
+    let (ok, out, err) = wait_for(
+        "an insecure client sees the member registered",
+        T,
+        || async {
+            let r = cli_bare(&["list", "--insecure"], &[("PGQUORUM_ENDPOINTS", &ep)]);
+            (r.0 && !r.1.contains("(unregistered)")).then_some(r)
+        },
+    )
     .await;
     assert!(ok && out.contains("n1"), "{out}");
     assert!(err.contains("warning: --insecure"), "{err}");

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::workload::{missing_on, topology, wait_sync_committed, Checker, Writer};
-use harness::{wait_for, TestCluster};
+use harness::{skip, wait_for, TestCluster};
 use raft_node::proto;
 
 const START: Duration = Duration::from_secs(90);
@@ -73,21 +73,23 @@ fn postgres_ids() -> Result<(String, String), String> {
 fn cannot_mount() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("mounting a filesystem per member needs root".into());
+        return Some("mounting a filesystem per member needs root; run the tests as root".into());
     }
     postgres_ids()
         .err()
-        .map(|e| format!("no `postgres` OS user: {e}"))
+        .map(|e| format!("no `postgres` OS user: {e} (useradd --system postgres; .ci/run does)"))
 }
 
 /// A cluster of three members, each data directory on a tmpfs of [`FS_MB`]; `None` (with the
 /// reason printed) when mounting cannot work here.
 fn cluster_on_tmpfs(test: &str) -> Option<(TestCluster, Mounts)> {
-    if let Some(why) = cannot_mount() {
-        eprintln!("SKIPPED {test}: {why}");
-        return None;
-    }
-    let (uid, gid) = postgres_ids().ok()?;
+    let (uid, gid) = match cannot_mount().map_or_else(postgres_ids, Err) {
+        Ok(ids) => ids,
+        Err(why) => {
+            skip(test, &why);
+            return None;
+        }
+    };
     let mut c = TestCluster::with_postgres(3);
     let mut m = Mounts {
         points: Vec::new(),
@@ -101,7 +103,7 @@ fn cluster_on_tmpfs(test: &str) -> Option<(TestCluster, Mounts)> {
             .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
             .arg(&dir))
         {
-            eprintln!("SKIPPED {test}: cannot mount a tmpfs: {e}");
+            skip(test, &format!("cannot mount a tmpfs: {e}"));
             return None;
         }
         m.points.push(dir);
@@ -357,11 +359,13 @@ async fn a_full_disk_on_a_replica_shows_and_does_not_move_the_primary() {
 /// A cluster of three members, each data directory on an ext4 image of its own (mounted with
 /// `errors=remount-ro`, as DBAs mount data disks).
 fn cluster_on_ext4(test: &str) -> Option<(TestCluster, Mounts)> {
-    if let Some(why) = cannot_mount() {
-        eprintln!("SKIPPED {test}: {why}");
-        return None;
-    }
-    let (uid, gid) = postgres_ids().ok()?;
+    let (uid, gid) = match cannot_mount().map_or_else(postgres_ids, Err) {
+        Ok(ids) => ids,
+        Err(why) => {
+            skip(test, &why);
+            return None;
+        }
+    };
     let c = TestCluster::with_postgres(3);
     let mut m = Mounts {
         points: Vec::new(),
@@ -387,7 +391,13 @@ fn cluster_on_ext4(test: &str) -> Option<(TestCluster, Mounts)> {
         let dev = match setup() {
             Ok(d) => d,
             Err(e) => {
-                eprintln!("SKIPPED {test}: cannot make an ext4 loop device: {e}");
+                skip(
+                    test,
+                    &format!(
+                        "cannot make an ext4 loop device: {e} (needs root, e2fsprogs and \
+                         util-linux; .ci/run installs them)"
+                    ),
+                );
                 return None;
             }
         };
@@ -396,14 +406,21 @@ fn cluster_on_ext4(test: &str) -> Option<(TestCluster, Mounts)> {
             .args(["-o", "errors=remount-ro", &dev])
             .arg(&dir))
         {
-            eprintln!("SKIPPED {test}: cannot mount {dev}: {e}");
+            skip(test, &format!("cannot mount {dev}: {e}"));
             return None;
         }
         m.points.push(dir.clone());
         // initdb wants an empty directory owned by the postgres user.
         let _ = std::fs::remove_dir(dir.join("lost+found"));
-        run(Command::new("chown").arg(format!("{uid}:{gid}")).arg(&dir)).ok()?;
-        run(Command::new("chmod").arg("0700").arg(&dir)).ok()?;
+        let owned = run(Command::new("chown").arg(format!("{uid}:{gid}")).arg(&dir))
+            .and_then(|_| run(Command::new("chmod").arg("0700").arg(&dir)));
+        if let Err(e) = owned {
+            skip(
+                test,
+                &format!("cannot give {} to the postgres user: {e}", dir.display()),
+            );
+            return None;
+        }
     }
     Some((c, m))
 }
@@ -429,7 +446,10 @@ async fn read_only_storage_on_the_primary_fails_over() {
     let name = ext4_name(&c.nodes[&old].dir.join("pgdata"));
     let trigger = format!("/sys/fs/ext4/{name}/trigger_fs_error");
     if let Err(e) = std::fs::write(&trigger, "pgquorum test: storage fails\n") {
-        eprintln!("SKIPPED read_only_storage_on_the_primary_fails_over: {trigger}: {e}");
+        skip(
+            "read_only_storage_on_the_primary_fails_over",
+            &format!("cannot make ext4 fail through {trigger}: {e} (needs root and ext4)"),
+        );
         return;
     }
     let ro_at = Instant::now();
@@ -484,7 +504,13 @@ async fn stuck_io_on_the_primary_fails_over_and_it_rejoins_after_the_thaw() {
     // A hung disk: every write to the filesystem blocks until it is thawed.
     let dir = c.nodes[&old].dir.join("pgdata");
     if let Err(e) = run(Command::new("fsfreeze").arg("-f").arg(&dir)) {
-        eprintln!("SKIPPED {test}: {e}");
+        skip(
+            test,
+            &format!(
+                "cannot freeze {}: {e} (needs root and fsfreeze from util-linux)",
+                dir.display()
+            ),
+        );
         return;
     }
     let frozen_at = Instant::now();

@@ -3,7 +3,8 @@
 # debootstrap, so nothing is pulled from a registry), starts docker-compose.yml's three members,
 # writes through a multi-host URL while the primary's container is killed, checks that another
 # member takes over with every acknowledged row, and that the old one rejoins as a replica.
-# Prints "skipped: <reason>" and exits 0 where no Docker engine answers.
+# Prints "skipped: <reason>" and exits 0 where no Docker engine answers; under CI=true it
+# prints "FAIL: ..." and exits 1 instead, so a green CI run means the smoke test ran.
 #
 # Usage: deploy/docker/smoke.sh
 #   PGQ_SMOKE_FAULT=stop  stop the primary's container cleanly instead of killing it
@@ -32,21 +33,28 @@ timings=()
 timed() { timings+=("$(printf '%-40s %s' "$1" "$(secs "$2")")"); log "$1: $(secs "$2")"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v docker >/dev/null 2>&1; then
-  echo "skipped: no docker command"
+# A skip: exit 0 with the reason, but fail under CI=true, where every test must run.
+skip() {
+  if [ "${CI:-}" = true ]; then
+    echo "FAIL: the Docker smoke test cannot run: $1 (CI=true: a skip fails the run)" >&2
+    exit 1
+  fi
+  echo "skipped: $1"
   exit 0
+}
+
+if ! command -v docker >/dev/null 2>&1; then
+  skip "no docker command (install Docker: apt-get install docker.io)"
 fi
 if ! docker info >/dev/null 2>&1; then
-  echo "skipped: no Docker engine answers (docker info failed)"
-  exit 0
+  skip "no Docker engine answers (docker info failed; start it: systemctl start docker)"
 fi
 if docker compose version >/dev/null 2>&1; then
   compose_cmd=(docker compose)
 elif command -v docker-compose >/dev/null 2>&1; then
   compose_cmd=(docker-compose)
 else
-  echo "skipped: neither \`docker compose\` nor docker-compose is installed"
-  exit 0
+  skip "neither \`docker compose\` nor docker-compose is installed (apt-get install docker-compose)"
 fi
 for tool in python3 $([ "${PGQ_SMOKE_BUILD:-1}" = 0 ] || echo cargo); do
   command -v "$tool" >/dev/null 2>&1 || { echo "FAIL: $tool is required" >&2; exit 1; }

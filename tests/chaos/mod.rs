@@ -143,7 +143,7 @@ impl Drop for Sut {
 
 impl Sut {
     /// A cluster of `n` members on `backend`, configured but not started; `None` (after printing
-    /// `skipped: <reason>`) when the backend cannot run here.
+    /// `SKIPPED <test>: <reason>`; a failure under `CI=true`) when the backend cannot run here.
     pub async fn new(backend: Backend, n: u64, label: &str) -> Option<Sut> {
         let seed = std::env::var("PGQUORUM_PARTITION_SEED")
             .ok()

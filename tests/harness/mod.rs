@@ -21,6 +21,23 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pgquorum");
 /// Default Raft section of test configs: the product defaults.
 pub const DEFAULT_RAFT: &str = "";
 
+/// Whether this run is CI's (`CI=true`), where a test that cannot run fails instead of
+/// skipping, so a green CI run means every test ran.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// The one way a test (or a check inside one) skips: prints `SKIPPED <test>: <why>` and
+/// returns, so the caller can return; under `CI=true` it panics with that message instead.
+/// `why` names what is missing and the fix (e.g. "needs root", "apt-get install haproxy").
+pub fn skip(test: &str, why: &str) {
+    let said = format!("SKIPPED {test}: {why}");
+    eprintln!("{said}");
+    if in_ci() {
+        panic!("{said} (CI=true: a skip fails the run; give this machine what the test needs)");
+    }
+}
+
 /// A free loopback port for a listener that binds it later (a sidecar, a Postgres).
 ///
 /// Taken below the kernel's ephemeral range: a port from that range, released until the node
@@ -326,11 +343,13 @@ impl TestCluster {
         c
     }
 
-    /// Starts a 3-node cluster with product defaults and waits for its leader.
+    /// Starts an `n`-node cluster with product defaults and waits for its leader and for every
+    /// member's registration (its name, addresses and timings) to be committed.
     pub async fn started(n: u64, raft_toml: &str) -> Self {
         let mut c = Self::new(n, raft_toml);
         c.start_all();
         c.wait_leader(Duration::from_secs(20)).await;
+        c.wait_registered(Duration::from_secs(20)).await;
         c
     }
 
@@ -573,6 +592,29 @@ impl TestCluster {
                 .iter()
                 .any(|s| s.id == leader && s.raft_role_name() == "leader");
             (agreed && leaders == 1 && leader_says).then_some(leader)
+        })
+        .await
+    }
+
+    /// Waits until the committed topology shows every running member registered (an elected
+    /// leader does not mean the sidecars' registrations are applied yet: until then `list`
+    /// shows `(unregistered)` and no name); returns that topology.
+    pub async fn wait_registered(&self, timeout: Duration) -> proto::Topology {
+        let client = self.client();
+        wait_for("every running member registered", timeout, || async {
+            let t = client
+                .call(|mut c| async move {
+                    c.get_topology(proto::GetTopologyRequest { local: false })
+                        .await
+                })
+                .await
+                .ok()?;
+            let all = self
+                .nodes
+                .values()
+                .filter(|n| n.is_running() && !n.frozen)
+                .all(|n| t.members.iter().any(|m| m.id == n.id && m.registered));
+            all.then_some(t)
         })
         .await
     }

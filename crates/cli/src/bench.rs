@@ -739,7 +739,7 @@ async fn failover_run(
         prefixes: (1..=3).map(|id| n.exec_prefix(id)).collect(),
         cidr: n.cidr(),
     });
-    let layout = local::create_with(3, dir, true, true, placement.as_ref())?;
+    let layout = local::create_with(3, dir, true, true, placement.as_ref(), false)?;
     local::start_missing(&layout, true)?;
     let api = layout.client()?.with_patience(Duration::from_secs(10));
     // Before the first primary is chosen, so that leadership stays where bootstrap put it

@@ -87,7 +87,7 @@ pub async fn run(
         pin_this_process(&rest)?;
         println!("router on CPUs {router_cpus:?}; the cluster and the clients on CPUs {rest:?}");
     }
-    let layout = local::create_with(3, dir, true, true, None)?;
+    let layout = local::create_with(3, dir, true, true, None, false)?;
     local::start_missing(&layout, true)?;
     let result = measure(&layout, clients, seconds, rounds, router_cpus, dir).await;
     let _ = local::stop_all(dir, true);

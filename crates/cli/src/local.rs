@@ -1,7 +1,8 @@
 //! `pgquorum local`: a cluster of real sidecar processes on loopback ports under one directory.
 //!
 //! Layout of `--dir`: `cluster.json` (endpoints and node directories), and per node `nN/`
-//! holding `node.toml`, `data/`, `sidecar.log` and `sidecar.pid`.
+//! holding `node.toml`, `data/`, `sidecar.log` and `sidecar.pid`. Members made by `local up`
+//! also serve HTTP on loopback (`/primary`, `/replica`, `/health`, `/cluster`, `/metrics`).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,10 @@ pub(crate) struct LocalNode {
     /// Runs the sidecar through this command, e.g. `ip netns exec NS`; empty: directly.
     #[serde(default)]
     pub(crate) exec_prefix: Vec<String>,
+    /// The member's HTTP address (`http_addr`: health checks and metrics); empty: none (the
+    /// benches' clusters, and clusters made before `local up` gave one).
+    #[serde(default)]
+    pub(crate) http_addr: String,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -237,6 +242,10 @@ fn node_config(layout: &Layout, node: &LocalNode) -> String {
          listen_addr = \"{}\"\n",
         layout.cluster_name, node.id, node.name, node.api_addr
     );
+    if !node.http_addr.is_empty() {
+        // No `metrics_token_file`: `/metrics` is open like the health checks, on loopback.
+        s.push_str(&format!("http_addr = \"{}\"\n", node.http_addr));
+    }
     s.push_str(&format!(
         "\n[postgres]\nhost = \"{}\"\nport = {}\n",
         node.pg_host(),
@@ -379,14 +388,15 @@ fn start_node(node: &LocalNode) -> Result<i32> {
     Ok(pid)
 }
 
-/// Loads the layout in `dir`, or creates a new cluster of `count` members there.
+/// Loads the layout in `dir`, or creates a new cluster of `count` members there (serving no
+/// HTTP).
 pub(crate) fn load_or_create(
     count: u32,
     dir: &Path,
     postgres: bool,
     secure: bool,
 ) -> Result<Layout> {
-    create_with(count, dir, postgres, secure, None)
+    create_with(count, dir, postgres, secure, None, false)
 }
 
 /// Where the members of a new cluster run: member `id` (from 1) on address `hosts[id - 1]`,
@@ -399,13 +409,15 @@ pub(crate) struct Placement {
 }
 
 /// Like [`load_or_create`], with every member on its own address (fixed ports, as each address
-/// is its own host).
+/// is its own host) when `placement` says so, and with `http` an HTTP address for every member
+/// of a new cluster.
 pub(crate) fn create_with(
     count: u32,
     dir: &Path,
     postgres: bool,
     secure: bool,
     placement: Option<&Placement>,
+    http: bool,
 ) -> Result<Layout> {
     if dir.join("cluster.json").exists() {
         return Layout::load(dir);
@@ -422,18 +434,28 @@ pub(crate) fn create_with(
     }
     let mut nodes = Vec::new();
     for id in 1..=u64::from(count) {
-        let (api_addr, pg_port, host, exec_prefix) = match placement {
+        let (api_addr, pg_port, host, exec_prefix, http_addr) = match placement {
             Some(p) => {
                 let i = (id - 1) as usize;
                 let host = p.hosts.get(i).context("a host for every member")?.clone();
                 let prefix = p.prefixes.get(i).cloned().unwrap_or_default();
-                (format!("{host}:7001"), 5432, host, prefix)
+                let http_addr = if http {
+                    format!("{host}:8008")
+                } else {
+                    String::new()
+                };
+                (format!("{host}:7001"), 5432, host, prefix, http_addr)
             }
             None => (
                 format!("127.0.0.1:{}", free_port()?),
                 free_port()?,
                 String::new(),
                 Vec::new(),
+                if http {
+                    format!("127.0.0.1:{}", free_port()?)
+                } else {
+                    String::new()
+                },
             ),
         };
         nodes.push(LocalNode {
@@ -444,6 +466,7 @@ pub(crate) fn create_with(
             pg_port,
             host,
             exec_prefix,
+            http_addr,
         });
     }
     let layout = Layout {
@@ -549,7 +572,7 @@ pub(crate) async fn wait_ready(layout: &Layout, timeout: Duration) -> Result<pro
 }
 
 async fn up(count: u32, dir: &Path, postgres: bool, secure: bool) -> Result<()> {
-    let layout = load_or_create(count, dir, postgres, secure)?;
+    let layout = create_with(count, dir, postgres, secure, None, true)?;
     if layout.tls_dir.is_none() {
         eprintln!(
             "warning: this local cluster runs without TLS or authentication (--insecure): \
@@ -565,6 +588,15 @@ async fn up(count: u32, dir: &Path, postgres: bool, secure: bool) -> Result<()> 
     }
     if let Some(uri) = layout.uri() {
         println!("psql '{uri}'");
+    }
+    // Health checks and metrics, as a load balancer or Prometheus reads them: /primary answers
+    // 200 on the writable primary only (503 elsewhere), /replica on replicas; /metrics needs
+    // no token here (no metrics_token_file).
+    for n in layout.nodes.iter().filter(|n| !n.http_addr.is_empty()) {
+        println!(
+            "curl http://{}/primary   # {}: also /replica /health /cluster /metrics",
+            n.http_addr, n.name
+        );
     }
     println!("logs: {}/n*/sidecar.log", dir.display());
     Ok(())

@@ -19,6 +19,17 @@ pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "postgres";
 pub const REPLICATOR: &str = "replicator";
 
+/// The one way a test skips: prints `SKIPPED <test>: <why>` and returns, so the caller can
+/// return; under `CI=true` it panics with that message instead, so a green CI run means every
+/// test ran. `why` names what is missing and the fix.
+pub fn skip(test: &str, why: &str) {
+    let said = format!("SKIPPED {test}: {why}");
+    eprintln!("{said}");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{said} (CI=true: a skip fails the run; give this machine what the test needs)");
+    }
+}
+
 /// A lease long enough for any test: primaries need one to stay up.
 pub fn long_lease() -> Lease {
     Lease::expires_in(Duration::from_secs(600))
