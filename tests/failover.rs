@@ -571,6 +571,85 @@ async fn a_promotion_slower_than_the_lease_keeps_its_lease_and_completes() {
         .expect("the new primary writes");
 }
 
+/// A promotion whose call fails after Postgres was asked to promote (review finding 5: here the
+/// write of the replication settings after `pg_promote` fails) is recorded as what Postgres
+/// became: the new primary's. Before the fix the member remembered no primary epoch, so a
+/// clean restart of its sidecar fenced the healthy primary (no lease to take over from the
+/// guard) and a second failover followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_whose_call_failed_after_postgres_promoted_is_kept_across_a_sidecar_restart() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    wait_sync_committed(&c).await;
+    let replicas: Vec<u64> = c.nodes.keys().copied().filter(|id| *id != old).collect();
+    // The fault: the file the promotion rewrites last cannot be written (a directory stands
+    // where its temporary copy goes), so the call fails after Postgres promoted.
+    for id in &replicas {
+        let tmp = c.nodes[id]
+            .dir
+            .join("pgdata/.pgquorum.replication.conf.pgq-tmp");
+        std::fs::create_dir(&tmp).expect("a directory where the settings' copy goes");
+    }
+    c.crash_host(old);
+    let target = wait_for("a committed successor", FAILOVER, || async {
+        let t = c.local_topology(replicas[0]).await?;
+        t.primary.filter(|p| p.node_id != old).map(|p| p.node_id)
+    })
+    .await;
+    let log_path = c.nodes[&target].log_path();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_for("a promotion call that failed", FAILOVER, || async {
+        log()
+            .lines()
+            .any(|l| l.contains("action failed") && l.contains("Promote"))
+            .then_some(())
+    })
+    .await;
+    wait_for("the successor reported primary", FAILOVER, || async {
+        let t = c.local_topology(target).await?;
+        t.members
+            .iter()
+            .any(|m| m.id == target && m.pg_role_name() == "primary")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(c.writable(target).await, Some(true));
+    let postmaster = c
+        .postmaster_pid(target)
+        .expect("the new primary's postmaster");
+    c.stop(target);
+    let restarted_from = log().len();
+    c.start(target);
+    wait_for(
+        "the restarted sidecar adopts its Postgres",
+        FAILOVER,
+        || async {
+            log()
+                .get(restarted_from..)?
+                .contains("adopted the Postgres")
+                .then_some(())
+        },
+    )
+    .await;
+    // Over two leases later it is still the primary of the same epoch, with the same postmaster.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let t = c.local_topology(target).await.expect("topology");
+    assert_eq!(
+        t.primary.map(|p| (p.node_id, p.epoch)),
+        Some((target, 2)),
+        "a second failover followed the restart:\n{}",
+        c.log_tails()
+    );
+    assert_eq!(
+        c.postmaster_pid(target),
+        Some(postmaster),
+        "the restarted sidecar stopped the primary it should have kept:\n{}",
+        c.log_tails()
+    );
+    assert_eq!(c.writable(target).await, Some(true));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_streaming_status_does_not_hold_up_the_failover() {
     let mut c = TestCluster::with_postgres(3);

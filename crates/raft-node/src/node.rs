@@ -479,6 +479,7 @@ fn postgres_instance(cfg: &NodeConfig) -> Result<Option<pg_supervisor::Instance>
             statement: Duration::from_secs(1),
             probe: Duration::from_millis(1500),
             follow: Duration::from_secs(20),
+            promote: Duration::from_millis(pg.promote_timeout_ms),
             ..Default::default()
         },
     };

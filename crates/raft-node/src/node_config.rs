@@ -146,7 +146,16 @@ pub struct PostgresEndpoint {
     /// fenced when its lease ends if no sidecar has renewed it by then, whichever comes first;
     /// 0: Postgres stops with the sidecar.
     pub restart_window_ms: u64,
+    /// How long a promotion may take (`pg_promote` and the end of recovery) before the sidecar
+    /// calls it failed. A promotion asked for goes on in Postgres regardless: the sidecar then
+    /// counts this data directory as the new epoch's primary whatever the call returned.
+    pub promote_timeout_ms: u64,
 }
+
+/// The shortest promotion timeout a member may set (`pg_promote` waits whole seconds).
+pub const MIN_PROMOTE_TIMEOUT_MS: u64 = 1_000;
+/// The longest promotion timeout a member may set.
+pub const MAX_PROMOTE_TIMEOUT_MS: u64 = 600_000;
 
 impl Default for PostgresEndpoint {
     fn default() -> Self {
@@ -166,6 +175,7 @@ impl Default for PostgresEndpoint {
             allowed_cidrs: Vec::new(),
             free_space_warn_bytes: 1024 * 1024 * 1024,
             restart_window_ms: 30_000,
+            promote_timeout_ms: 60_000,
         }
     }
 }
@@ -471,6 +481,17 @@ impl NodeConfig {
         if self.postgres.port == 0 {
             return Err(invalid("postgres.port", "must not be 0".into()));
         }
+        if !(MIN_PROMOTE_TIMEOUT_MS..=MAX_PROMOTE_TIMEOUT_MS)
+            .contains(&self.postgres.promote_timeout_ms)
+        {
+            return Err(invalid(
+                "postgres.promote_timeout_ms",
+                format!(
+                    "{} is out of range: set it between {MIN_PROMOTE_TIMEOUT_MS} and                      {MAX_PROMOTE_TIMEOUT_MS} (milliseconds; default 60000)",
+                    self.postgres.promote_timeout_ms
+                ),
+            ));
+        }
         if self.postgres.data_dir.is_some() {
             let pg = &self.postgres;
             for (role, value, file, var) in [
@@ -705,6 +726,7 @@ addr = "127.0.0.1:7002"
             "allowed_cidrs",
             "free_space_warn_bytes",
             "restart_window_ms",
+            "promote_timeout_ms",
             "[tags]",
             "nofailover",
             "priority",

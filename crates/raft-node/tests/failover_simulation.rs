@@ -48,7 +48,7 @@ use raft_node::failover::report::{
     HandedOver, LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied,
 };
 use raft_node::failover::sidecar::{
-    follow_waits, Unreachable, RENEWAL_LEASES, UNREACHABLE_BACKOFF_MS,
+    became_primary, follow_waits, Unreachable, RENEWAL_LEASES, UNREACHABLE_BACKOFF_MS,
 };
 use raft_node::failover::sync::{self as syncrules};
 use raft_node::types::NodeId;
@@ -288,6 +288,8 @@ struct Sim {
     acked_by_epoch: BTreeMap<u64, u64>,
     /// Every fault has healed.
     healed: bool,
+    /// Sim time at which the primary is lost after a shortened lease.
+    lose_primary_at: Option<u64>,
     events: Vec<String>,
 }
 
@@ -400,6 +402,7 @@ impl Sim {
             acked_high: 0,
             acked_by_epoch: BTreeMap::new(),
             healed: false,
+            lose_primary_at: None,
             events: Vec::new(),
         };
         for node in &mut sim.nodes {
@@ -1099,6 +1102,21 @@ impl Sim {
             };
             let sent = report.clone();
             self.report_to_leader(id, report);
+            // A Postgres writable as the leased primary is recorded as such (the shipped rule
+            // that catches a promotion whose call failed after Postgres was asked to promote).
+            let n = self.node(id);
+            if let Some(e) = became_primary(
+                judged.pg,
+                n.applied.primary,
+                id,
+                n.lease,
+                n.last_primary_epoch,
+            ) {
+                self.node_mut(id).last_primary_epoch = Some(e);
+                self.log(format!(
+                    "{id} records its Postgres as the primary of epoch {e}"
+                ));
+            }
             // Reconcile.
             let n = self.node(id);
             let view = LocalView {
@@ -1395,9 +1413,18 @@ impl Sim {
             let epoch = r.epoch;
             n.renewals = None;
             if n.pg == PgState::Primary {
-                n.last_primary_epoch = Some(epoch);
                 n.next_tick = now;
-                self.log(format!("{id} promoted (epoch {epoch})"));
+                // Sometimes the call fails although Postgres promoted (the confirmation or the
+                // write of the replication settings after it): only what the tick then sees
+                // records the epoch.
+                if self.rng.gen_bool(0.15) {
+                    self.log(format!(
+                        "{id}'s promotion call fails after Postgres promoted (epoch {epoch})"
+                    ));
+                } else {
+                    self.node_mut(id).last_primary_epoch = Some(epoch);
+                    self.log(format!("{id} promoted (epoch {epoch})"));
+                }
             }
             return false;
         }
@@ -1652,6 +1679,7 @@ impl Sim {
         if t >= FAULT_PHASE_MS {
             return;
         }
+        self.lose_primary_after_shortening();
         // New faults, a few per simulated minute each.
         let p = STEP as f64 / 20_000.0;
         let n = self.nodes.len();
@@ -1849,13 +1877,49 @@ impl Sim {
                 (ld.term == self.top_term && self.t - ld.last_quorum_ack <= HEARTBEAT).then_some(*l)
             });
             if let Some(l) = leader {
+                let before = self.committed.config.lease_ms;
                 let changes = [
                     ("lease_ms".to_string(), lease.to_string()),
                     ("drift_margin_ms".to_string(), margin.to_string()),
                 ]
                 .into();
-                self.commit(l, Command::SetConfig { changes });
+                if self.commit(l, Command::SetConfig { changes })
+                    && lease < before
+                    && self.rng.gen_bool(0.5)
+                {
+                    // The primary is lost right after the lease was shortened, once it took a
+                    // renewal under the shorter terms: the longer grant it holds still binds.
+                    self.lose_primary_at = Some(t + self.rng.gen_range(300..1_500));
+                }
             }
+        }
+    }
+
+    /// The primary's sidecar freezes, or the primary is cut off, at the time set after a
+    /// shortened lease: its guard keeps the longer deadline it was fed.
+    fn lose_primary_after_shortening(&mut self) {
+        if self.lose_primary_at.is_none_or(|at| self.t < at) {
+            return;
+        }
+        self.lose_primary_at = None;
+        let Some(p) = self.committed.primary.map(|p| p.node) else {
+            return;
+        };
+        if !self.node(p).alive() || self.node(p).pg != PgState::Primary {
+            return;
+        }
+        let until = self.t + self.rng.gen_range(3_000..12_000);
+        if self.rng.gen_bool(0.5) {
+            self.node_mut(p).sidecar = Process::Frozen { until };
+            self.log(format!("sidecar {p} of the primary frozen until {until}"));
+        } else if self.cut_until == 0 {
+            for b in self.members.clone() {
+                if b != p {
+                    self.cut_both_ways(p, b);
+                }
+            }
+            self.cut_until = until;
+            self.log(format!("primary {p} cut off until {until}"));
         }
     }
 

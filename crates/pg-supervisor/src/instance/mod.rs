@@ -45,6 +45,8 @@ pub struct Instance {
     write_in_flight: InFlight,
     /// Leases the sidecar renews while a promotion or a start holds this instance.
     renewals: Option<tokio::sync::watch::Receiver<Lease>>,
+    /// The last `promote` asked Postgres to promote (`pg_promote` was sent).
+    promotion_requested: bool,
 }
 
 impl Instance {
@@ -62,7 +64,16 @@ impl Instance {
             last_lease: None,
             write_in_flight: InFlight::default(),
             renewals: None,
+            promotion_requested: false,
         })
+    }
+
+    /// Whether the last [`Instance::promote`] sent `pg_promote`. Once sent, the promotion goes
+    /// on in Postgres whatever the call returned (a timeout, a failed confirmation, a failed
+    /// write of the replication settings afterwards): the caller must count this data directory
+    /// as a primary's from then on.
+    pub fn promotion_requested(&self) -> bool {
+        self.promotion_requested
     }
 
     /// Refuse from now on to start or rejoin a data directory, or to clone from a server, of

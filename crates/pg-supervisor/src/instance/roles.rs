@@ -155,6 +155,7 @@ impl Instance {
     /// without a lease).
     pub async fn promote(&mut self) -> Result<PromoteReport> {
         let started = Instant::now();
+        self.promotion_requested = false;
         match self.guard.as_ref().map(|g| g.lease()) {
             Some(Lease::Until(_)) if !self.guard_lease_expired() => {}
             _ => {
@@ -181,6 +182,8 @@ impl Instance {
         let s = connect(&self.local_target(), &self.cfg.superuser, t.connect, None).await?;
         let wait_secs = t.promote.as_secs().clamp(1, i32::MAX as u64) as i32;
         tracing::info!(member = %self.cfg.member_name, "promoting");
+        // From here on the promotion may happen whatever this call returns.
+        self.promotion_requested = true;
         let rows = self
             .fed(s.query(
                 "pg_promote",

@@ -947,6 +947,23 @@ impl Sidecar {
                 .map(|(_, to, epoch)| (to, epoch)),
         };
         let assigned = state.cluster.primary;
+        if let Some(epoch) = became_primary(
+            pg,
+            assigned,
+            self.node_id,
+            self.lease,
+            self.memory.last_primary_epoch,
+        ) {
+            // A promotion confirmed late (after its call failed) is recorded here.
+            tracing::info!(
+                epoch,
+                lsn = obs.lsn,
+                "Postgres runs as the primary of epoch {epoch}"
+            );
+            let mut memory = self.memory;
+            memory.last_primary_epoch = Some(epoch);
+            self.remember(memory);
+        }
         let mut step = plan(
             self.node_id,
             &view,
@@ -1286,7 +1303,24 @@ impl Sidecar {
                 let mut renewals = self.begin_renewals(report, &cluster.config);
                 let promoted = renewals.around(self.instance.promote()).await;
                 self.end_renewals(renewals);
-                let r = promoted.map_err(|e| e.to_string())?;
+                let r = match promoted {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if self.instance.promotion_requested() {
+                            // What Postgres becomes, not what the call returned: once asked, it
+                            // promotes, and a data directory that may have served writes is a
+                            // primary's (fenced when down, rewound before following, its lease
+                            // taken over by a restarted sidecar).
+                            memory.last_primary_epoch = Some(epoch);
+                            tracing::warn!(
+                                epoch,
+                                error = %e,
+                                "the promotion was requested but not confirmed: this data                                  directory counts as the primary of epoch {epoch} from now on"
+                            );
+                        }
+                        return Err(e.to_string());
+                    }
+                };
                 tracing::info!(
                     epoch,
                     timeline = r.timeline,
@@ -1414,6 +1448,21 @@ impl Sidecar {
         }
         Ok(())
     }
+}
+
+/// The epoch to record as this data directory's last as a primary when the tick sees Postgres
+/// writable as the committed primary under a lease of that epoch, and memory says otherwise
+/// (the call that promoted it failed after Postgres was asked to promote).
+pub fn became_primary(
+    pg: PgState,
+    assigned: Option<crate::cluster_state::PrimaryAssignment>,
+    me: NodeId,
+    lease: Option<HeldLease>,
+    remembered: Option<Epoch>,
+) -> Option<Epoch> {
+    let a = assigned.filter(|a| a.node == me)?;
+    let leased = lease.is_some_and(|l| l.epoch == a.epoch);
+    (pg == PgState::Primary && leased && remembered != Some(a.epoch)).then_some(a.epoch)
 }
 
 /// The `pg_hba.conf` addresses of the members' Postgres hosts: an address as a single-host
@@ -1549,6 +1598,28 @@ mod tests {
         assert!(!follow_waits(last, 2, 3, 4_000), "another member");
         assert!(!follow_waits(last, 1, 4, 4_000), "a later epoch");
         assert!(!follow_waits(None, 1, 3, 0));
+    }
+
+    #[test]
+    fn a_postgres_seen_writable_as_the_leased_primary_is_recorded_as_its_epochs() {
+        let a = Some(crate::cluster_state::PrimaryAssignment { node: 2, epoch: 5 });
+        let lease = Some(HeldLease {
+            epoch: 5,
+            expires_at: 9_000,
+        });
+        assert_eq!(became_primary(PgState::Primary, a, 2, lease, None), Some(5));
+        assert_eq!(
+            became_primary(PgState::Primary, a, 2, lease, Some(4)),
+            Some(5)
+        );
+        assert_eq!(became_primary(PgState::Primary, a, 2, lease, Some(5)), None);
+        assert_eq!(became_primary(PgState::Replica, a, 2, lease, None), None);
+        assert_eq!(became_primary(PgState::Primary, a, 3, lease, None), None);
+        let old = Some(HeldLease {
+            epoch: 4,
+            expires_at: 9_000,
+        });
+        assert_eq!(became_primary(PgState::Primary, a, 2, old, None), None);
     }
 
     #[test]
