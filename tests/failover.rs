@@ -650,6 +650,64 @@ async fn a_promotion_whose_call_failed_after_postgres_promoted_is_kept_across_a_
     assert_eq!(c.writable(target).await, Some(true));
 }
 
+/// A stalled guard does not leave the fence to the sidecar's tick (review finding 2). The
+/// primary's guard is frozen and both other sidecars too, so no lease is renewed: every tick of
+/// the primary's sidecar then waits out its report's timeout before its reconcile table could
+/// fence, while the leader may promote `drift_margin_ms` after the lease. The sidecar's fence
+/// timer, armed with the guard's deadline, stops the postmaster at the lease's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_guard_is_backed_by_the_sidecars_fence_timer_at_the_lease_end() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    wait_sync_committed(&c).await;
+    let lease = Duration::from_millis(
+        c.local_config(old)
+            .await
+            .and_then(|cfg| cfg.values.get("lease_ms")?.parse().ok())
+            .expect("the lease length"),
+    );
+    let postmaster = c.postmaster_pid(old).expect("the primary's postmaster");
+    let stat = std::fs::read_to_string(format!("/proc/{postmaster}/stat")).expect("its stat");
+    let guard: i32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|ppid| ppid.parse().ok())
+        .expect("the guard is the postmaster's parent");
+    // SAFETY: signalling a process of the test's own cluster.
+    assert_eq!(unsafe { libc::kill(guard, libc::SIGSTOP) }, 0);
+    let others: Vec<u64> = c.nodes.keys().copied().filter(|id| *id != old).collect();
+    let frozen_at = Instant::now();
+    for id in &others {
+        c.signal_sidecar(*id, libc::SIGSTOP);
+    }
+    wait_for("the old postmaster gone", lease * 3, || async {
+        (!pg_supervisor::os_process::is_alive(postmaster)).then_some(())
+    })
+    .await;
+    let took = frozen_at.elapsed();
+    // SAFETY: as above; the guard reaps its fenced postmaster and exits.
+    unsafe { libc::kill(guard, libc::SIGCONT) };
+    for id in &others {
+        c.signal_sidecar(*id, libc::SIGCONT);
+    }
+    eprintln!(
+        "FIGURE frozen_guard_fenced_after_ms={} (lease {} ms)",
+        took.as_millis(),
+        lease.as_millis()
+    );
+    let log = std::fs::read_to_string(c.nodes[&old].log_path()).unwrap_or_default();
+    assert!(
+        log.contains("the sidecar's fence timer fenced PostgreSQL"),
+        "the fence timer did not fence (after {took:?}):\n{}",
+        c.log_tails()
+    );
+    // The cluster recovers: another member is promoted once the others thaw.
+    let (new, _) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(new, old);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_streaming_status_does_not_hold_up_the_failover() {
     let mut c = TestCluster::with_postgres(3);

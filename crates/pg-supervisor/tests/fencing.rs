@@ -385,3 +385,97 @@ async fn started_then_detached(cfg: &pg_supervisor::InstanceConfig, lease: Durat
     assert!(p.detach_guard(Duration::from_secs(60)).await.unwrap());
     pid
 }
+
+/// A guard whose log cannot be written still fences at the lease's end (review finding 2: it
+/// wrote "lease expired; fencing" to its log before fencing, so a hung log filesystem held the
+/// fence back indefinitely). The log here is a FIFO whose buffer the test fills and nobody
+/// drains: every write to it blocks, the guard's and Postgres' own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_whose_log_blocks_still_fences_at_the_lease_end() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = test_dir();
+    let mut cfg = config(dir.path(), "blocked");
+    let fifo = dir.path().join("server.log.fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o666) }, 0, "mkfifo");
+    cfg.log_file = Some(fifo.clone());
+    let mut p = Instance::new(cfg).unwrap();
+    p.init_primary().await.unwrap();
+    // A reader keeps the FIFO open; it drains while Postgres starts, then stops.
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let drainer = std::thread::spawn({
+        let draining = draining.clone();
+        let mut reader = reader.try_clone().unwrap();
+        move || {
+            use std::io::Read;
+            let mut buf = [0u8; 65536];
+            while draining.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = reader.read(&mut buf);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    p.start(pg_supervisor::Lease::expires_in(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let up = p.as_upstream();
+    assert!(connects(&up).await);
+    let pid = p.status().pid().unwrap();
+    draining.store(false, std::sync::atomic::Ordering::SeqCst);
+    drainer.join().unwrap();
+    // Fill the pipe: from now on every write to the log blocks.
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let chunk = [b'x'; 4096];
+    loop {
+        use std::io::Write;
+        match filler.write(&chunk) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the log pipe: {e}"),
+        }
+    }
+    let lease = Duration::from_millis(1500);
+    p.feed_lease(pg_supervisor::Lease::expires_in(lease))
+        .await
+        .unwrap();
+    let fed = Instant::now();
+    wait_until(
+        "the postmaster fenced despite the blocked log",
+        lease + Duration::from_secs(3),
+        || async { !is_alive(pid) },
+    )
+    .await;
+    eprintln!(
+        "FIGURE blocked_log_lease_to_fenced_ms={} (lease {} ms)",
+        fed.elapsed().as_millis(),
+        lease.as_millis()
+    );
+    assert!(
+        fed.elapsed() >= lease,
+        "fenced before the lease ended: {:?}",
+        fed.elapsed()
+    );
+    // Let whatever still writes to the log finish, so the guard can exit.
+    let drain = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut reader = reader;
+        let mut buf = [0u8; 65536];
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            let _ = reader.read(&mut buf);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    drop(p);
+    drain.join().unwrap();
+}

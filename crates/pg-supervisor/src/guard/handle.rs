@@ -10,6 +10,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, Command};
 
 use super::process::{parse_adoption_greeting, GuardArgs};
+use super::watchdog::Watchdog;
 use crate::config::GuardCommand;
 use crate::error::{Result, SupervisorError};
 use crate::lease::{clock_now_ns, Lease};
@@ -34,6 +35,8 @@ pub struct Guard {
     guard_pid: u32,
     postmaster_pid: i32,
     lease: Lease,
+    /// Fences on time if the guard stalls.
+    watchdog: Watchdog,
 }
 
 #[derive(Debug)]
@@ -97,12 +100,14 @@ impl Guard {
             feed,
             postmaster_pid,
             lease: args.lease,
+            watchdog: Watchdog::start(postmaster_pid, args.fence_grace, args.lease),
         })
     }
 
     /// Adopts the guard serving `socket`, left running by a sidecar that detached. `None` when
-    /// no guard listens there (none left, or it fenced already).
-    pub async fn adopt(socket: &Path) -> Result<Option<Guard>> {
+    /// no guard listens there (none left, or it fenced already). `fence_grace` is the
+    /// immediate-shutdown grace of this sidecar's own fence timer.
+    pub async fn adopt(socket: &Path, fence_grace: Duration) -> Result<Option<Guard>> {
         let mut stream = match UnixStream::connect(socket).await {
             Ok(s) => s,
             Err(e)
@@ -159,6 +164,7 @@ impl Guard {
             guard_pid,
             postmaster_pid,
             lease,
+            watchdog: Watchdog::start(postmaster_pid, fence_grace, lease),
         }))
     }
 
@@ -202,6 +208,8 @@ impl Guard {
     pub async fn feed(&mut self, lease: Lease) -> Result<()> {
         self.write_line(&format!("{}\n", lease.encode())).await?;
         self.lease = lease;
+        // The timer follows what the guard holds: a feed the guard did not take moves nothing.
+        self.watchdog.arm(lease);
         Ok(())
     }
 

@@ -20,6 +20,7 @@
 
 mod handle;
 mod process;
+mod watchdog;
 
 pub use handle::Guard;
 pub use process::{effective_deadline, run_guard, GuardArgs};

@@ -123,15 +123,24 @@ pub fn run_guard(args: &[String]) -> i32 {
             return EXIT_START_FAILED;
         }
     };
-    let mut log = match open_log(&args) {
+    let file = match open_log(&args) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("pgq-guard: {e}");
             return EXIT_START_FAILED;
         }
     };
+    let log = GuardLog::start(&file);
+    let code = guard_until_exit(&args, &file, &log);
+    // Give the writer a moment to put the last lines down; a hung log never holds the exit.
+    log.close(Duration::from_secs(1));
+    code
+}
+
+/// The guard's life once its log is open; returns the exit code.
+fn guard_until_exit(args: &GuardArgs, file: &File, log: &GuardLog) -> i32 {
     if args.lease.is_expired() {
-        say(&mut log, "lease already expired; not starting PostgreSQL");
+        log.say("lease already expired; not starting PostgreSQL");
         // The launching sidecar reads stderr into its error message.
         eprintln!(
             "pgq-guard: the lease expired before PostgreSQL could start (the work before the \
@@ -143,21 +152,21 @@ pub fn run_guard(args: &[String]) -> i32 {
         None => None,
         Some(Ok(l)) => Some(l),
         Some(Err(e)) => {
-            say(&mut log, &e);
+            log.say(&e);
             eprintln!("pgq-guard: {e}");
             return EXIT_START_FAILED;
         }
     };
     let _socket_file = args.control_socket.clone().map(RemoveOnDrop);
-    let pid = match spawn_postmaster(&args, &log) {
+    let pid = match spawn_postmaster(args, file) {
         Ok(pid) => pid,
         Err(e) => {
-            say(&mut log, &format!("cannot start postgres: {e}"));
+            log.say(&format!("cannot start postgres: {e}"));
             eprintln!("pgq-guard: cannot start postgres: {e}");
             return EXIT_START_FAILED;
         }
     };
-    say(&mut log, &format!("started postmaster {pid}"));
+    log.say(&format!("started postmaster {pid}"));
     let mut stdout = std::io::stdout();
     // The sidecar may already be gone; the lease loop handles that.
     let _ = writeln!(stdout, "postmaster {pid}").and_then(|_| stdout.flush());
@@ -167,7 +176,7 @@ pub fn run_guard(args: &[String]) -> i32 {
         grace: args.fence_grace,
         listener: listener.as_ref(),
     };
-    watch(&watched, args.lease, &mut log)
+    watch(&watched, args.lease, log)
 }
 
 /// Removes the control socket when the guard exits, so a stale file never looks like a guard.
@@ -257,8 +266,48 @@ fn open_log(args: &GuardArgs) -> Result<File, String> {
     Ok(file)
 }
 
-fn say(log: &mut File, msg: &str) {
-    let _ = writeln!(log, "pgq-guard[{}]: {msg}", std::process::id());
+/// The guard's log lines, written by a thread of their own: the guard's loop never waits on
+/// the log file. A hung filesystem (or a full pipe) under the log must not delay a fence by a
+/// single millisecond; lines are dropped when the writer falls that far behind.
+struct GuardLog {
+    lines: Option<std::sync::mpsc::SyncSender<String>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl GuardLog {
+    /// Lines queued beyond this are dropped while the writer is stuck.
+    const BACKLOG: usize = 256;
+
+    fn start(file: &File) -> GuardLog {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(Self::BACKLOG);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut file = file.try_clone();
+        std::thread::spawn(move || {
+            for line in rx {
+                if let Ok(f) = file.as_mut() {
+                    let _ = f.write_all(line.as_bytes());
+                }
+            }
+            let _ = done_tx.send(());
+        });
+        GuardLog {
+            lines: Some(tx),
+            done,
+        }
+    }
+
+    /// Queues a line; never blocks.
+    fn say(&self, msg: &str) {
+        if let Some(tx) = &self.lines {
+            let _ = tx.try_send(format!("pgq-guard[{}]: {msg}\n", std::process::id()));
+        }
+    }
+
+    /// Stops taking lines and waits up to `limit` for the queued ones to be written.
+    fn close(mut self, limit: Duration) {
+        self.lines = None;
+        let _ = self.done.recv_timeout(limit);
+    }
 }
 
 fn spawn_postmaster(args: &GuardArgs, log: &File) -> Result<i32, String> {
@@ -319,32 +368,29 @@ enum Wake {
     Closed,
 }
 
-fn watch(w: &Watched<'_>, mut lease: Lease, log: &mut File) -> i32 {
+fn watch(w: &Watched<'_>, mut lease: Lease, log: &GuardLog) -> i32 {
     let mut feed = Some(Feed::Stdin);
     let mut pending = String::new();
     // Set by a `detach` line: the sidecar is leaving on purpose and a successor may adopt us.
     let mut detached_until: Option<u64> = None;
     loop {
         if let Some(code) = reap(w.pid) {
-            say(
-                log,
-                &format!("postmaster {} exited ({code}); guard exits", w.pid),
-            );
+            log.say(&format!(
+                "postmaster {} exited ({code}); guard exits",
+                w.pid
+            ));
             return EXIT_POSTMASTER_EXITED;
         }
         let deadline = effective_deadline(lease, detached_until);
         let now = clock_now_ns();
         if deadline.is_some_and(|d| now >= d) {
+            // Fence first, then say why: nothing may stand between the deadline and the fence.
+            fence_and_reap(w.pid, w.data_dir, w.grace, log);
             if feed.is_none() {
-                say(
-                    log,
-                    "no sidecar adopted PostgreSQL within its lease or the restart window; fencing",
-                );
-                fence_and_reap(w.pid, w.data_dir, w.grace, log);
+                log.say("no sidecar adopted PostgreSQL within its lease or the restart window");
                 return EXIT_FENCED_NOT_ADOPTED;
             }
-            say(log, "lease expired without renewal; fencing PostgreSQL");
-            fence_and_reap(w.pid, w.data_dir, w.grace, log);
+            log.say("the lease expired without renewal");
             return EXIT_FENCED_LEASE_EXPIRED;
         }
         let wait = match deadline {
@@ -359,7 +405,7 @@ fn watch(w: &Watched<'_>, mut lease: Lease, log: &mut File) -> i32 {
             } else {
                 let greeting = adoption_greeting(w.pid, std::process::id(), lease);
                 if conn.write_all(greeting.as_bytes()).is_ok() {
-                    say(log, "adopted by a new sidecar");
+                    log.say("adopted by a new sidecar");
                     feed = Some(Feed::Adopted(conn));
                     detached_until = None;
                     pending.clear();
@@ -373,8 +419,7 @@ fn watch(w: &Watched<'_>, mut lease: Lease, log: &mut File) -> i32 {
         match read_leases(f, &mut pending, &mut lease, &mut detached_until) {
             Wake::Continue => {}
             Wake::Closed if detached_until.is_some() => {
-                say(
-                    log,
+                log.say(
                     "sidecar detached cleanly; PostgreSQL keeps running until a new sidecar \
                      adopts it, its lease ends or the restart window closes",
                 );
@@ -382,8 +427,8 @@ fn watch(w: &Watched<'_>, mut lease: Lease, log: &mut File) -> i32 {
                 pending.clear();
             }
             Wake::Closed => {
-                say(log, "sidecar gone (feed closed); fencing PostgreSQL");
                 fence_and_reap(w.pid, w.data_dir, w.grace, log);
+                log.say("the sidecar is gone (its feed closed)");
                 return EXIT_FENCED_SIDECAR_GONE;
             }
         }
@@ -493,23 +538,20 @@ fn reap(pid: i32) -> Option<i32> {
     }
 }
 
-fn fence_and_reap(pid: i32, data_dir: &Path, grace: Duration, log: &mut File) {
+fn fence_and_reap(pid: i32, data_dir: &Path, grace: Duration, log: &GuardLog) {
     let report = fence_data_dir(data_dir, &[pid], grace);
     let mut status = 0;
     // SAFETY: status is a valid out-pointer; the postmaster is dead or dying.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    say(
-        log,
-        &format!(
-            "fenced postmaster {pid} in {} ms (sigkill: {}, leftovers killed: {:?}, \
+    log.say(&format!(
+        "fenced postmaster {pid} in {} ms (sigkill: {}, leftovers killed: {:?}, \
              verified gone: {}, survivors: {:?})",
-            report.elapsed_ms,
-            report.escalated_to_sigkill,
-            report.leftover_pids,
-            report.verified_gone,
-            report.survivor_pids
-        ),
-    );
+        report.elapsed_ms,
+        report.escalated_to_sigkill,
+        report.leftover_pids,
+        report.verified_gone,
+        report.survivor_pids
+    ));
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ impl Instance {
         let PostmasterState::Running { pid, .. } = self.data.postmaster_state() else {
             return Ok(None);
         };
-        let Some(guard) = Guard::adopt(&socket).await? else {
+        let Some(guard) = Guard::adopt(&socket, self.cfg.timeouts.fence_grace).await? else {
             return Ok(None);
         };
         if guard.postmaster_pid() != pid {

@@ -480,8 +480,10 @@ mod tests {
     }
 
     fn cluster() -> ClusterState {
-        let mut c = ClusterState::default();
-        c.primary = Some(PrimaryAssignment { node: 1, epoch: 1 });
+        let mut c = ClusterState {
+            primary: Some(PrimaryAssignment { node: 1, epoch: 1 }),
+            ..Default::default()
+        };
         c.config.synchronous_mode = crate::dynamic_config::SyncMode::Off;
         c.sync.epoch = 1;
         c.sync.committed = SyncSet::asynchronous();
