@@ -708,6 +708,81 @@ async fn a_frozen_guard_is_backed_by_the_sidecars_fence_timer_at_the_lease_end()
     assert_ne!(new, old);
 }
 
+/// Review finding 3: a Postgres restarted by hand (while paused, as the operator's guide
+/// allows) ran outside the guard, and nothing noticed: once committed primary, its promotion
+/// was refused for ever (a promotion needs the guard) while the leader kept granting, and the
+/// cluster stayed without a writable primary. Now the sidecar takes it under the guard again
+/// at once, paused or not, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restarted_by_hand_is_taken_back_under_the_guard_and_can_be_promoted() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        harness::skip(
+            "a_postgres_restarted_by_hand_is_taken_back_under_the_guard_and_can_be_promoted",
+            "it runs pg_ctl as the postgres user: needs root",
+        );
+        return;
+    }
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (old, _) = c.wait_postgres(START).await;
+    wait_sync_committed(&c).await;
+    cli(&c, &["pause"]);
+    let bins = pg_supervisor::PgBinaries::discover(None).expect("Postgres binaries");
+    let replicas: Vec<u64> = c.nodes.keys().copied().filter(|id| *id != old).collect();
+    let parent_is_a_guard = |pid: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .unwrap_or("0")
+            .to_string();
+        std::fs::read(format!("/proc/{ppid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("guard"))
+            .unwrap_or(false)
+    };
+    for id in &replicas {
+        let pgdata = c.nodes[id].dir.join("pgdata");
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bins.path("pg_ctl"))
+            .args(["restart", "-m", "fast", "-w", "-D"])
+            .arg(&pgdata)
+            .arg("-l")
+            .arg(pgdata.join("by-hand.log"))
+            .output()
+            .expect("pg_ctl restart");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log_path = c.nodes[id].log_path();
+        wait_for(
+            "the sidecar takes Postgres under its guard",
+            FAILOVER,
+            || async {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let pid = c.postmaster_pid(*id)?;
+                (log.contains("runs outside pgquorum's guard") && parent_is_a_guard(pid))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    cli(&c, &["resume"]);
+    c.crash_host(old);
+    let (new, _) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(new, old);
+    assert_eq!(c.writable(new).await, Some(true));
+    let pid = c.postmaster_pid(new).expect("the new primary's postmaster");
+    assert!(
+        parent_is_a_guard(pid),
+        "the new primary runs outside a guard"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_streaming_status_does_not_hold_up_the_failover() {
     let mut c = TestCluster::with_postgres(3);

@@ -30,6 +30,7 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                         "read_only_storage": m.read_only_storage,
                         "write_probe_ms": (m.pg_role_name() == "primary").then_some(m.write_probe_ms),
                         "pending_restart": m.pending_restart,
+                        "unguarded": m.unguarded,
                         "registered": m.registered,
                         "membership": m.membership_name(),
                         "raft_role": m.raft_role_name(),
@@ -169,6 +170,13 @@ pub fn topology(t: &proto::Topology, out: Output) -> String {
                 s.push_str(&format!(
                     "pending restart: {} (`pgquorum restart MEMBER --pending`)\n",
                     pending.join("; ")
+                ));
+            }
+            for m in t.members.iter().filter(|m| m.unguarded) {
+                s.push_str(&format!(
+                    "unguarded: {}'s Postgres runs outside pgquorum's guard (started by hand?); \
+                     its sidecar restarts it under the guard\n",
+                    member_name(t, m.id)
                 ));
             }
             if !t.failover_status.is_empty() {

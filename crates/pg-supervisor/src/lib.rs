@@ -46,7 +46,7 @@ pub use fence::FenceReport;
 pub use guard::{effective_deadline, run_guard, Guard, GuardArgs};
 pub use instance::{
     AppliedSync, FollowReport, HandOverReport, Instance, PromoteReport, RejoinMethod, RejoinReport,
-    StopMode,
+    StopMode, TakenUnderGuard,
 };
 pub use lease::Lease;
 pub use observation::{Lsn, Observation, PostmasterState, Role, StandbyReplication, WalReceiver};

@@ -413,6 +413,7 @@ fn add_health(
         m.read_only_storage = h.storage.read_only;
         m.write_probe_ms = h.storage.write_probe_ms.unwrap_or(0);
         m.pending_restart = h.pending_restart.clone();
+        m.unguarded = h.unguarded;
     }
 }
 

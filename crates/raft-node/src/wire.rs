@@ -118,6 +118,7 @@ impl From<&MemberReport> for proto::MemberReport {
             }),
             pending_restart: r.pending_restart.clone(),
             system_identifier: r.system_identifier,
+            unguarded: r.unguarded,
         }
     }
 }
@@ -207,6 +208,7 @@ impl TryFrom<proto::MemberReport> for MemberReport {
             }),
             pending_restart: r.pending_restart,
             system_identifier: r.system_identifier,
+            unguarded: r.unguarded,
         })
     }
 }
@@ -284,6 +286,7 @@ mod tests {
             }),
             pending_restart: vec!["max_connections".into()],
             system_identifier: Some(7_304_567_890_123_456_789),
+            unguarded: true,
         }
     }
 

@@ -163,6 +163,10 @@ struct Node {
     /// of the Raft timings), and whether its registration of it was committed.
     heartbeat_ms: u64,
     registered: bool,
+    /// Postgres was restarted by hand: no guard watches it until its sidecar takes it under one.
+    unguarded: bool,
+    /// Sim time of that restart.
+    unguarded_at: u64,
 }
 
 /// The sidecar's renewals while it waits on a promotion (`Renewals` in the real sidecar).
@@ -358,6 +362,8 @@ impl Sim {
                 renewals: None,
                 heartbeat_ms: HEARTBEAT,
                 registered: true,
+                unguarded: false,
+                unguarded_at: 0,
             })
             .collect();
         let mut committed = ClusterState {
@@ -887,7 +893,11 @@ impl Sim {
         let t = self.t;
         for i in 0..self.nodes.len() {
             let n = &mut self.nodes[i];
-            if !n.host_up || matches!(n.guard, Process::Frozen { .. }) {
+            if !matches!(n.pg, PgState::Primary | PgState::Replica) {
+                n.unguarded = false;
+            }
+            // An unguarded Postgres has no guard to fence it.
+            if !n.host_up || matches!(n.guard, Process::Frozen { .. }) || n.unguarded {
                 continue;
             }
             // A sidecar that detached is not "gone" to its guard: the guard waits for a successor
@@ -1099,6 +1109,7 @@ impl Sim {
                     .map(|(h, _, _)| h),
                 pending_restart: Vec::new(),
                 system_identifier: None,
+                unguarded: false,
             };
             let sent = report.clone();
             self.report_to_leader(id, report);
@@ -1140,6 +1151,7 @@ impl Sim {
                     .handed_over
                     .filter(|(h, to, e)| follows_without_rewind(&n.applied, *h, *to, *e))
                     .map(|(_, to, e)| (to, e)),
+                unguarded: n.unguarded && matches!(judged.pg, PgState::Primary | PgState::Replica),
             };
             let assigned = n.applied.primary;
             let mut step = plan(id, &view, assigned, n.lease, now, &n.applied.config);
@@ -1191,6 +1203,12 @@ impl Sim {
                     n.upstream = upstream;
                     n.receiver_streaming = false;
                     n.assessor.started();
+                }
+                Action::Promote { epoch } if self.node(id).unguarded => {
+                    // The shipped promote() refuses a Postgres that runs outside the guard.
+                    self.log(format!(
+                        "{id} cannot promote (epoch {epoch}): Postgres is unguarded"
+                    ));
                 }
                 Action::Promote { epoch } => {
                     // S5: only a committed assignment naming this member, in an epoch at least
@@ -1360,9 +1378,33 @@ impl Sim {
                         self.log(format!("{id} follows {upstream} without a rewind"));
                     }
                 }
+                Action::TakeUnderGuard => {
+                    // The shipped Instance::take_under_guard: a fast restart under the guard; a
+                    // writable server without a lease of the committed epoch is fenced.
+                    let n = self.node_mut(id);
+                    let leased = n.lease.filter(|l| l.valid_at(now) && l.epoch == epoch);
+                    n.unguarded = false;
+                    if n.pg == PgState::Primary && leased.is_none() {
+                        n.pg = PgState::Fenced;
+                        n.lease = None;
+                        n.guard_deadline = None;
+                        n.assessor.fenced_at(now);
+                    } else if n.pg == PgState::Primary {
+                        n.guard_deadline = leased.map(|l| l.expires_at);
+                        n.assessor.started();
+                    } else {
+                        n.guard_deadline = None;
+                        n.assessor.started();
+                    }
+                    self.log(format!(
+                        "{id} takes its Postgres under the guard: {}",
+                        step.reason
+                    ));
+                }
                 Action::Fence => {
                     let n = self.node_mut(id);
                     n.pg = PgState::Fenced;
+                    n.unguarded = false;
                     n.guard_deadline = None;
                     n.lease = None;
                     n.assessor.fenced_at(now);
@@ -1574,7 +1616,19 @@ impl Sim {
         // which is the end of a lease the cluster granted. The guard acts on its own ticks, so
         // one step late is the bound.
         for n in &self.nodes {
+            // A Postgres restarted by hand runs outside the guard until its sidecar's next tick
+            // takes it under one (or fences it): two ticks at most.
+            let tick = n.applied.config.tick_ms;
+            if n.writable() && n.unguarded && self.t > n.unguarded_at + 2 * tick + STEP {
+                self.fail(&format!(
+                    "S4: primary {} still writes outside any guard {} ms after it was started by \
+                     hand",
+                    n.id,
+                    self.t - n.unguarded_at
+                ));
+            }
             if n.writable()
+                && !n.unguarded
                 && n.guard == Process::Running
                 && n.guard_deadline.is_none_or(|d| n.local(self.t) >= d + STEP)
             {
@@ -1698,7 +1752,13 @@ impl Sim {
             v.detached_until = None;
             self.leaders.remove(&id);
             self.log(format!("host {id} crashes until {back}"));
-        } else if self.rng.gen_bool(p) && self.nodes[victim].alive() && guard_ok {
+        } else if self.rng.gen_bool(p)
+            && self.nodes[victim].alive()
+            && guard_ok
+            && !self.nodes[victim].unguarded
+        {
+            // (A sidecar lost while Postgres runs outside the guard is the operator's risk: no
+            // process is left that could fence it.)
             let until = t + self.rng.gen_range(300..8_000);
             if self.rng.gen_bool(0.5) {
                 self.nodes[victim].sidecar = Process::Frozen { until };
@@ -1756,6 +1816,22 @@ impl Sim {
             let until = t + self.rng.gen_range(500..10_000);
             self.nodes[victim].disk_full_until = until;
             self.log(format!("disk of {id} full until {until}"));
+        } else if self.rng.gen_bool(p / 2.0)
+            && self.nodes[victim].alive()
+            && matches!(self.nodes[victim].pg, PgState::Primary | PgState::Replica)
+            && !self.nodes[victim].unguarded
+            && self.nodes[victim].renewals.is_none()
+        {
+            // An operator restarts Postgres by hand (`pg_ctl restart`): the guard exits with the
+            // old postmaster, and the new one runs outside any guard, in the same role.
+            let v = &mut self.nodes[victim];
+            v.unguarded = true;
+            v.unguarded_at = t;
+            v.guard_deadline = None;
+            v.detached_until = None;
+            self.log(format!(
+                "operator restarts the Postgres of {id} by hand, unguarded"
+            ));
         } else if self.rng.gen_bool(p) && self.cut_until == 0 {
             let until = t + self.rng.gen_range(500..10_000);
             let ids: Vec<NodeId> = self.members.iter().copied().collect();

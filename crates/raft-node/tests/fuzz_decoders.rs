@@ -1130,6 +1130,7 @@ fn proto_report() -> BoxedStrategy<proto::MemberReport> {
         proptest::option::of((number(), number())),
         prop_oneof![3 => vec(text(), 0..4), 1 => vec("[a-z_]{1,12}", 60..70), 1 => vec(report_text(), 0..3)],
         proptest::option::of(number()),
+        any::<bool>(),
     );
     (head, middle, tail)
         .prop_map(
@@ -1145,7 +1146,7 @@ fn proto_report() -> BoxedStrategy<proto::MemberReport> {
                     upstream,
                 ),
                 (sync_applied, leader_stamp, epoch_seen, sent_at),
-                (storage, replayed_lsn, handed_over, pending_restart, system_identifier),
+                (storage, replayed_lsn, handed_over, pending_restart, system_identifier, unguarded),
             )| proto::MemberReport {
                 node,
                 pg,
@@ -1165,6 +1166,7 @@ fn proto_report() -> BoxedStrategy<proto::MemberReport> {
                     .map(|(plan, final_lsn)| proto::HandedOver { plan, final_lsn }),
                 pending_restart,
                 system_identifier,
+                unguarded,
             },
         )
         .boxed()

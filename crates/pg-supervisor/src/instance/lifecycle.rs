@@ -288,6 +288,41 @@ impl Instance {
         Ok(report)
     }
 
+    /// The postmaster running on this data directory outside this instance's guard, if any: one
+    /// an operator started by hand (`pg_ctl start`), or one left behind by a guard that exited.
+    /// Nothing fences such a server when this sidecar dies (S4), and a promotion refuses it.
+    pub fn unguarded_postmaster(&mut self) -> Option<i32> {
+        let pid = self.data.postmaster_state().pid()?;
+        let guarded = self
+            .guard
+            .as_mut()
+            .is_some_and(|g| g.postmaster_pid() == pid && g.try_exit_status().is_none());
+        (!guarded).then_some(pid)
+    }
+
+    /// Brings an unguarded Postgres under a guard: a fast shutdown, then a start under the
+    /// guard, in recovery if it was, else under `lease`. A writable server without an unexpired
+    /// lease is fenced instead: it may not write at all.
+    pub async fn take_under_guard(&mut self, lease: Option<Lease>) -> Result<TakenUnderGuard> {
+        let Some(pid) = self.unguarded_postmaster() else {
+            return Ok(TakenUnderGuard::AlreadyGuarded);
+        };
+        let in_recovery = self.data.has_standby_signal();
+        let lease = lease.filter(|l| matches!(l, Lease::Until(_)) && !l.is_expired());
+        if !in_recovery && lease.is_none() {
+            tracing::warn!(member = %self.cfg.member_name, pid, "a writable PostgreSQL runs outside the guard without a lease: fencing it");
+            self.fence().await?;
+            return Ok(TakenUnderGuard::Fenced);
+        }
+        tracing::warn!(member = %self.cfg.member_name, pid, in_recovery, "PostgreSQL runs outside the guard: restarting it under the guard");
+        self.stop(StopMode::Fast, self.cfg.timeouts.start).await?;
+        match lease {
+            Some(l) if !in_recovery => self.start(l).await?,
+            _ => self.start_in_recovery().await?,
+        }
+        Ok(TakenUnderGuard::Restarted)
+    }
+
     /// The live postmaster pid, from the guard or the lock file.
     pub(crate) fn live_postmaster(&self) -> Option<i32> {
         if let Some(pid) = self.guard.as_ref().map(|g| g.postmaster_pid()) {
@@ -350,6 +385,17 @@ impl Instance {
             g.wait_exit(GUARD_EXIT_WAIT).await;
         }
     }
+}
+
+/// What [`Instance::take_under_guard`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakenUnderGuard {
+    /// Nothing ran outside the guard.
+    AlreadyGuarded,
+    /// Restarted under the guard.
+    Restarted,
+    /// Writable without a lease: fenced.
+    Fenced,
 }
 
 /// S4: a server started without `standby.signal` is a writable primary,

@@ -22,7 +22,7 @@ use crate::pg_command::PgTool;
 use crate::probe::{probe_sql, WriteArgs};
 use crate::storage::{classify, fs_space, FsSpace, InFlight, WriteProbe};
 
-pub use lifecycle::StopMode;
+pub use lifecycle::{StopMode, TakenUnderGuard};
 pub use roles::{FollowReport, HandOverReport, PromoteReport, RejoinMethod, RejoinReport};
 pub use sync::AppliedSync;
 

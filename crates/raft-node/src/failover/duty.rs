@@ -475,6 +475,7 @@ mod tests {
             replayed_lsn: None,
             pending_restart: Vec::new(),
             system_identifier: None,
+            unguarded: false,
             handed_over: None,
         }
     }

@@ -53,6 +53,8 @@ pub struct MemberHealth {
     pub storage: super::report::StorageReport,
     /// Settings waiting for a restart.
     pub pending_restart: Vec<String>,
+    /// Postgres runs outside the member's guard.
+    pub unguarded: bool,
 }
 
 /// The leader-side failover state of one sidecar (inactive while it is not the leader).
@@ -253,6 +255,7 @@ impl FailoverLeader {
                         fresh: now.saturating_sub(r.at) <= lease,
                         storage: r.report.storage.clone(),
                         pending_restart: r.report.pending_restart.clone(),
+                        unguarded: r.report.unguarded,
                     },
                 )
             })

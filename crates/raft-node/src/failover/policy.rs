@@ -736,6 +736,7 @@ mod tests {
             handed_over: None,
             pending_restart: Vec::new(),
             system_identifier: None,
+            unguarded: false,
         }
     }
 

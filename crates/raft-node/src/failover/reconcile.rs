@@ -44,6 +44,10 @@ pub struct LocalView {
     /// (its WAL ends where the new timeline forks).
     #[serde(default)]
     pub handed_over_to: Option<(NodeId, Epoch)>,
+    /// Postgres runs outside this sidecar's guard (started by hand, or its guard exited):
+    /// nothing would fence it if the sidecar died, and a promotion refuses it.
+    #[serde(default)]
+    pub unguarded: bool,
 }
 
 /// What the sidecar does next.
@@ -92,6 +96,9 @@ pub enum Action {
         /// The committed primary.
         upstream: NodeId,
     },
+    /// Restart a Postgres that runs outside the guard under it (a writable one without a lease
+    /// is fenced instead).
+    TakeUnderGuard,
 }
 
 /// One fired row of the table.
@@ -175,6 +182,18 @@ pub fn plan(
         (Pg::NoData, Target::Replica { of, .. }) => {
             step(Clone { from: of }, "new member: cloning from the primary")
         }
+
+        // Running outside the guard (started by hand): back under it first. A primary without
+        // a lease is fenced by the rows below.
+        (Pg::Primary, Target::Primary { lease: true, .. }) if local.unguarded => step(
+            TakeUnderGuard,
+            "the primary's Postgres runs outside its guard (started by hand?): restarting it \
+             under the guard",
+        ),
+        (Pg::Replica, _) if local.unguarded => step(
+            TakeUnderGuard,
+            "Postgres runs outside its guard (started by hand?): restarting it under the guard",
+        ),
 
         // Running as primary.
         (Pg::Primary, Target::Primary { lease: true, .. }) if local.hand_over => step(
@@ -300,8 +319,10 @@ pub fn plan(
 /// undoing it.
 pub fn while_paused(step: Step) -> Step {
     match step.action {
+        // Taking a Postgres under the guard keeps S4 in force, paused or not.
         Action::Nothing
         | Action::Fence
+        | Action::TakeUnderGuard
         | Action::HandOver
         | Action::Promote { .. }
         | Action::Follow { .. } => step,
@@ -339,6 +360,7 @@ mod tests {
         for a in [
             Action::Nothing,
             Action::Fence,
+            Action::TakeUnderGuard,
             Action::Promote { epoch: 3 },
             Action::Follow { upstream: 2 },
         ] {
@@ -378,6 +400,7 @@ mod tests {
             free_bytes: None,
             hand_over: false,
             handed_over_to: None,
+            unguarded: false,
         }
     }
 
@@ -542,5 +565,40 @@ mod tests {
         assert_eq!(run(n, primary(1, 1), lease(1)), Action::InitPrimary);
         assert_eq!(run(n, primary(1, 1), None), Action::Nothing);
         assert_eq!(run(n, primary(2, 1), None), Action::Clone { from: 2 });
+    }
+
+    #[test]
+    fn a_postgres_outside_the_guard_is_taken_under_it_and_a_writable_one_without_a_lease_fenced() {
+        // Review finding 3: Postgres restarted by hand ran unguarded; a promotion then refused
+        // it for ever while the leader kept granting.
+        let cfg = DynamicConfig::default();
+        let me = Some(PrimaryAssignment { node: 1, epoch: 2 });
+        let other = Some(PrimaryAssignment { node: 2, epoch: 2 });
+        let lease = Some(HeldLease {
+            epoch: 2,
+            expires_at: 10_000,
+        });
+        let mut replica = view(PgState::Replica);
+        replica.unguarded = true;
+        for assigned in [me, other, None] {
+            let s = plan(1, &replica, assigned, lease, 100, &cfg);
+            assert_eq!(s.action, Action::TakeUnderGuard, "{assigned:?}");
+        }
+        let mut primary = view(PgState::Primary);
+        primary.unguarded = true;
+        primary.last_primary_epoch = Some(2);
+        assert_eq!(
+            plan(1, &primary, me, lease, 100, &cfg).action,
+            Action::TakeUnderGuard
+        );
+        assert_eq!(
+            plan(1, &primary, me, None, 100, &cfg).action,
+            Action::Fence,
+            "no lease: fenced"
+        );
+        assert_eq!(
+            plan(1, &primary, other, lease, 100, &cfg).action,
+            Action::Fence
+        );
     }
 }

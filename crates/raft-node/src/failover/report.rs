@@ -78,6 +78,9 @@ pub struct MemberReport {
     /// The system identifier of this member's data directory, when known.
     #[serde(default)]
     pub system_identifier: Option<u64>,
+    /// Postgres runs outside the sidecar's guard (started by hand): `list` says so.
+    #[serde(default)]
+    pub unguarded: bool,
 }
 
 /// A primary stopped by a clean shutdown for a switchover plan: nothing on it writes any more
@@ -256,6 +259,7 @@ mod tests {
             handed_over: None,
             pending_restart: Vec::new(),
             system_identifier: None,
+            unguarded: false,
         }
     }
 

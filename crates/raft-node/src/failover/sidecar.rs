@@ -175,6 +175,8 @@ pub struct Sidecar {
     requests: Option<tokio::sync::mpsc::Receiver<MemberRequest>>,
     /// Settings waiting for a restart, as last read, and how many ticks ago.
     pending_restart: Vec<String>,
+    /// Postgres runs outside this sidecar's guard (see [`Sidecar::note_unguarded`]).
+    unguarded: bool,
     pending_checked: u32,
     /// `pg_hba.conf` admits the members' own hosts, as registered, rather than fixed addresses.
     members_only: bool,
@@ -419,6 +421,7 @@ impl Sidecar {
             callbacks: Callbacks::default(),
             requests: None,
             pending_restart: Vec::new(),
+            unguarded: false,
             pending_checked: u32::MAX,
             sysid: None,
             members_only: false,
@@ -815,6 +818,7 @@ impl Sidecar {
         self.instance
             .expect_system_identifier(state.cluster.system_identifier);
         let obs = self.observe().await;
+        let unguarded = self.note_unguarded(committed_epoch_of(&state.cluster));
         if self.sysid.is_none() && matches!(obs.seen, Some(Seen::Primary | Seen::Replica)) {
             self.sysid = self.instance.system_identifier().await.ok();
         }
@@ -889,6 +893,7 @@ impl Sidecar {
             replayed_lsn: obs.replayed.filter(|_| pg == PgState::Replica),
             pending_restart: self.pending_restart.clone(),
             system_identifier: self.sysid,
+            unguarded,
             handed_over: self
                 .handed_over
                 .filter(|_| pg == PgState::Fenced)
@@ -945,6 +950,7 @@ impl Sidecar {
                 .handed_over
                 .filter(|(h, to, e)| follows_without_rewind(&state.cluster, *h, *to, *e))
                 .map(|(_, to, epoch)| (to, epoch)),
+            unguarded,
         };
         let assigned = state.cluster.primary;
         if let Some(epoch) = became_primary(
@@ -1030,6 +1036,27 @@ impl Sidecar {
         } else {
             Pace::Tick
         }
+    }
+
+    /// Whether Postgres runs outside this sidecar's guard; says so once (log and event) when it
+    /// starts to.
+    fn note_unguarded(&mut self, epoch: Epoch) -> bool {
+        let pid = self.instance.unguarded_postmaster();
+        if pid.is_some() && !self.unguarded {
+            tracing::warn!(epoch, postmaster = ?pid, "Postgres runs outside pgquorum's guard (started by hand?): nothing would fence it if this sidecar died; restarting it under the guard");
+            self.events.record(
+                "transition",
+                format!(
+                    "Postgres (postmaster {}) runs outside pgquorum's guard; restarting it \
+                     under the guard",
+                    pid.unwrap_or(0)
+                ),
+                epoch,
+                0,
+            );
+        }
+        self.unguarded = pid.is_some();
+        self.unguarded
     }
 
     /// Makes this member's Postgres run the committed parameters and `pg_hba.conf` lines, and
@@ -1210,7 +1237,7 @@ impl Sidecar {
     fn call_back(&self, action: Action, was: PgState) {
         use CallbackAction::{RoleChange, Start, Stop};
         let (fire, role): (&[CallbackAction], &str) = match action {
-            Action::Nothing | Action::Follow { .. } => (&[], ""),
+            Action::Nothing | Action::Follow { .. } | Action::TakeUnderGuard => (&[], ""),
             Action::InitPrimary | Action::StartPrimary => (&[Start], "primary"),
             Action::Clone { .. } | Action::StartReplica { .. } => (&[Start], "replica"),
             Action::Promote { .. } => (&[RoleChange], "primary"),
@@ -1433,6 +1460,28 @@ impl Sidecar {
                     }
                 }
             }
+            Action::TakeUnderGuard => {
+                let lease = self
+                    .lease
+                    .filter(|l| {
+                        cluster
+                            .primary
+                            .is_some_and(|a| a.node == self.node_id && a.epoch == l.epoch)
+                    })
+                    .map(|l| guard_deadline(Some(l)));
+                let done = self
+                    .instance
+                    .take_under_guard(lease)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(epoch, outcome = ?done, "Postgres is under the guard again");
+                if done == pg_supervisor::TakenUnderGuard::Fenced {
+                    self.lease = None;
+                    self.assessor.fenced_at(boot_clock_ms());
+                } else {
+                    self.assessor.started();
+                }
+            }
             Action::Fence => {
                 let r = self.instance.fence().await.map_err(|e| e.to_string())?;
                 tracing::info!(elapsed_ms = r.elapsed_ms, epoch, "fenced Postgres");
@@ -1448,6 +1497,11 @@ impl Sidecar {
         }
         Ok(())
     }
+}
+
+/// The committed primary's epoch, 0 before the first.
+fn committed_epoch_of(cluster: &ClusterState) -> Epoch {
+    cluster.primary.map_or(0, |p| p.epoch)
 }
 
 /// The epoch to record as this data directory's last as a primary when the tick sees Postgres
