@@ -411,6 +411,7 @@ async fn strict_blocks_writes_without_its_standby_and_on_falls_back_by_commit() 
     c.append_config(1, "\n[tags]\npriority = 10\n");
     // Member 3 never acknowledges commits: member 2 is the only possible synchronous standby.
     c.append_config(3, "\n[tags]\nnosync = true\n");
+    let http = serve_http(&mut c);
     c.start_all();
     let (primary, _) = c.wait_postgres(START).await;
     assert_eq!(primary, 1);
@@ -455,9 +456,29 @@ async fn strict_blocks_writes_without_its_standby_and_on_falls_back_by_commit() 
         try_insert(&url, "s", 3, Duration::from_secs(2)).await.ok()
     })
     .await;
+    // The fall-back is loud while it lasts: list, /metrics and an event say so.
+    let listed = cli(&c, &["list"]);
+    assert!(
+        listed.contains("synchronous_mode on: DEGRADED"),
+        "list does not show the fall-back:\n{listed}"
+    );
+    let degraded = || async {
+        scrape(&http[&primary])
+            .await
+            .get("pgquorum_synchronous_degraded")
+            .copied()
+    };
+    assert_eq!(degraded().await, Some(1.0));
+    let events = cli(&c, &["events"]);
+    assert!(
+        events.contains("synchronous replication DEGRADED"),
+        "no event for the fall-back:\n{events}"
+    );
     // The standby returns and acknowledges commits again.
     c.start(2);
     assert_eq!(wait_sync_committed(&c).await, vec![2]);
+    assert!(!cli(&c, &["list"]).contains("DEGRADED"));
+    assert_eq!(degraded().await, Some(0.0));
     try_insert(&url, "s", 4, Duration::from_secs(10))
         .await
         .expect("a write with the standby back");

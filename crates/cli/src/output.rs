@@ -225,7 +225,11 @@ fn sync_line(y: &proto::SyncStandbys, primary: Option<u64>) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let now = if y.k == 0 {
+    let now = if y.k == 0 && y.mode != "off" {
+        "DEGRADED, asynchronous: no synchronous standby is fit, commits wait for none, and a \
+         crash of the primary now loses up to maximum_lag_on_failover of acknowledged writes"
+            .to_string()
+    } else if y.k == 0 {
         "asynchronous".to_string()
     } else if primary.is_some_and(|p| y.members.contains(&p)) {
         format!(

@@ -694,6 +694,16 @@ impl ClusterState {
         self.lease_ceiling.map_or(now, |c| c.longest(now))
     }
 
+    /// Synchronous replication was asked for but the committed set of the current primary is
+    /// asynchronous (`on` fell back after its standbys were gone for a lease): acknowledged
+    /// writes are on the primary alone until a standby streams again, and a crash of the
+    /// primary now loses up to `maximum_lag_on_failover` of them.
+    pub fn synchronous_degraded(&self) -> bool {
+        self.config.synchronous_mode != crate::dynamic_config::SyncMode::Off
+            && self.primary.is_some()
+            && self.synchronous_set().is_none()
+    }
+
     /// The committed synchronous set of the current primary, when it is synchronous.
     pub fn synchronous_set(&self) -> Option<&SyncSet> {
         let p = self.primary?;

@@ -58,6 +58,7 @@ struct Gauges {
     lag_bytes: Gauge,
     lease_remaining: Gauge<f64, AtomicU64>,
     paused: Gauge,
+    synchronous_degraded: Gauge,
     raft_term: Gauge,
     raft_leader: Gauge,
     raft_is_leader: Gauge,
@@ -104,6 +105,7 @@ impl Metrics {
             lag_bytes: Gauge::default(),
             lease_remaining: Gauge::default(),
             paused: Gauge::default(),
+            synchronous_degraded: Gauge::default(),
             raft_term: Gauge::default(),
             raft_leader: Gauge::default(),
             raft_is_leader: Gauge::default(),
@@ -147,6 +149,12 @@ impl Metrics {
             "paused",
             "1 while automatic failover is paused",
             g.paused.clone(),
+        );
+        r.register(
+            "synchronous_degraded",
+            "1 while synchronous replication is asked for but has fallen back to asynchronous: \
+             a crash of the primary now loses acknowledged writes",
+            g.synchronous_degraded.clone(),
         );
         r.register("raft_term", "Current Raft term", g.raft_term.clone());
         r.register(
@@ -248,6 +256,8 @@ impl Metrics {
             .map_or(0, |(_, until)| until.saturating_sub(view.now));
         g.lease_remaining.set(left as f64 / 1000.0);
         g.paused.set(i64::from(c.paused));
+        g.synchronous_degraded
+            .set(i64::from(c.synchronous_degraded()));
         g.raft_term.set(clamp(view.raft.term));
         g.raft_leader.set(clamp(view.raft.leader.unwrap_or(0)));
         g.raft_is_leader

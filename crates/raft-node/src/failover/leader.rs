@@ -317,11 +317,30 @@ impl FailoverLeader {
         let epoch = state.cluster.primary.map_or(0, |p| p.epoch);
         if let Some(cmd) = upkeep.command {
             let routine = matches!(cmd, Command::RecordPrimaryLsn { .. });
+            let degrades = matches!(&cmd, Command::CommitSync { set, .. } if !set.is_synchronous())
+                && state.cluster.config.synchronous_mode != crate::dynamic_config::SyncMode::Off;
+            let restores = matches!(&cmd, Command::CommitSync { set, .. } if set.is_synchronous())
+                && state.cluster.synchronous_degraded();
             let what = format!("{cmd:?}");
             match self.raft.client_write(cmd).await {
                 Ok(r) if r.data == CommandOutcome::Applied => {
                     tracing::info!(epoch, "committed {what}");
-                    if !routine {
+                    if degrades {
+                        let text = "synchronous replication DEGRADED: no synchronous standby is \
+                                    fit, so commits no longer wait for one; a crash of the \
+                                    primary now loses up to maximum_lag_on_failover of \
+                                    acknowledged writes";
+                        tracing::warn!(epoch, "{text}");
+                        self.events.record("failover", text.to_string(), epoch, 0);
+                    } else if restores {
+                        tracing::info!(epoch, "synchronous replication restored: {what}");
+                        self.events.record(
+                            "failover",
+                            format!("synchronous replication restored: committed {what}"),
+                            epoch,
+                            0,
+                        );
+                    } else if !routine {
                         self.events
                             .record("failover", format!("committed {what}"), epoch, 0);
                     }
