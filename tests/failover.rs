@@ -484,6 +484,54 @@ async fn strict_blocks_writes_without_its_standby_and_on_falls_back_by_commit() 
         .expect("a write with the standby back");
 }
 
+/// Review finding 8: whether commits wait for synchronous standbys is a flag only the
+/// checkpointer sets when it takes a reload, so with the checkpointer stuck (here: stopped) a
+/// switch from asynchronous to synchronous shows in every session and has no effect. The
+/// primary now proves the checkpointer took the reload (a `CHECKPOINT` after it) before it
+/// confirms the set, and the leader commits nothing stronger meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_set_is_confirmed_only_once_the_checkpointer_took_it() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    let (primary, _) = c.wait_postgres(START).await;
+    c.set_config("synchronous_mode", "off").await.expect("off");
+    wait_for("asynchronous committed", FAILOVER, || async {
+        let y = topology(&c).await.sync?;
+        (y.k == 0 && y.target.is_empty()).then_some(())
+    })
+    .await;
+    let checkpointer = pid_by_query(
+        &c,
+        primary,
+        "the checkpointer",
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'",
+    )
+    .await;
+    // SAFETY: signalling a process of the test's own Postgres.
+    assert_eq!(unsafe { libc::kill(checkpointer, libc::SIGSTOP) }, 0);
+    c.set_config("synchronous_mode", "on").await.expect("on");
+    // Before the fix the set was committed within a second or two; it must not be while the
+    // checkpointer cannot have taken the reload.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(6) {
+        let y = topology(&c).await.sync.expect("sync state");
+        if y.k > 0 && !y.members.contains(&primary) {
+            // SAFETY: as above.
+            unsafe { libc::kill(checkpointer, libc::SIGCONT) };
+            panic!(
+                "the synchronous set {y:?} was committed while the primary's checkpointer \
+                 could not have put it in force:\n{}",
+                c.log_tails()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(checkpointer, libc::SIGCONT) };
+    let set = wait_sync_committed(&c).await;
+    assert!(!set.is_empty() && !set.contains(&primary), "{set:?}");
+}
+
 /// The pid that `sql` (one row, one int4 column) finds on member `id`'s Postgres.
 async fn pid_by_query(c: &TestCluster, id: u64, what: &str, sql: &str) -> i32 {
     let url = format!(

@@ -119,6 +119,7 @@ impl From<&MemberReport> for proto::MemberReport {
             pending_restart: r.pending_restart.clone(),
             system_identifier: r.system_identifier,
             unguarded: r.unguarded,
+            lsn_incomplete: r.lsn_incomplete,
         }
     }
 }
@@ -209,6 +210,7 @@ impl TryFrom<proto::MemberReport> for MemberReport {
             pending_restart: r.pending_restart,
             system_identifier: r.system_identifier,
             unguarded: r.unguarded,
+            lsn_incomplete: r.lsn_incomplete,
         })
     }
 }
@@ -287,6 +289,7 @@ mod tests {
             pending_restart: vec!["max_connections".into()],
             system_identifier: Some(7_304_567_890_123_456_789),
             unguarded: true,
+            lsn_incomplete: true,
         }
     }
 

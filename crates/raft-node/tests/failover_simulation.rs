@@ -1109,7 +1109,8 @@ impl Sim {
                     .map(|(h, _, _)| h),
                 pending_restart: Vec::new(),
                 system_identifier: None,
-                unguarded: false,
+                unguarded: n.unguarded,
+                lsn_incomplete: false,
             };
             let sent = report.clone();
             self.report_to_leader(id, report);

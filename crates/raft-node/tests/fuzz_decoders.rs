@@ -1130,7 +1130,7 @@ fn proto_report() -> BoxedStrategy<proto::MemberReport> {
         proptest::option::of((number(), number())),
         prop_oneof![3 => vec(text(), 0..4), 1 => vec("[a-z_]{1,12}", 60..70), 1 => vec(report_text(), 0..3)],
         proptest::option::of(number()),
-        any::<bool>(),
+        any::<(bool, bool)>(),
     );
     (head, middle, tail)
         .prop_map(
@@ -1146,7 +1146,14 @@ fn proto_report() -> BoxedStrategy<proto::MemberReport> {
                     upstream,
                 ),
                 (sync_applied, leader_stamp, epoch_seen, sent_at),
-                (storage, replayed_lsn, handed_over, pending_restart, system_identifier, unguarded),
+                (
+                    storage,
+                    replayed_lsn,
+                    handed_over,
+                    pending_restart,
+                    system_identifier,
+                    (unguarded, lsn_incomplete),
+                ),
             )| proto::MemberReport {
                 node,
                 pg,
@@ -1167,6 +1174,7 @@ fn proto_report() -> BoxedStrategy<proto::MemberReport> {
                 pending_restart,
                 system_identifier,
                 unguarded,
+                lsn_incomplete,
             },
         )
         .boxed()

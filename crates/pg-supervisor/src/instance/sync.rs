@@ -146,6 +146,36 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// Proves that the checkpointer has taken the last reload, and returns the WAL position
+    /// after which commits wait for the synchronous standbys.
+    ///
+    /// Backends read `synchronous_standby_names` themselves, but whether commits wait at all is
+    /// a flag in shared memory (`sync_standbys_defined`) that only the checkpointer sets, when
+    /// it processes the reload. A checkpointer stuck in an fsync leaves a switch from
+    /// asynchronous to synchronous without effect while every session shows the new value.
+    /// A `CHECKPOINT` requested after the reload completes only after the checkpointer went
+    /// through its loop, which takes a pending reload first. Runs on its own connection and
+    /// owns what it needs, so the caller can let it run beside its other work.
+    pub fn checkpointer_took_reload(
+        &self,
+        limit: Duration,
+    ) -> impl std::future::Future<Output = Result<Lsn>> + Send + 'static {
+        let target = self.local_target();
+        let user = self.cfg.superuser.clone();
+        let connect_timeout = self.cfg.timeouts.connect;
+        async move {
+            let s = connect(&target, &user, connect_timeout, None).await?;
+            s.query("CHECKPOINT after the reload", "CHECKPOINT", &[], limit)
+                .await?;
+            let rows = s.query("read switch LSN", LSN_SQL, &[], limit).await?;
+            let lsn: Option<tokio_postgres::types::PgLsn> =
+                rows.first().and_then(|r| r.try_get(0).ok()).flatten();
+            Ok(lsn.map(Lsn::from).unwrap_or(Lsn(0)))
+        }
+    }
+}
+
 /// The `sync_priority` a WAL sender shows under `spec`: with `ANY`, 1 for
 /// every listed name (PostgreSQL compares names ignoring ASCII case), 0 for
 /// the others and for asynchronous replication.

@@ -476,6 +476,7 @@ mod tests {
             pending_restart: Vec::new(),
             system_identifier: None,
             unguarded: false,
+            lsn_incomplete: false,
             handed_over: None,
         }
     }

@@ -425,6 +425,12 @@ fn judge(input: &PolicyInput<'_>, hypothetical: bool) -> Verdict {
             awaiting.push(node);
             continue;
         }
+        if r.lsn_incomplete && !hypothetical {
+            // Restarted and still replaying its own WAL: its position says less than it holds,
+            // and a less advanced member would win the comparison.
+            awaiting.push(node);
+            continue;
+        }
         let tags = input.tags(node);
         if tags.nofailover {
             excluded.push(format!("{node}: tagged nofailover"));
@@ -737,6 +743,7 @@ mod tests {
             pending_restart: Vec::new(),
             system_identifier: None,
             unguarded: false,
+            lsn_incomplete: false,
         }
     }
 
@@ -1332,6 +1339,34 @@ mod tests {
             decide(&f.input(now)),
             Verdict::AwaitReports { .. }
         ));
+    }
+
+    #[test]
+    fn a_restarted_replica_still_replaying_its_own_wal_is_waited_for_not_outranked() {
+        // Review finding 8: a standby restarted during a failover reports its replay position
+        // (its receive position is NULL until the WAL receiver runs), which may be behind the
+        // WAL on its disk; compared as it is, a less advanced member could be chosen.
+        let mut f = Fixture::new();
+        let now = 20_000;
+        f.reports.remove(&1);
+        for n in [2, 3] {
+            let r = f.reports.get_mut(&n).unwrap();
+            r.at = now;
+            r.report.streaming = false;
+            r.report.wal_receipt_age_ms = None;
+        }
+        f.reports.get_mut(&3).unwrap().report.lsn_incomplete = true;
+        assert!(
+            matches!(decide(&f.input(now)), Verdict::AwaitReports { ref reason } if reason.contains("[3]")),
+            "{:?}",
+            decide(&f.input(now))
+        );
+        f.reports.get_mut(&3).unwrap().report.lsn_incomplete = false;
+        assert!(
+            !matches!(decide(&f.input(now)), Verdict::AwaitReports { .. }),
+            "{:?}",
+            decide(&f.input(now))
+        );
     }
 
     #[test]

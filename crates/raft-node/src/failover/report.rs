@@ -81,6 +81,11 @@ pub struct MemberReport {
     /// Postgres runs outside the sidecar's guard (started by hand): `list` says so.
     #[serde(default)]
     pub unguarded: bool,
+    /// A replica whose reported position may be behind the WAL it holds: restarted, its WAL
+    /// receiver not running yet, and still replaying the WAL on its disk. A failover waits for
+    /// its replay to settle before comparing it with the others.
+    #[serde(default)]
+    pub lsn_incomplete: bool,
 }
 
 /// A primary stopped by a clean shutdown for a switchover plan: nothing on it writes any more
@@ -260,6 +265,7 @@ mod tests {
             pending_restart: Vec::new(),
             system_identifier: None,
             unguarded: false,
+            lsn_incomplete: false,
         }
     }
 

@@ -94,6 +94,8 @@ struct Observed {
     timeline: u32,
     lsn: u64,
     replayed: Option<u64>,
+    /// `pg_last_wal_receive_lsn()`: none until the WAL receiver runs.
+    received: Option<u64>,
     streaming: bool,
     receipt_age_ms: Option<u64>,
     upstream_addr: Option<String>,
@@ -133,7 +135,7 @@ enum Pace {
 }
 
 /// The synchronous standbys this sidecar applied to its primary.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct AppliedSync {
     epoch: Epoch,
     set: SyncSet,
@@ -141,6 +143,22 @@ struct AppliedSync {
     revision: u64,
     switch_lsn: u64,
     at: Millis,
+    /// Whether commits wait under it: proven once the checkpointer took the reload
+    /// ([`Instance::checkpointer_took_reload`]); the WAL position after which they do.
+    proof: Arc<std::sync::Mutex<Proof>>,
+}
+
+/// Whether a synchronous set applied to the primary is in force in its checkpointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// Not asked yet (applied before a promotion, or an asynchronous set).
+    NotStarted,
+    /// A `CHECKPOINT` is under way.
+    Pending,
+    /// In force for commits after this WAL position.
+    Proven(u64),
+    /// The last attempt failed or timed out; tried again at the next tick.
+    Failed,
 }
 
 /// The member-side failover loop of one sidecar.
@@ -177,6 +195,8 @@ pub struct Sidecar {
     pending_restart: Vec<String>,
     /// Postgres runs outside this sidecar's guard (see [`Sidecar::note_unguarded`]).
     unguarded: bool,
+    /// The replay position of the previous observation.
+    last_replayed: Option<u64>,
     pending_checked: u32,
     /// `pg_hba.conf` admits the members' own hosts, as registered, rather than fixed addresses.
     members_only: bool,
@@ -422,6 +442,7 @@ impl Sidecar {
             requests: None,
             pending_restart: Vec::new(),
             unguarded: false,
+            last_replayed: None,
             pending_checked: u32::MAX,
             sysid: None,
             members_only: false,
@@ -674,6 +695,7 @@ impl Sidecar {
             timeline: obs.timeline.unwrap_or(0),
             lsn,
             replayed: obs.replayed_lsn.map(|l| l.0),
+            received: obs.received_lsn.map(|l| l.0),
             streaming: receiver.is_some_and(|w| w.status == "streaming"),
             receipt_age_ms: receiver.and_then(|w| w.last_msg_receipt_age_ms),
             upstream_addr: receiver
@@ -761,10 +783,17 @@ impl Sidecar {
             .filter_map(|m| Some((m.id, *obs.flushed.get(&m.name)?)))
             .collect();
         let settled = now >= applied.at + cluster.config.tick_ms;
+        // A synchronous set counts only once commits provably wait under it.
+        let switch_lsn = match applied.proof.lock().map(|p| *p) {
+            _ if !applied.set.is_synchronous() => Some(applied.switch_lsn),
+            Ok(Proof::Proven(lsn)) => Some(lsn.max(applied.switch_lsn)),
+            _ => None,
+        };
         Some(SyncApplied {
             epoch,
             set: applied.set.clone(),
-            confirmed: settled && sync::confirmed(&applied.set, applied.switch_lsn, &flushed),
+            confirmed: settled
+                && switch_lsn.is_some_and(|lsn| sync::confirmed(&applied.set, lsn, &flushed)),
             revision: applied.revision,
         })
     }
@@ -786,6 +815,8 @@ impl Sidecar {
             // The same set asked for again: it has run without a break since it was applied,
             // so its confirmation still holds.
             a.revision = revision;
+            let proof = a.proof.clone();
+            self.prove_sync(&proof, &want, cluster);
             return Ok(());
         }
         let spec = sync_spec(cluster, &want);
@@ -807,8 +838,52 @@ impl Sidecar {
             revision,
             switch_lsn: applied.switch_lsn.0,
             at: boot_clock_ms(),
+            proof: Arc::new(std::sync::Mutex::new(Proof::NotStarted)),
         });
+        if let Some((proof, set)) = self
+            .applied_sync
+            .as_ref()
+            .map(|a| (a.proof.clone(), a.set.clone()))
+        {
+            self.prove_sync(&proof, &set, cluster);
+        }
         Ok(())
+    }
+
+    /// On the primary, starts proving (beside the tick, which must go on renewing the lease)
+    /// that a synchronous set is in force in the checkpointer, unless that is under way or
+    /// done.
+    fn prove_sync(
+        &self,
+        proof: &Arc<std::sync::Mutex<Proof>>,
+        set: &SyncSet,
+        cluster: &ClusterState,
+    ) {
+        if !set.is_synchronous() || self.last_pg != Some(PgState::Primary) {
+            return;
+        }
+        let Ok(mut p) = proof.lock() else { return };
+        if matches!(*p, Proof::Pending | Proof::Proven(_)) {
+            return;
+        }
+        *p = Proof::Pending;
+        drop(p);
+        let limit = Duration::from_millis(cluster.config.lease_ms.saturating_mul(4));
+        let check = self.instance.checkpointer_took_reload(limit);
+        let proof = proof.clone();
+        tokio::spawn(async move {
+            let outcome = check.await;
+            let next = match &outcome {
+                Ok(lsn) => Proof::Proven(lsn.0),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prove the synchronous standbys in force (the checkpointer has not taken the reload); trying again");
+                    Proof::Failed
+                }
+            };
+            if let Ok(mut p) = proof.lock() {
+                *p = next;
+            }
+        });
     }
 
     /// One round; says when to run the next.
@@ -819,6 +894,12 @@ impl Sidecar {
             .expect_system_identifier(state.cluster.system_identifier);
         let obs = self.observe().await;
         let unguarded = self.note_unguarded(committed_epoch_of(&state.cluster));
+        let lsn_incomplete = lsn_incomplete(
+            obs.seen,
+            obs.received,
+            obs.replayed,
+            std::mem::replace(&mut self.last_replayed, obs.replayed),
+        );
         if self.sysid.is_none() && matches!(obs.seen, Some(Seen::Primary | Seen::Replica)) {
             self.sysid = self.instance.system_identifier().await.ok();
         }
@@ -894,6 +975,7 @@ impl Sidecar {
             pending_restart: self.pending_restart.clone(),
             system_identifier: self.sysid,
             unguarded,
+            lsn_incomplete,
             handed_over: self
                 .handed_over
                 .filter(|_| pg == PgState::Fenced)
@@ -1499,6 +1581,21 @@ impl Sidecar {
     }
 }
 
+/// Whether a replica's reported position may be behind the WAL it holds: its WAL receiver has
+/// not run since it started (no received position), and its replay still advanced since the
+/// previous observation (or there was none), so WAL on its disk may remain to be replayed.
+/// (Streaming starts where the local WAL ends, so a received position covers what is on disk.)
+pub fn lsn_incomplete(
+    seen: Option<Seen>,
+    received: Option<u64>,
+    replayed: Option<u64>,
+    previous_replayed: Option<u64>,
+) -> bool {
+    seen == Some(Seen::Replica)
+        && received.is_none()
+        && (previous_replayed.is_none() || replayed != previous_replayed)
+}
+
 /// The committed primary's epoch, 0 before the first.
 fn committed_epoch_of(cluster: &ClusterState) -> Epoch {
     cluster.primary.map_or(0, |p| p.epoch)
@@ -1674,6 +1771,28 @@ mod tests {
             expires_at: 9_000,
         });
         assert_eq!(became_primary(PgState::Primary, a, 2, old, None), None);
+    }
+
+    #[test]
+    fn a_replica_without_a_receive_position_is_incomplete_until_its_replay_settles() {
+        let r = Some(Seen::Replica);
+        assert!(
+            lsn_incomplete(r, None, Some(100), None),
+            "first look after a start"
+        );
+        assert!(
+            lsn_incomplete(r, None, Some(200), Some(100)),
+            "still replaying"
+        );
+        assert!(
+            !lsn_incomplete(r, None, Some(200), Some(200)),
+            "replay settled"
+        );
+        assert!(
+            !lsn_incomplete(r, Some(300), Some(250), Some(100)),
+            "streaming"
+        );
+        assert!(!lsn_incomplete(Some(Seen::Primary), None, None, None));
     }
 
     #[test]
