@@ -532,6 +532,48 @@ async fn a_synchronous_set_is_confirmed_only_once_the_checkpointer_took_it() {
     assert!(!set.is_empty() && !set.contains(&primary), "{set:?}");
 }
 
+/// Review finding 4: a member whose `raft.heartbeat_ms` differed from the first registration's
+/// was refused at registration but stayed a voter; as leader it could neither grant nor
+/// promote, and nothing handed leadership away. A rolling change of the Raft timings (each
+/// member restarted in turn with a longer heartbeat, 150 → 180 ms) now passes through: every
+/// registration is taken, the cluster keeps the longest heartbeat for a new leader's wait, and
+/// a failover afterwards works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_change_of_the_raft_heartbeat_passes_through_and_a_failover_still_works() {
+    let mut c = TestCluster::with_postgres(3);
+    c.start_all();
+    c.wait_postgres(START).await;
+    wait_sync_committed(&c).await;
+    let registrations = |c: &TestCluster, id: u64| {
+        std::fs::read_to_string(c.nodes[&id].log_path())
+            .unwrap_or_default()
+            .matches("registered member details")
+            .count()
+    };
+    for id in [1u64, 2, 3] {
+        let before = registrations(&c, id);
+        c.stop(id);
+        c.append_config(id, "\n[raft]\nheartbeat_ms = 180\n");
+        c.start(id);
+        wait_for("the member's new timings registered", FAILOVER, || async {
+            (registrations(&c, id) > before).then_some(())
+        })
+        .await;
+        c.wait_postgres(FAILOVER).await;
+    }
+    let (old, _) = c.wait_postgres(FAILOVER).await;
+    wait_sync_committed(&c).await;
+    c.crash_host(old);
+    let (new, _) = c.wait_postgres(FAILOVER).await;
+    assert_ne!(
+        new,
+        old,
+        "no failover after the rolling change:\n{}",
+        c.log_tails()
+    );
+    assert_eq!(c.writable(new).await, Some(true));
+}
+
 /// The pid that `sql` (one row, one int4 column) finds on member `id`'s Postgres.
 async fn pid_by_query(c: &TestCluster, id: u64, what: &str, sql: &str) -> i32 {
     let url = format!(

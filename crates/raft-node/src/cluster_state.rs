@@ -373,7 +373,8 @@ impl ClusterState {
                 // Members may run different heartbeats (a rolling change of the Raft timings
                 // passes through every mix): a new leader's wait assumes the longest one any
                 // member registered, and a leader running a longer one grants nothing until its
-                // own registration raised it. The lease must still outlast an election.
+                // own registration raised it. (A lease too short for the new timings is refused
+                // at the next `config set`; the log applies what it holds.)
                 let hb = self
                     .raft_heartbeat_ms
                     .unwrap_or(0)
@@ -382,18 +383,6 @@ impl ClusterState {
                     .raft_election_max_ms
                     .unwrap_or(0)
                     .max(info.raft_election_max_ms);
-                if hb != 0 && election != 0 {
-                    let floor = lease_floor_ms(hb, election, self.config.tick_ms);
-                    if self.config.lease_ms < floor {
-                        return Err(format!(
-                            "node {} runs raft.heartbeat_ms = {} and raft.election_timeout_max_ms                              = {}: with them a Raft election may take {floor} ms, longer than the                              cluster's lease_ms = {} (a leader change alone would fence a healthy                              primary); raise lease_ms to at least {floor} first                              (`pgquorum config set lease_ms={floor}`), or shorten this member's                              Raft timings",
-                            info.id,
-                            info.raft_heartbeat_ms,
-                            info.raft_election_max_ms,
-                            self.config.lease_ms
-                        ));
-                    }
-                }
                 if hb != 0 {
                     self.raft_heartbeat_ms = Some(hb);
                 }
@@ -1150,15 +1139,14 @@ mod tests {
         b.raft_heartbeat_ms = 150;
         s.apply(&Command::RegisterMember(b.clone()), &m);
         assert_eq!(s.longest_raft_heartbeat_ms(), Some(300));
-        // Timings whose election outlasts the lease are refused, naming the fix.
-        b.raft_election_max_ms = 60_000;
-        match s.apply(&Command::RegisterMember(b), &m) {
-            CommandOutcome::Rejected { reason } => {
-                assert!(reason.contains("raise lease_ms"), "{reason}")
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(s.raft_election_max_ms, Some(600), "nothing half-applied");
+        // Longer election timeouts are kept too; a lease they outlast is refused at the next
+        // change.
+        b.raft_election_max_ms = 2_000;
+        s.apply(&Command::RegisterMember(b), &m);
+        assert_eq!(s.raft_election_max_ms, Some(2_000));
+        assert!(s
+            .config_after(&[("tick_ms".to_string(), "250".to_string())].into())
+            .is_err());
     }
 
     #[test]
