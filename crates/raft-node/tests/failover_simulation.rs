@@ -1,14 +1,19 @@
 //! Seeded simulation of the failover protocol with a fake clock. N members run the real code of
 //! every decision: the sidecar's assessment (`failover::assess`), the reconcile table
-//! (`failover::reconcile`), the leader's policy and lease grants (`failover::policy`), the lease
+//! (`failover::reconcile`), the leader's duty as the daemon runs it (`failover::duty::LeaderBook`: reports, grants,
+//! policy rounds, upkeep) over the policy (`failover::policy`), the lease
 //! arithmetic (`failover::lease`), the synchronous-standby rules (`failover::sync`) and the
 //! state machine (`ClusterState::apply`). Around them it models Postgres, the guard, the network
 //! and Raft:
 //! - faults: host crashes, sidecar kills and freezes, guard kills and freezes, Postgres crashes,
 //!   full disks (a primary that runs but cannot write, a replica that cannot receive),
 //!   partitions, one-way cuts, message delay and loss, clock-rate drift within the bound the
-//!   drift margin covers, lease changes committed mid-run, and maintenance pauses (the
-//!   reconcile table under `while_paused`; no promotion may be decided while paused);
+//!   drift margin covers, lease changes committed mid-run (sometimes with `synchronous_mode`
+//!   and `tick_ms`, and sometimes followed by the loss of the primary while its longer grant
+//!   still runs), maintenance pauses (the reconcile table under `while_paused`; no promotion
+//!   may be decided while paused), sidecars restarted with another Raft heartbeat (a rolling
+//!   change of the timings), Postgres restarted by hand outside its guard, and promotion calls
+//!   that fail although Postgres promoted;
 //! - a WAL receiver whose `streaming` status outlives a silent cut until its timeout;
 //! - synchronous replication in every mode: the primary acknowledges a write only when its
 //!   applied `synchronous_standby_names` allow it;
@@ -307,9 +312,13 @@ impl Sim {
             SyncMode::Quorum,
         ][rng.gen_range(0..4)];
         let count = if n >= 5 { rng.gen_range(1..=2) } else { 1 };
+        // A lag bound the simulated write rate (about 20 kB/s) can exceed, so that the lag
+        // checker below can fail.
+        let maximum_lag_on_failover = [2_000, 20_000, 1 << 20][rng.gen_range(0..3)];
         let config = DynamicConfig {
             synchronous_mode: mode,
             synchronous_node_count: count,
+            maximum_lag_on_failover,
             ..Default::default()
         };
         // Stay inside the rate error the smallest margin covers.
@@ -1955,11 +1964,20 @@ impl Sim {
             });
             if let Some(l) = leader {
                 let before = self.committed.config.lease_ms;
-                let changes = [
+                let mut changes: BTreeMap<String, String> = [
                     ("lease_ms".to_string(), lease.to_string()),
                     ("drift_margin_ms".to_string(), margin.to_string()),
                 ]
                 .into();
+                // Sometimes the operator changes the replication mode or the tick too.
+                if self.rng.gen_bool(0.3) {
+                    let mode = ["off", "on", "strict", "quorum"][self.rng.gen_range(0..4)];
+                    changes.insert("synchronous_mode".into(), mode.into());
+                }
+                if self.rng.gen_bool(0.3) {
+                    let tick = [100, 250, 400][self.rng.gen_range(0..3)];
+                    changes.insert("tick_ms".into(), tick.to_string());
+                }
                 if self.commit(l, Command::SetConfig { changes })
                     && lease < before
                     && self.rng.gen_bool(0.5)
