@@ -1,9 +1,9 @@
 //! Seeded simulation of the failover protocol with a fake clock. N members run the real code of
 //! every decision: the sidecar's assessment (`failover::assess`), the reconcile table
-//! (`failover::reconcile`), the leader's duty as the daemon runs it (`failover::duty::LeaderBook`: reports, grants,
-//! policy rounds, upkeep) over the policy (`failover::policy`), the lease
-//! arithmetic (`failover::lease`), the synchronous-standby rules (`failover::sync`) and the
-//! state machine (`ClusterState::apply`). Around them it models Postgres, the guard, the network
+//! (`failover::reconcile`), the leader's duty as the daemon runs it
+//! (`failover::duty::LeaderBook`: reports, grants, policy rounds, upkeep) over the policy
+//! (`failover::policy`), the lease arithmetic (`failover::lease`), the synchronous-standby
+//! rules (`failover::sync`) and the state machine (`ClusterState::apply`). Around them it models Postgres, the guard, the network
 //! and Raft:
 //! - faults: host crashes, sidecar kills and freezes, guard kills and freezes, Postgres crashes,
 //!   full disks (a primary that runs but cannot write, a replica that cannot receive),
