@@ -574,6 +574,18 @@ async fn a_rolling_change_of_the_raft_heartbeat_passes_through_and_a_failover_st
     assert_eq!(c.writable(new).await, Some(true));
 }
 
+/// The parent of process `pid` (a postmaster's is its guard), from `/proc/<pid>/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; the fields after it do not.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The pid that `sql` (one row, one int4 column) finds on member `id`'s Postgres.
 async fn pid_by_query(c: &TestCluster, id: u64, what: &str, sql: &str) -> i32 {
     let url = format!(
@@ -779,13 +791,7 @@ async fn a_frozen_guard_is_backed_by_the_sidecars_fence_timer_at_the_lease_end()
             .expect("the lease length"),
     );
     let postmaster = c.postmaster_pid(old).expect("the primary's postmaster");
-    let stat = std::fs::read_to_string(format!("/proc/{postmaster}/stat")).expect("its stat");
-    let guard: i32 = stat
-        .rsplit(')')
-        .next()
-        .and_then(|rest| rest.split_whitespace().nth(1))
-        .and_then(|ppid| ppid.parse().ok())
-        .expect("the guard is the postmaster's parent");
+    let guard = parent_of(postmaster).expect("the guard is the postmaster's parent");
     // SAFETY: signalling a process of the test's own cluster.
     assert_eq!(unsafe { libc::kill(guard, libc::SIGSTOP) }, 0);
     let others: Vec<u64> = c.nodes.keys().copied().filter(|id| *id != old).collect();
@@ -842,16 +848,10 @@ async fn a_postgres_restarted_by_hand_is_taken_back_under_the_guard_and_can_be_p
     let bins = pg_supervisor::PgBinaries::discover(None).expect("Postgres binaries");
     let replicas: Vec<u64> = c.nodes.keys().copied().filter(|id| *id != old).collect();
     let parent_is_a_guard = |pid: i32| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .unwrap_or("0")
-            .to_string();
-        std::fs::read(format!("/proc/{ppid}/cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).contains("guard"))
-            .unwrap_or(false)
+        parent_of(pid).is_some_and(|ppid| {
+            std::fs::read(format!("/proc/{ppid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("guard"))
+        })
     };
     for id in &replicas {
         let pgdata = c.nodes[id].dir.join("pgdata");
