@@ -773,16 +773,23 @@ impl TestCluster {
     }
 
     /// A host crash of member `id`: its sidecar, guard, postmaster and every backend die at
-    /// once (the guard runs Postgres in its own process group). Returns when it happened.
+    /// once (the guard runs Postgres in its own process group). Returns when it happened: the
+    /// instant the SIGKILLs had been sent, so the postmaster can accept no connection begun
+    /// later. Nothing is waited on in between: reaping the sidecar first would leave its
+    /// Postgres serving new connections for as long as that takes.
     pub fn crash_host(&mut self, id: u64) -> std::time::Instant {
         let postmaster = self.postmaster_pid(id).expect("postmaster pid");
         // SAFETY: getpgid has no preconditions.
         let group = unsafe { libc::getpgid(postmaster) };
         assert!(group > 1, "postmaster has a process group");
+        let sidecar = self.nodes[&id].pid().expect("sidecar running") as i32;
+        // SAFETY: killing the test's own Postgres process group and sidecar process.
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+            libc::kill(sidecar, libc::SIGKILL);
+        }
         let at = std::time::Instant::now();
         self.kill9(id);
-        // SAFETY: killing the test's own Postgres process group.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
         at
     }
 

@@ -3,17 +3,25 @@
 //! (`failover::reconcile`), the leader's duty as the daemon runs it
 //! (`failover::duty::LeaderBook`: reports, grants, policy rounds, upkeep) over the policy
 //! (`failover::policy`), the lease arithmetic (`failover::lease`), the synchronous-standby
-//! rules (`failover::sync`) and the state machine (`ClusterState::apply`). Around them it models Postgres, the guard, the network
-//! and Raft:
-//! - faults: host crashes, sidecar kills and freezes, guard kills and freezes, Postgres crashes,
-//!   full disks (a primary that runs but cannot write, a replica that cannot receive),
-//!   partitions, one-way cuts, message delay and loss, clock-rate drift within the bound the
-//!   drift margin covers, lease changes committed mid-run (sometimes with `synchronous_mode`
-//!   and `tick_ms`, and sometimes followed by the loss of the primary while its longer grant
-//!   still runs), maintenance pauses (the reconcile table under `while_paused`; no promotion
-//!   may be decided while paused), sidecars restarted with another Raft heartbeat (a rolling
-//!   change of the timings), Postgres restarted by hand outside its guard, and promotion calls
-//!   that fail although Postgres promoted;
+//! rules (`failover::sync`) and the state machine (`ClusterState::apply`). Around them it
+//! models Postgres, the guard, the sidecar's fence timer, the network and Raft:
+//! - the sidecar's tick as the daemon paces it: a probe that takes time (a quarter lease when
+//!   Postgres does not answer), a report whose call blocks until the leader answers or
+//!   `report_timeout`, then the reconcile table on what the probe saw; the leader's policy
+//!   round runs on its own tick;
+//! - faults: host crashes, sidecar kills and freezes, guard kills and freezes (on a loaded
+//!   host, and with the primary cut off so that its lease runs out while only the sidecar's
+//!   fence timer can fence), whole nodes frozen (sidecar, guard and Postgres) and Postgres
+//!   alone frozen, Postgres crashes, full disks (a primary that runs but cannot write, a
+//!   replica that cannot receive), partitions, one-way cuts, message delay and loss,
+//!   clock-rate drift within the bound the drift margin covers, lease changes committed
+//!   mid-run (sometimes with `synchronous_mode` and `tick_ms`, and sometimes followed by the
+//!   loss of the primary while its longer grant still runs), maintenance pauses (the reconcile
+//!   table under `while_paused`; no promotion may be decided while paused), sidecars restarted
+//!   with another Raft heartbeat (a rolling change of the timings) or other tags
+//!   (`nofailover`, `nosync`, `priority`), members removed and added back with an empty data
+//!   directory, failed clones and rewinds, Postgres restarted by hand outside its guard, and
+//!   promotion calls that fail although Postgres promoted;
 //! - a WAL receiver whose `streaming` status outlives a silent cut until its timeout;
 //! - synchronous replication in every mode: the primary acknowledges a write only when its
 //!   applied `synchronous_standby_names` allow it;
@@ -21,7 +29,12 @@
 //! - Raft as openraft 0.9.25 runs it: a leader needs a majority that has not moved to a higher
 //!   term, followers refuse votes within the leader lease after hearing from the leader, the
 //!   leader itself refreshes its vote time only at its election (so it may vote for a successor),
-//!   and a cut-off leader keeps believing it leads.
+//!   a candidate still votes for another and draws a fresh timeout for its next attempt, and a
+//!   cut-off leader keeps believing it leads.
+//!
+//! Not modelled: a guard and a sidecar both stopped while Postgres runs on (no process is left
+//! that could fence it; only a kernel watchdog could), and the race on a resumed host between
+//! the guard's deadline check and a commit under way (the model lets the guard go first).
 //!
 //! Checked after every step: at most one member can write (S1); promotions only follow a commit
 //! naming the member in an epoch at least as high as it has seen (S5); a promoted member holds
@@ -38,7 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use pg_supervisor::{effective_deadline, Lease};
 use raft_node::cluster_state::{
-    ClusterState, Command, CommandOutcome, PlanKind, PrimaryPlan, SyncSet,
+    ClusterState, Command, CommandOutcome, PlanKind, PrimaryPlan, SyncSet, Tags,
 };
 use raft_node::dynamic_config::{DynamicConfig, SyncMode};
 use raft_node::failover::assess::{Assessor, Seen};
@@ -53,7 +66,8 @@ use raft_node::failover::report::{
     HandedOver, LeaderStamp, MemberReport, PgState, StorageReport, SyncApplied,
 };
 use raft_node::failover::sidecar::{
-    became_primary, follow_waits, Unreachable, RENEWAL_LEASES, UNREACHABLE_BACKOFF_MS,
+    became_primary, follow_waits, report_timeout, Unreachable, RENEWAL_LEASES,
+    UNREACHABLE_BACKOFF_MS,
 };
 use raft_node::failover::sync::{self as syncrules};
 use raft_node::types::NodeId;
@@ -73,10 +87,11 @@ const HEARTBEAT: u64 = 150;
 const OTHER_HEARTBEAT: u64 = 200;
 
 /// What a member registers: its name and Raft timings.
-fn member_info(id: NodeId, heartbeat_ms: u64) -> raft_node::cluster_state::MemberInfo {
+fn member_info(id: NodeId, heartbeat_ms: u64, tags: Tags) -> raft_node::cluster_state::MemberInfo {
     raft_node::cluster_state::MemberInfo {
         id,
         name: format!("n{id}"),
+        tags,
         raft_heartbeat_ms: heartbeat_ms,
         raft_election_max_ms: ELECTION_MAX,
         ..Default::default()
@@ -149,6 +164,8 @@ struct Node {
     log_index: u64,
     term: u64,
     last_heard: u64,
+    /// Sim time of this member's last own election attempt.
+    last_attempt: u64,
     election_timeout: u64,
     next_tick: Millis,
     /// Sim time until which the data directory's filesystem is full: client writes and WAL
@@ -172,6 +189,37 @@ struct Node {
     unguarded: bool,
     /// Sim time of that restart.
     unguarded_at: u64,
+    /// Postgres is frozen (every process of it stopped, or its whole host) until this sim
+    /// time: it answers no probe, writes nothing, streams nothing.
+    pg_frozen: Option<u64>,
+    /// The tick under way, if any: the sidecar's probe and its report to the leader each take
+    /// time, and what it does at the end rests on what it saw at the start.
+    tick: Option<TickPhase>,
+    /// The failover tags this member's sidecar registers (a restart may change them).
+    tags: Tags,
+    /// Sim time until which the host is so loaded that every probe takes up to its bound.
+    loaded_until: u64,
+    /// Removed from the cluster by the operator (decommissioned) until this sim time, when it
+    /// is added back with an empty data directory.
+    removed_until: Option<u64>,
+}
+
+/// A sidecar's tick under way (local clock), as the real loop runs it: the probe (bounded by a
+/// quarter lease), then the report, whose call blocks until the leader answers or
+/// `report_timeout`, then the reconcile table.
+#[derive(Clone)]
+enum TickPhase {
+    Probing {
+        started: Millis,
+        done_at: Millis,
+    },
+    Reporting {
+        started: Millis,
+        done_at: Millis,
+        view: LocalView,
+        judged: PgState,
+        sent: Box<MemberReport>,
+    },
 }
 
 /// The sidecar's renewals while it waits on a promotion (`Renewals` in the real sidecar).
@@ -193,8 +241,11 @@ impl Node {
     }
     /// Accepts writes, for S1: a primary whose disk is full counts too, since room may come
     /// back at any moment without anyone telling the cluster.
+    /// A frozen Postgres writes nothing until it thaws, and then only if no fencer stopped it
+    /// first. On a resumed host the model lets the guard look at its deadline before any
+    /// backend acknowledges a commit; really that is a race (docs/architecture.md, S4).
     fn writable(&self) -> bool {
-        self.host_up && self.pg == PgState::Primary
+        self.host_up && self.pg == PgState::Primary && self.pg_frozen.is_none()
     }
     fn disk_full(&self, t: u64) -> bool {
         t < self.disk_full_until
@@ -209,6 +260,7 @@ impl Node {
         self.handed_over = None;
         self.unreachable = None;
         self.renewals = None;
+        self.tick = None;
         self.last_heard = t;
     }
 }
@@ -299,6 +351,8 @@ struct Sim {
     healed: bool,
     /// Sim time at which the primary is lost after a shortened lease.
     lose_primary_at: Option<u64>,
+    /// How often each of the later faults happened (the run asserts they did).
+    counts: BTreeMap<&'static str, usize>,
     events: Vec<String>,
 }
 
@@ -362,6 +416,7 @@ impl Sim {
                 log_index: 0,
                 term: 0,
                 last_heard: 0,
+                last_attempt: 0,
                 election_timeout: rng.gen_range(ELECTION_MIN..=ELECTION_MAX),
                 next_tick: 0,
                 disk_full_until: 0,
@@ -373,6 +428,11 @@ impl Sim {
                 registered: true,
                 unguarded: false,
                 unguarded_at: 0,
+                pg_frozen: None,
+                tick: None,
+                tags: Tags::default(),
+                removed_until: None,
+                loaded_until: 0,
             })
             .collect();
         let mut committed = ClusterState {
@@ -381,7 +441,7 @@ impl Sim {
         };
         let ids: BTreeSet<NodeId> = (1..=n as u64).collect();
         for id in 1..=n as u64 {
-            let info = member_info(id, HEARTBEAT);
+            let info = member_info(id, HEARTBEAT, Tags::default());
             committed.apply(&Command::RegisterMember(info), &ids);
         }
         let mut sim = Sim {
@@ -418,6 +478,7 @@ impl Sim {
             acked_by_epoch: BTreeMap::new(),
             healed: false,
             lose_primary_at: None,
+            counts: BTreeMap::new(),
             events: Vec::new(),
         };
         for node in &mut sim.nodes {
@@ -460,6 +521,10 @@ impl Sim {
         self.node(a).host_up && self.node(b).host_up && self.reaches(a, b) && self.reaches(b, a)
     }
 
+    fn count(&mut self, what: &'static str) {
+        *self.counts.entry(what).or_default() += 1;
+    }
+
     fn log(&mut self, s: String) {
         self.events.push(format!("[t={} ms] {s}", self.t));
     }
@@ -467,15 +532,47 @@ impl Sim {
     fn fail(&self, what: &str) -> ! {
         let tail: Vec<&String> = self.events.iter().rev().take(50).collect();
         let tail: Vec<&String> = tail.into_iter().rev().collect();
+        let state: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}: pg {:?} frozen {:?} sidecar {:?} guard {:?} term {} lsn {} upstream {:?} \
+                     lease {:?} tick {} tags {:?} removed {:?}",
+                    n.id,
+                    n.pg,
+                    n.pg_frozen,
+                    n.sidecar,
+                    n.guard,
+                    n.term,
+                    n.lsn,
+                    n.upstream,
+                    n.lease,
+                    match n.tick {
+                        None => "idle",
+                        Some(TickPhase::Probing { .. }) => "probing",
+                        Some(TickPhase::Reporting { .. }) => "reporting",
+                    },
+                    n.tags,
+                    n.removed_until
+                )
+            })
+            .collect();
+        let leaders: Vec<(NodeId, u64)> =
+            self.leaders.iter().map(|(l, ld)| (*l, ld.term)).collect();
         panic!(
-            "seed {} (replay with PGQUORUM_SIM_SEED={}): {what} at t={} ms\nrecent events:\n{}",
+            "seed {} (replay with PGQUORUM_SIM_SEED={}): {what} at t={} ms\nrecent events:\n{}\n\
+             members {:?}, leaders {leaders:?}, committed primary {:?}\n{}",
             self.seed,
             self.seed,
             self.t,
             tail.iter()
                 .map(|s| s.as_str())
                 .collect::<Vec<_>>()
-                .join("\n")
+                .join("\n"),
+            self.members,
+            self.committed.primary,
+            state.join("\n")
         );
     }
 
@@ -581,8 +678,11 @@ impl Sim {
             if !n.alive() || self.leaders.contains_key(&c) {
                 continue;
             }
-            // A follower that knew a committed leader waits the leader lease plus its timeout.
-            if self.t.saturating_sub(n.last_heard) < RAFT_LEADER_LEASE + n.election_timeout {
+            // A follower that knew a committed leader waits the leader lease plus its timeout;
+            // a candidate waits its timeout again after a failed attempt.
+            if self.t.saturating_sub(n.last_heard) < RAFT_LEADER_LEASE + n.election_timeout
+                || self.t.saturating_sub(n.last_attempt) < n.election_timeout
+            {
                 continue;
             }
             let cand_index = n.log_index;
@@ -598,7 +698,12 @@ impl Sim {
                 })
                 .collect();
             let t = self.t;
-            self.node_mut(c).last_heard = t;
+            // openraft 0.9: a candidate's own vote is not a committed one, so it still votes for
+            // another candidate; its next attempt comes after a fresh random timeout.
+            let timeout = self.rng.gen_range(ELECTION_MIN..=ELECTION_MAX);
+            let n = self.node_mut(c);
+            n.last_attempt = t;
+            n.election_timeout = timeout;
             if voters.len() >= self.majority() {
                 self.top_term += 1;
                 let term = self.top_term;
@@ -903,10 +1008,31 @@ impl Sim {
         for i in 0..self.nodes.len() {
             let n = &mut self.nodes[i];
             if !matches!(n.pg, PgState::Primary | PgState::Replica) {
+                // No postmaster left: nothing of it is unguarded or frozen any more.
                 n.unguarded = false;
+                n.pg_frozen = None;
             }
             // An unguarded Postgres has no guard to fence it.
-            if !n.host_up || matches!(n.guard, Process::Frozen { .. }) || n.unguarded {
+            if !n.host_up || n.unguarded {
+                continue;
+            }
+            if matches!(n.guard, Process::Frozen { .. }) {
+                // The sidecar's fence timer, armed with every deadline fed to the guard, fences
+                // from a thread of its own while the sidecar process runs, whatever its tick
+                // waits on (the shipped `guard::watchdog`).
+                let timer = n.sidecar == Process::Running && n.detached_until.is_none();
+                let due = n.guard_deadline.is_some_and(|d| n.local(t) >= d);
+                let leased =
+                    n.pg == PgState::Primary || (n.pg == PgState::Replica && n.promoting.is_some());
+                if timer && due && leased {
+                    n.pg = PgState::Fenced;
+                    n.promoting = None;
+                    let id = n.id;
+                    self.log(format!(
+                        "fence timer of {id} fences its Postgres: its guard is frozen"
+                    ));
+                    self.count("fence_timer_fences");
+                }
                 continue;
             }
             // A sidecar that detached is not "gone" to its guard: the guard waits for a successor
@@ -973,7 +1099,8 @@ impl Sim {
                 self.node_mut(id).promoting = None;
                 continue;
             }
-            if t < done_at {
+            if t < done_at || n.pg_frozen.is_some() {
+                // A frozen startup process finishes nothing until it thaws.
                 continue;
             }
             // Writable from now on: only under a lease of this epoch (S2), which the renewals
@@ -993,7 +1120,11 @@ impl Sim {
 
     /// What the probe of `id` sees.
     fn seen(&self, id: NodeId) -> Seen {
-        match self.node(id).pg {
+        let n = self.node(id);
+        if n.pg_frozen.is_some() && matches!(n.pg, PgState::Primary | PgState::Replica) {
+            return Seen::Unresponsive;
+        }
+        match n.pg {
             PgState::NoData => Seen::NoData,
             PgState::Primary => Seen::Primary,
             PgState::Replica => Seen::Replica,
@@ -1055,6 +1186,9 @@ impl Sim {
         })
     }
 
+    /// Every sidecar's tick, phase by phase: the probe, the report (the leader's answer may
+    /// take until `report_timeout`), then the reconcile table on what the probe saw. The guard
+    /// and the fence timer act meanwhile on their own clocks.
     fn sidecar_step(&mut self) {
         let t = self.t;
         for id in self.members.clone() {
@@ -1062,107 +1196,202 @@ impl Sim {
             if n.alive() && n.renewals.is_some() && self.renewing(id) {
                 continue;
             }
-            let n = self.node(id);
-            if !n.alive() || n.local(t) < n.next_tick {
-                continue;
+            loop {
+                let n = self.node(id);
+                if !n.alive() {
+                    break;
+                }
+                let now = n.local(t);
+                match n.tick.clone() {
+                    None if now >= n.next_tick => {
+                        let done_at = now + self.probe_ms(id);
+                        self.node_mut(id).tick = Some(TickPhase::Probing {
+                            started: now,
+                            done_at,
+                        });
+                    }
+                    Some(TickPhase::Probing { started, done_at }) if now >= done_at => {
+                        let (view, judged, sent) = self.observe_and_report(id, now);
+                        let done_at = now + self.report_wait_ms(id);
+                        self.node_mut(id).tick = Some(TickPhase::Reporting {
+                            started,
+                            done_at,
+                            view,
+                            judged,
+                            sent: Box::new(sent),
+                        });
+                    }
+                    Some(TickPhase::Reporting {
+                        started,
+                        done_at,
+                        view,
+                        judged,
+                        sent,
+                    }) if now >= done_at => {
+                        self.node_mut(id).tick = None;
+                        self.act(id, view, judged, *sent, started, now);
+                        break;
+                    }
+                    _ => break,
+                }
             }
-            let now = n.local(t);
-            let tick = n.applied.config.tick_ms;
-            let seen = self.seen(id);
-            let (was_primary, lease) = (n.last_primary_epoch.is_some(), n.lease);
-            let judged = self
-                .node_mut(id)
-                .assessor
-                .assess(seen, was_primary, lease, now);
-            if matches!(judged.pg, PgState::Primary | PgState::Replica) {
-                // As the sidecar: what a running Postgres writes was never handed over.
-                self.node_mut(id).handed_over = None;
-            }
-            let full = self.node(id).disk_full(t);
-            let write_failures = self
-                .node_mut(id)
-                .assessor
-                .judge_write(judged.pg, (judged.pg == PgState::Primary).then_some(!full));
-            let free_bytes = Some(if full { 0 } else { 1 << 30 });
-            let n = self.node(id);
-            let receipt_age = n.last_receipt.map(|r| now.saturating_sub(n.local(r)));
-            let report = MemberReport {
-                node: id,
-                pg: judged.pg,
-                consecutive_failures: judged.failures,
-                timeline: n.timeline,
-                lsn: n.lsn,
-                streaming: n.pg == PgState::Replica && n.receiver_streaming,
-                wal_receipt_age_ms: receipt_age,
-                upstream: n.upstream,
-                sync_applied: (judged.pg == PgState::Primary)
-                    .then(|| self.sync_report(id, now))
-                    .flatten(),
-                leader_stamp: n.leader_stamp,
-                epoch_seen: n.epoch_seen,
-                sent_at: now,
-                storage: StorageReport {
-                    free_bytes,
-                    low_space: full,
-                    cannot_write: (full && judged.pg == PgState::Primary)
-                        .then(|| "no space: disk full".to_string()),
-                    write_failures,
-                    read_only: false,
-                    write_probe_ms: None,
-                },
-                // Replay keeps up with receipt here; a real replica's may lag behind.
-                replayed_lsn: (judged.pg == PgState::Replica).then_some(n.lsn),
-                handed_over: n
-                    .handed_over
-                    .filter(|_| judged.pg == PgState::Fenced)
-                    .map(|(h, _, _)| h),
-                pending_restart: Vec::new(),
-                system_identifier: None,
-                unguarded: n.unguarded,
-                lsn_incomplete: false,
-            };
-            let sent = report.clone();
-            self.report_to_leader(id, report);
-            // A Postgres writable as the leased primary is recorded as such (the shipped rule
-            // that catches a promotion whose call failed after Postgres was asked to promote).
-            let n = self.node(id);
-            if let Some(e) = became_primary(
-                judged.pg,
-                n.applied.primary,
-                id,
-                n.lease,
-                n.last_primary_epoch,
-            ) {
-                self.node_mut(id).last_primary_epoch = Some(e);
-                self.log(format!(
-                    "{id} records its Postgres as the primary of epoch {e}"
-                ));
-            }
-            // Reconcile.
-            let n = self.node(id);
-            let view = LocalView {
-                pg: judged.pg,
-                upstream: n.upstream,
-                last_primary_epoch: n.last_primary_epoch,
-                crashed: judged.crashed,
-                failures: judged.failures,
-                epoch_seen: n.epoch_seen,
-                // The simulated replicas' follow always streams: a forked history is not
-                // modelled here (tests/partition.rs covers it on real Postgres).
-                cannot_stream: false,
+        }
+    }
+
+    /// How long the probe of `id` takes: mostly a few milliseconds, sometimes a loaded host's
+    /// hundreds (on a host stalled with its guard, up to the bound), and a frozen Postgres
+    /// until the probe's bound, a quarter lease.
+    fn probe_ms(&mut self, id: NodeId) -> Millis {
+        let cap = self.node(id).applied.config.lease_ms / 4;
+        if self.node(id).pg_frozen.is_some() {
+            return cap;
+        }
+        if self.t < self.node(id).loaded_until {
+            return self.rng.gen_range(cap / 2..=cap);
+        }
+        match self.rng.gen_range(0..100) {
+            0..=79 => self.rng.gen_range(0..=10),
+            80..=96 => self.rng.gen_range(0..=150),
+            _ => self.rng.gen_range(0..=cap),
+        }
+    }
+
+    /// How long the report's call blocks the tick: the leader's answer, or `report_timeout`
+    /// when no leader answers (none known, or the link is cut).
+    fn report_wait_ms(&mut self, id: NodeId) -> Millis {
+        let timeout = report_timeout(&self.node(id).applied.config).as_millis() as Millis;
+        let answers = self
+            .current_leader_of(id)
+            .is_some_and(|l| l == id || (self.can_talk(id, l) && self.can_talk(l, id)));
+        if !answers {
+            return timeout;
+        }
+        // A round trip, and the leader's work on it (a write to its log when it grants).
+        let rtt = self.rng.gen_range(0..=2 * self.max_delay + 5);
+        rtt.min(timeout)
+    }
+
+    /// The probe's result judged, reported to the leader and recorded; returns what the
+    /// reconcile table will run on.
+    fn observe_and_report(
+        &mut self,
+        id: NodeId,
+        now: Millis,
+    ) -> (LocalView, PgState, MemberReport) {
+        let t = self.t;
+        let seen = self.seen(id);
+        let n = self.node(id);
+        let (was_primary, lease) = (n.last_primary_epoch.is_some(), n.lease);
+        let judged = self
+            .node_mut(id)
+            .assessor
+            .assess(seen, was_primary, lease, now);
+        if matches!(judged.pg, PgState::Primary | PgState::Replica) {
+            // As the sidecar: what a running Postgres writes was never handed over.
+            self.node_mut(id).handed_over = None;
+        }
+        let full = self.node(id).disk_full(t);
+        let write_failures = self
+            .node_mut(id)
+            .assessor
+            .judge_write(judged.pg, (judged.pg == PgState::Primary).then_some(!full));
+        let free_bytes = Some(if full { 0 } else { 1 << 30 });
+        let n = self.node(id);
+        let receipt_age = n.last_receipt.map(|r| now.saturating_sub(n.local(r)));
+        let report = MemberReport {
+            node: id,
+            pg: judged.pg,
+            consecutive_failures: judged.failures,
+            timeline: n.timeline,
+            lsn: n.lsn,
+            streaming: n.pg == PgState::Replica && n.receiver_streaming,
+            wal_receipt_age_ms: receipt_age,
+            upstream: n.upstream,
+            sync_applied: (judged.pg == PgState::Primary)
+                .then(|| self.sync_report(id, now))
+                .flatten(),
+            leader_stamp: n.leader_stamp,
+            epoch_seen: n.epoch_seen,
+            sent_at: now,
+            storage: StorageReport {
                 free_bytes,
-                hand_over: n.applied.plan.is_some_and(|p| {
-                    p.started
-                        && p.kind == PlanKind::Switchover
-                        && p.from == id
-                        && n.applied.primary.is_some_and(|a| a.epoch == p.epoch)
-                }),
-                handed_over_to: n
-                    .handed_over
-                    .filter(|(h, to, e)| follows_without_rewind(&n.applied, *h, *to, *e))
-                    .map(|(_, to, e)| (to, e)),
-                unguarded: n.unguarded && matches!(judged.pg, PgState::Primary | PgState::Replica),
-            };
+                low_space: full,
+                cannot_write: (full && judged.pg == PgState::Primary)
+                    .then(|| "no space: disk full".to_string()),
+                write_failures,
+                read_only: false,
+                write_probe_ms: None,
+            },
+            // Replay keeps up with receipt here; a real replica's may lag behind.
+            replayed_lsn: (judged.pg == PgState::Replica).then_some(n.lsn),
+            handed_over: n
+                .handed_over
+                .filter(|_| judged.pg == PgState::Fenced)
+                .map(|(h, _, _)| h),
+            pending_restart: Vec::new(),
+            system_identifier: None,
+            unguarded: n.unguarded,
+            lsn_incomplete: false,
+        };
+        let sent = report.clone();
+        self.report_to_leader(id, report);
+        // A Postgres writable as the leased primary is recorded as such (the shipped rule
+        // that catches a promotion whose call failed after Postgres was asked to promote).
+        let n = self.node(id);
+        if let Some(e) = became_primary(
+            judged.pg,
+            n.applied.primary,
+            id,
+            n.lease,
+            n.last_primary_epoch,
+        ) {
+            self.node_mut(id).last_primary_epoch = Some(e);
+            self.log(format!(
+                "{id} records its Postgres as the primary of epoch {e}"
+            ));
+        }
+        // Reconcile.
+        let n = self.node(id);
+        let view = LocalView {
+            pg: judged.pg,
+            upstream: n.upstream,
+            last_primary_epoch: n.last_primary_epoch,
+            crashed: judged.crashed,
+            failures: judged.failures,
+            epoch_seen: n.epoch_seen,
+            // The simulated replicas' follow always streams: a forked history is not
+            // modelled here (tests/partition.rs covers it on real Postgres).
+            cannot_stream: false,
+            free_bytes,
+            hand_over: n.applied.plan.is_some_and(|p| {
+                p.started
+                    && p.kind == PlanKind::Switchover
+                    && p.from == id
+                    && n.applied.primary.is_some_and(|a| a.epoch == p.epoch)
+            }),
+            handed_over_to: n
+                .handed_over
+                .filter(|(h, to, e)| follows_without_rewind(&n.applied, *h, *to, *e))
+                .map(|(_, to, e)| (to, e)),
+            unguarded: n.unguarded && matches!(judged.pg, PgState::Primary | PgState::Replica),
+        };
+        (view, judged.pg, sent)
+    }
+
+    /// The reconcile table of the tick `started`, on what its probe saw, and its action.
+    fn act(
+        &mut self,
+        id: NodeId,
+        view: LocalView,
+        judged: PgState,
+        sent: MemberReport,
+        started: Millis,
+        now: Millis,
+    ) {
+        let t = self.t;
+        let tick = self.node(id).applied.config.tick_ms;
+        {
+            let n = self.node(id);
             let assigned = n.applied.primary;
             let mut step = plan(id, &view, assigned, n.lease, now, &n.applied.config);
             if n.applied.paused {
@@ -1171,7 +1400,7 @@ impl Sim {
             let epoch = assigned.map(|a| a.epoch).unwrap_or(0);
             match step.action {
                 Action::Nothing => {
-                    if judged.pg == PgState::Primary && assigned.is_some_and(|a| a.node == id) {
+                    if judged == PgState::Primary && assigned.is_some_and(|a| a.node == id) {
                         self.apply_sync(id, epoch, now);
                     }
                 }
@@ -1188,7 +1417,17 @@ impl Sim {
                     ));
                 }
                 Action::Clone { from } => {
-                    if self.hosts_connected(id, from) && self.node(from).pg == PgState::Primary {
+                    let answers = self.hosts_connected(id, from)
+                        && self.node(from).pg == PgState::Primary
+                        && self.node(from).pg_frozen.is_none();
+                    // A clone fails now and then (the primary restarts, a connection drops, the
+                    // disk fills): the data directory stays empty and the next tick tries again.
+                    let fails = answers && self.rng.gen_bool(0.15);
+                    if fails {
+                        self.log(format!("{id}'s clone from {from} fails"));
+                        self.count("clone_failures");
+                    }
+                    if answers && !fails {
                         let (lsn, tl) = (self.node(from).lsn, self.node(from).timeline);
                         let n = self.node_mut(id);
                         n.pg = PgState::Replica;
@@ -1292,7 +1531,8 @@ impl Sim {
                     // tried again for a while in the same epoch (the real backoff).
                     let epoch = assigned.map_or(0, |a| a.epoch);
                     let reachable = self.hosts_connected(id, upstream)
-                        && matches!(self.node(upstream).pg, PgState::Primary | PgState::Replica);
+                        && matches!(self.node(upstream).pg, PgState::Primary | PgState::Replica)
+                        && self.node(upstream).pg_frozen.is_none();
                     let n = self.node_mut(id);
                     if follow_waits(n.unreachable, upstream, epoch, now) {
                         // Waits; Postgres' own WAL receiver would go on trying meanwhile.
@@ -1311,9 +1551,17 @@ impl Sim {
                     }
                 }
                 Action::Rejoin { upstream } => {
-                    if self.hosts_connected(id, upstream)
+                    let answers = self.hosts_connected(id, upstream)
                         && self.node(upstream).pg == PgState::Primary
-                    {
+                        && self.node(upstream).pg_frozen.is_none();
+                    // A rewind fails now and then (its source went away, WAL it needs was
+                    // recycled): the member stays stopped and the next tick tries again.
+                    let fails = answers && self.rng.gen_bool(0.15);
+                    if fails {
+                        self.log(format!("{id}'s rewind from {upstream} fails"));
+                        self.count("rewind_failures");
+                    }
+                    if answers && !fails {
                         // A rewind takes the upstream's history, WAL position included.
                         let lsn = self.node(upstream).lsn;
                         self.become_replica_of(id, upstream);
@@ -1330,7 +1578,8 @@ impl Sim {
                     // A fast shutdown waits until every connected standby flushed the WAL up
                     // to the shutdown checkpoint; now and then it does not finish in time and
                     // the sidecar fences instead.
-                    let clean = self.rng.gen_bool(0.9);
+                    // A frozen Postgres never finishes its shutdown: the sidecar fences it.
+                    let clean = self.node(id).pg_frozen.is_none() && self.rng.gen_bool(0.9);
                     // The shutdown checkpoint is the last record: it starts at `final_lsn`
                     // and a standby that has it is past that.
                     let final_lsn = self.node(id).lsn;
@@ -1373,6 +1622,7 @@ impl Sim {
                 Action::FollowAfterHandOver { upstream } => {
                     if self.hosts_connected(id, upstream)
                         && self.node(upstream).pg == PgState::Primary
+                        && self.node(upstream).pg_frozen.is_none()
                     {
                         // S7: without a rewind, this member's WAL must end where the new
                         // primary's timeline forked off it, or it holds writes nobody else has.
@@ -1423,7 +1673,7 @@ impl Sim {
             }
             let n = self.node_mut(id);
             n.epoch_seen = n.epoch_seen.max(epoch);
-            n.next_tick = now + tick;
+            n.next_tick = started + tick;
         }
     }
 
@@ -1537,24 +1787,26 @@ impl Sim {
         }
         for id in self.members.clone() {
             let n = self.node(id);
-            if n.pg != PgState::Replica {
+            if n.pg != PgState::Replica || n.pg_frozen.is_some() {
                 continue;
             }
             let Some(u) = n.upstream else {
                 continue;
             };
             let up = self.node(u);
+            // A frozen upstream keeps its sockets open and sends nothing: a silent link.
+            let silent = !self.hosts_connected(id, u) || up.pg_frozen.is_some();
             if self.node(id).disk_full(t) {
                 // The WAL receiver cannot write what arrives: it fails and retries.
                 self.node_mut(id).receiver_streaming = false;
-            } else if self.hosts_connected(id, u) && up.pg == PgState::Primary {
+            } else if !silent && up.pg == PgState::Primary {
                 let (lsn, tl) = (up.lsn, up.timeline);
                 let n = self.node_mut(id);
                 n.lsn = n.lsn.max(lsn);
                 n.timeline = tl;
                 n.last_receipt = Some(t);
                 n.receiver_streaming = true;
-            } else if self.hosts_connected(id, u) {
+            } else if !silent {
                 // The upstream process is gone but its host answers: the socket closes at once.
                 self.node_mut(id).receiver_streaming = false;
             } else {
@@ -1584,6 +1836,7 @@ impl Sim {
                 .filter(|&&m| {
                     let r = self.node(m);
                     r.pg == PgState::Replica
+                        && r.pg_frozen.is_none()
                         && r.upstream == Some(id)
                         && self.hosts_connected(id, m)
                 })
@@ -1627,8 +1880,10 @@ impl Sim {
         // one step late is the bound.
         for n in &self.nodes {
             // A Postgres restarted by hand runs outside the guard until its sidecar's next tick
-            // takes it under one (or fences it): two ticks at most.
-            let tick = n.applied.config.tick_ms;
+            // takes it under one (or fences it): two ticks at most, each with its probe (a
+            // quarter lease at most) and its report (`report_timeout` at most).
+            let cfg = &n.applied.config;
+            let tick = cfg.tick_ms + cfg.lease_ms / 4 + report_timeout(cfg).as_millis() as u64;
             if n.writable() && n.unguarded && self.t > n.unguarded_at + 2 * tick + STEP {
                 self.fail(&format!(
                     "S4: primary {} still writes outside any guard {} ms after it was started by \
@@ -1637,9 +1892,12 @@ impl Sim {
                     self.t - n.unguarded_at
                 ));
             }
+            // With the guard frozen, the sidecar's fence timer holds the same deadline while the
+            // sidecar process runs.
+            let fencer = n.guard == Process::Running || n.sidecar == Process::Running;
             if n.writable()
                 && !n.unguarded
-                && n.guard == Process::Running
+                && fencer
                 && n.guard_deadline.is_none_or(|d| n.local(self.t) >= d + STEP)
             {
                 self.fail(&format!(
@@ -1669,6 +1927,10 @@ impl Sim {
                 n.guard = Process::Running;
                 n.guard_deadline = None;
                 n.sidecar_restarted(t);
+                if n.removed_until.is_some() {
+                    // Decommissioned: nothing of pgquorum starts on it.
+                    n.sidecar = Process::Dead { until: u64::MAX };
+                }
                 self.log(format!("host {id} is back"));
             }
             match self.nodes[i].sidecar {
@@ -1692,6 +1954,9 @@ impl Sim {
                         self.log(format!(
                             "sidecar {id} restarts with raft.heartbeat_ms = {hb}"
                         ));
+                    }
+                    if self.rng.gen_bool(0.25) {
+                        self.retag(id);
                     }
                     let n = &mut self.nodes[i];
                     if n.detached_until.take().is_some()
@@ -1720,6 +1985,13 @@ impl Sim {
                     self.nodes[i].guard = Process::Running;
                     self.log(format!("guard {id} thawed"));
                 }
+            }
+            if self.nodes[i].pg_frozen.is_some_and(|until| t >= until) {
+                self.nodes[i].pg_frozen = None;
+                self.log(format!("Postgres of {id} thawed"));
+            }
+            if self.nodes[i].removed_until.is_some_and(|until| t >= until) {
+                self.add_back(id);
             }
             if self.nodes[i].disk_full_until != 0 && !self.nodes[i].disk_full(t) {
                 self.nodes[i].disk_full_until = 0;
@@ -1760,6 +2032,7 @@ impl Sim {
             }
             v.sidecar = Process::Dead { until: back };
             v.detached_until = None;
+            v.pg_frozen = None;
             self.leaders.remove(&id);
             self.log(format!("host {id} crashes until {back}"));
         } else if self.rng.gen_bool(p)
@@ -1813,11 +2086,72 @@ impl Sim {
             && guard_ok
             && self.nodes[victim].pg == PgState::Primary
         {
-            // A frozen guard cannot fence; the sidecar's own table still does. (A guard frozen
-            // together with its sidecar is outside what S4 covers.)
+            // A frozen guard cannot fence; the sidecar's fence timer does, and its table at the
+            // next tick. A guard stalls mostly when its host does (a hung log filesystem, a
+            // swap storm): then the sidecar's probes are slow too, up to their bound. (A guard
+            // and a sidecar both stopped while Postgres runs on is outside what S4 covers: no
+            // process is left that could fence; a whole node frozen is modelled below.)
             let until = t + self.rng.gen_range(200..3_000);
-            self.nodes[victim].guard = Process::Frozen { until };
+            let v = &mut self.nodes[victim];
+            v.guard = Process::Frozen { until };
+            if self.rng.gen_bool(0.5) {
+                v.loaded_until = until;
+            }
             self.log(format!("guard {id} frozen until {until}"));
+            if self.cut_until == 0 && self.rng.gen_bool(0.5) {
+                // ... and the primary loses the cluster meanwhile: its lease runs out while the
+                // guard is still frozen, with only the sidecar left to fence.
+                let lease = self.nodes[victim].applied.config.lease_ms;
+                let frozen_until = t + lease + self.rng.gen_range(500..3_000);
+                self.nodes[victim].guard = Process::Frozen {
+                    until: frozen_until,
+                };
+                let cut_until = t + self.rng.gen_range(3_000..8_000);
+                for b in self.members.clone() {
+                    if b != id {
+                        self.cut_both_ways(id, b);
+                    }
+                }
+                self.cut_until = cut_until;
+                self.log(format!("primary {id} cut off until {cut_until}"));
+                self.count("guard_frozen_primary_cut_off");
+            }
+        } else if self.rng.gen_bool(p / 2.0)
+            && self.nodes[victim].alive()
+            && guard_ok
+            && self.nodes[victim].pg_frozen.is_none()
+            && !self.nodes[victim].unguarded
+        {
+            // The whole node stops (a paused VM, a cgroup freeze of the service, a host stalled
+            // on its storage): sidecar, guard and Postgres together; or Postgres alone (its
+            // processes stopped or stalled) while the sidecar and guard run on.
+            let until = t + self.rng.gen_range(200..8_000);
+            let v = &mut self.nodes[victim];
+            if matches!(v.pg, PgState::Primary | PgState::Replica) {
+                v.pg_frozen = Some(until);
+            }
+            if self.rng.gen_bool(0.5) {
+                v.sidecar = Process::Frozen { until };
+                v.guard = Process::Frozen { until };
+                self.log(format!("node {id} frozen whole until {until}"));
+                self.count("whole_node_freezes");
+            } else if v.pg_frozen.is_some() {
+                self.log(format!("Postgres of {id} frozen until {until}"));
+                self.count("postgres_freezes");
+            }
+        } else if self.rng.gen_bool(p / 4.0)
+            && self.members.len() > 3
+            && self.nodes[victim].removed_until.is_none()
+            && self.committed.primary.is_none_or(|a| a.node != id)
+            && self.committed.plan.is_none()
+            && !self.leaders.contains_key(&id)
+        {
+            // The operator removes a replica (decommissions it) and adds it back later with an
+            // empty data directory, through the leader with a quorum.
+            if self.leader_with_quorum().is_some() {
+                let back = t + self.rng.gen_range(2_000..10_000);
+                self.remove_member(id, back);
+            }
         } else if self.rng.gen_bool(p / 2.0)
             && self.nodes[victim].host_up
             && self.nodes[victim].disk_full_until == 0
@@ -1990,6 +2324,71 @@ impl Sim {
         }
     }
 
+    /// A restarted sidecar comes up with other tags: `nofailover` or `nosync` toggled (on at most
+    /// one member each, so a candidate and a standby always remain), or another priority. It
+    /// registers them as a new member registers.
+    fn retag(&mut self, id: NodeId) {
+        let others =
+            |s: &Self, f: fn(&Tags) -> bool| s.nodes.iter().any(|n| n.id != id && f(&n.tags));
+        let kind = self.rng.gen_range(0..3);
+        let nofailover_elsewhere = others(self, |t| t.nofailover);
+        let nosync_elsewhere = others(self, |t| t.nosync);
+        let priority = self.rng.gen_range(0..3);
+        let tags = &mut self.node_mut(id).tags;
+        match kind {
+            0 if !nofailover_elsewhere => tags.nofailover = !tags.nofailover,
+            1 if !nosync_elsewhere => tags.nosync = !tags.nosync,
+            _ => tags.priority = priority,
+        }
+        let tags = self.node(id).tags.clone();
+        self.node_mut(id).registered = false;
+        self.log(format!("sidecar {id} restarts with tags {tags:?}"));
+        self.count("tag_changes");
+    }
+
+    /// The operator removes member `id` from the Raft membership and stops its sidecar and
+    /// Postgres, until `back`.
+    fn remove_member(&mut self, id: NodeId, back: u64) {
+        self.members.remove(&id);
+        let n = self.node_mut(id);
+        n.removed_until = Some(back);
+        n.sidecar = Process::Dead { until: u64::MAX };
+        n.pg = PgState::Stopped;
+        n.pg_frozen = None;
+        n.promoting = None;
+        n.detached_until = None;
+        n.unguarded = false;
+        self.log(format!("operator removes member {id} until {back}"));
+        self.count("members_removed");
+    }
+
+    /// Member `id` joins again as a new member: an empty data directory, a new sidecar that
+    /// learns the log from the leader and registers itself.
+    fn add_back(&mut self, id: NodeId) {
+        let t = self.t;
+        let n = self.node_mut(id);
+        n.removed_until = None;
+        n.sidecar_restarted(t);
+        n.pg = PgState::NoData;
+        n.upstream = None;
+        n.last_receipt = None;
+        n.receiver_streaming = false;
+        n.lsn = 0;
+        n.timeline = 0;
+        n.fork_lsn = 0;
+        n.ssn = SyncSet::asynchronous();
+        n.last_primary_epoch = None;
+        n.epoch_seen = 0;
+        n.guard_deadline = None;
+        n.registered = false;
+        n.next_tick = 0;
+        self.members.insert(id);
+        self.log(format!(
+            "operator adds member {id} back with an empty data directory"
+        ));
+        self.count("members_added_back");
+    }
+
     /// The primary's sidecar freezes, or the primary is cut off, at the time set after a
     /// shortened lease: its guard keeps the longer deadline it was fed.
     fn lose_primary_after_shortening(&mut self) {
@@ -2000,7 +2399,9 @@ impl Sim {
         let Some(p) = self.committed.primary.map(|p| p.node) else {
             return;
         };
-        if !self.node(p).alive() || self.node(p).pg != PgState::Primary {
+        // (A Postgres started by hand outside its guard has no fencer but its sidecar: losing
+        // that is the operator's risk, as above.)
+        if !self.node(p).alive() || self.node(p).pg != PgState::Primary || self.node(p).unguarded {
             return;
         }
         let until = self.t + self.rng.gen_range(3_000..12_000);
@@ -2032,8 +2433,8 @@ impl Sim {
             .filter(|&id| id == l || self.can_talk(id, l))
             .collect();
         for id in waiting {
-            let hb = self.node(id).heartbeat_ms;
-            if self.commit(l, Command::RegisterMember(member_info(id, hb))) {
+            let (hb, tags) = (self.node(id).heartbeat_ms, self.node(id).tags.clone());
+            if self.commit(l, Command::RegisterMember(member_info(id, hb, tags))) {
                 self.node_mut(id).registered = true;
             }
         }
@@ -2066,6 +2467,12 @@ impl Sim {
             if let Process::Frozen { .. } = n.guard {
                 n.guard = Process::Frozen { until: t };
             }
+            if n.pg_frozen.is_some() {
+                n.pg_frozen = Some(t);
+            }
+            if n.removed_until.is_some() {
+                n.removed_until = Some(t);
+            }
         }
         self.healed = true;
         self.log("everything heals".into());
@@ -2088,7 +2495,18 @@ impl Sim {
 
     /// Runs the fault phase and the healed phase; returns the recovery time after healing and
     /// the number of promotions and guard fences seen.
-    fn run_with_stats(mut self) -> (u64, usize, usize, usize, usize, [usize; 9]) {
+    #[allow(clippy::type_complexity)]
+    fn run_with_stats(
+        mut self,
+    ) -> (
+        u64,
+        usize,
+        usize,
+        usize,
+        usize,
+        [usize; 9],
+        BTreeMap<&'static str, usize>,
+    ) {
         while self.t < FAULT_PHASE_MS {
             self.step();
         }
@@ -2121,6 +2539,7 @@ impl Sim {
                         self.primaries_adopted,
                         self.follow_backoffs,
                     ],
+                    std::mem::take(&mut self.counts),
                 );
             }
         }
@@ -2166,13 +2585,17 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
     // Plans made, done, cancelled; followed without a rewind; manual failovers; clean sidecar
     // stops, adoptions, primaries adopted with their lease running; follows that backed off.
     let mut plans = [0usize; 9];
+    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let (seeds, fresh_base) = seeds();
     if let Some(b) = fresh_base {
         eprintln!("simulation: fresh seeds start at {b} (replay one with PGQUORUM_SIM_SEED)");
     }
     for &seed in &seeds {
         let size = if seed % 3 == 0 { 5 } else { 3 };
-        let (recovered_in, p, f, w, z, planned) = Sim::new(seed, size).run_with_stats();
+        let (recovered_in, p, f, w, z, planned, counted) = Sim::new(seed, size).run_with_stats();
+        for (k, v) in counted {
+            *counts.entry(k).or_default() += v;
+        }
         pauses += z;
         for (sum, n) in plans.iter_mut().zip(planned) {
             *sum += n;
@@ -2200,6 +2623,26 @@ fn s1_s5_s6_and_liveness_hold_under_seeded_faults() {
         plans[8],
         started.elapsed().as_millis()
     );
+    eprintln!("FIGURE simulation_faults {counts:?}");
+    // Each later fault must have happened, or the run proves nothing about it.
+    for what in [
+        "fence_timer_fences",
+        "whole_node_freezes",
+        "postgres_freezes",
+        "clone_failures",
+        "rewind_failures",
+        "tag_changes",
+        "members_removed",
+        "members_added_back",
+        "guard_frozen_primary_cut_off",
+    ] {
+        let n = counts.get(what).copied().unwrap_or(0);
+        assert!(
+            n >= seeds.len() / 100,
+            "too few {what}: {n} in {} seeds",
+            seeds.len()
+        );
+    }
     // The faults must actually move the primary around, or the run proves nothing.
     assert!(
         promotions >= seeds.len() / 2,
