@@ -560,6 +560,18 @@ impl TestCluster {
             .map(|r| r.into_inner())
     }
 
+    /// The cluster's topology as the Raft leader serves it (with what its members' reports
+    /// say of each Postgres, which only the leader knows), or None when no leader answers.
+    pub async fn cluster_topology(&self) -> Option<proto::Topology> {
+        self.client()
+            .call(|mut c| async move {
+                c.get_topology(proto::GetTopologyRequest { local: false })
+                    .await
+            })
+            .await
+            .ok()
+    }
+
     /// Node `id`'s applied configuration.
     pub async fn local_config(&self, id: u64) -> Option<proto::ClusterConfig> {
         let mut c = self.raw(id).await?;
