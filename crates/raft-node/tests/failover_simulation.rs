@@ -1417,17 +1417,10 @@ impl Sim {
                     ));
                 }
                 Action::Clone { from } => {
-                    let answers = self.hosts_connected(id, from)
-                        && self.node(from).pg == PgState::Primary
-                        && self.node(from).pg_frozen.is_none();
-                    // A clone fails now and then (the primary restarts, a connection drops, the
-                    // disk fills): the data directory stays empty and the next tick tries again.
-                    let fails = answers && self.rng.gen_bool(0.15);
-                    if fails {
-                        self.log(format!("{id}'s clone from {from} fails"));
-                        self.count("clone_failures");
-                    }
-                    if answers && !fails {
+                    // A failed clone leaves the data directory empty for the next tick.
+                    if self.primary_answers(id, from)
+                        && !self.copy_fails(id, from, "clone", "clone_failures")
+                    {
                         let (lsn, tl) = (self.node(from).lsn, self.node(from).timeline);
                         let n = self.node_mut(id);
                         n.pg = PgState::Replica;
@@ -1551,17 +1544,10 @@ impl Sim {
                     }
                 }
                 Action::Rejoin { upstream } => {
-                    let answers = self.hosts_connected(id, upstream)
-                        && self.node(upstream).pg == PgState::Primary
-                        && self.node(upstream).pg_frozen.is_none();
-                    // A rewind fails now and then (its source went away, WAL it needs was
-                    // recycled): the member stays stopped and the next tick tries again.
-                    let fails = answers && self.rng.gen_bool(0.15);
-                    if fails {
-                        self.log(format!("{id}'s rewind from {upstream} fails"));
-                        self.count("rewind_failures");
-                    }
-                    if answers && !fails {
+                    // A failed rewind leaves the member stopped for the next tick.
+                    if self.primary_answers(id, upstream)
+                        && !self.copy_fails(id, upstream, "rewind", "rewind_failures")
+                    {
                         // A rewind takes the upstream's history, WAL position included.
                         let lsn = self.node(upstream).lsn;
                         self.become_replica_of(id, upstream);
@@ -1620,10 +1606,7 @@ impl Sim {
                     ));
                 }
                 Action::FollowAfterHandOver { upstream } => {
-                    if self.hosts_connected(id, upstream)
-                        && self.node(upstream).pg == PgState::Primary
-                        && self.node(upstream).pg_frozen.is_none()
-                    {
+                    if self.primary_answers(id, upstream) {
                         // S7: without a rewind, this member's WAL must end where the new
                         // primary's timeline forked off it, or it holds writes nobody else has.
                         let (lsn, fork) = (self.node(id).lsn, self.node(upstream).fork_lsn);
@@ -1675,6 +1658,24 @@ impl Sim {
             n.epoch_seen = n.epoch_seen.max(epoch);
             n.next_tick = started + tick;
         }
+    }
+
+    /// Whether `from`'s Postgres answers `id` as a primary (a frozen one answers nobody).
+    fn primary_answers(&self, id: NodeId, from: NodeId) -> bool {
+        let f = self.node(from);
+        self.hosts_connected(id, from) && f.pg == PgState::Primary && f.pg_frozen.is_none()
+    }
+
+    /// A clone or rewind of `id` from `from` that reached its source fails now and then (the
+    /// source restarts, a connection drops, WAL it needs was recycled, the disk fills); a
+    /// failure is logged and counted as `counter`.
+    fn copy_fails(&mut self, id: NodeId, from: NodeId, what: &str, counter: &'static str) -> bool {
+        let fails = self.rng.gen_bool(0.15);
+        if fails {
+            self.log(format!("{id}'s {what} from {from} fails"));
+            self.count(counter);
+        }
+        fails
     }
 
     /// A former primary runs as a replica of `upstream`, on its timeline, and forgets its time
